@@ -1,0 +1,66 @@
+"""Use an optimised BLAS for MLX's CPU backend on Linux when one is installed.
+
+The `mlx[cpu]` Linux wheel links a bundled reference BLAS (~6 GFLOP/s for sgemm). Loading a system
+OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is imported makes the dynamic linker resolve MLX's
+`cblas_*`/LAPACK symbols to OpenBLAS instead (~50x faster matmuls on CPU). This must run before the
+first `import mlx`; `asr/__init__.py` calls it first thing.
+
+Control with FUNASR_NANO_BLAS: unset/"auto" (search the usual places), "off" (keep the bundled
+BLAS), or a path to a shared library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+_CANDIDATES = (
+    # Debian/Ubuntu: libopenblas0-pthread (preferred), libopenblas0-openmp, libopenblas0-serial
+    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/openblas-serial/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
+    # Fedora/RHEL/Arch
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+loaded: str | None = None
+
+
+def _arch() -> str:
+    machine = os.uname().machine
+    return {"arm64": "aarch64"}.get(machine, machine)
+
+
+def preload() -> str | None:
+    """Load an optimised BLAS globally (Linux only); returns the path loaded, or None."""
+    global loaded
+    if loaded is not None or not sys.platform.startswith("linux"):
+        return loaded
+    choice = os.environ.get("FUNASR_NANO_BLAS", "auto").strip()
+    if choice.lower() == "off":
+        return None
+    if "mlx.core" in sys.modules:
+        log.debug("mlx already imported; cannot swap its BLAS any more")
+        return None
+    paths = [choice] if choice and choice.lower() != "auto" else [p.format(arch=_arch()) for p in _CANDIDATES]
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:  # a broken install must not stop the import
+            log.warning("could not load BLAS %s: %s", path, exc)
+            continue
+        loaded = path
+        log.debug("MLX CPU backend uses %s", path)
+        return path
+    if choice.lower() not in ("", "auto"):
+        log.warning("FUNASR_NANO_BLAS=%s was not found; MLX keeps its bundled reference BLAS", choice)
+    return None

@@ -1,0 +1,62 @@
+"""Public result and option types (pydantic models at the API boundary)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Language(BaseModel):
+    """A language the loaded model variant accepts."""
+
+    code: str = Field(description="ISO 639 code, e.g. 'zh', 'en', 'ja', 'yue'")
+    name: str = Field(description="English name")
+    prompt_name: str = Field(description="The name the model's prompt expects, e.g. '中文'")
+    note: str | None = Field(default=None, description="How this language is handled, when not obvious")
+
+
+class Segment(BaseModel):
+    """One decoded stretch of audio, with times in seconds in the original audio."""
+
+    start: float
+    end: float
+    text: str
+    token_ids: list[int] = Field(default_factory=list)
+
+
+class Timings(BaseModel):
+    """Per-stage wall times in seconds, plus throughput figures."""
+
+    audio_decode_s: float = 0.0
+    features_s: float = 0.0
+    encoder_s: float = 0.0
+    adaptor_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    audio_duration_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    real_time_factor: float = Field(default=0.0, description="processing time / audio duration (lower is faster)")
+
+
+FinishReason = Literal["stop", "length", "repetition", "empty"]
+
+
+class TranscriptionResult(BaseModel):
+    """What `FunASRNano.transcribe` returns."""
+
+    text: str
+    language: str | None = Field(description="ISO code of the language, requested or detected; None if unknown")
+    language_source: Literal["requested", "detected", "unknown"] = "unknown"
+    language_method: str | None = Field(
+        default=None, description="How the language was detected (e.g. 'script-heuristic'); None when requested"
+    )
+    segments: list[Segment] = Field(default_factory=list)
+    token_ids: list[int] = Field(default_factory=list, description="generated token ids (all segments, in order)")
+    finish_reason: FinishReason = "stop"
+    timings: Timings = Field(default_factory=Timings)
+    warnings: list[str] = Field(default_factory=list)
