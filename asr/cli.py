@@ -1,0 +1,92 @@
+"""Command line: `funasr-nano transcribe FILE... [options]` and `funasr-nano languages`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import languages as langs
+from .checkpoint import DEFAULT_REPO
+from .errors import ASRError
+from .writers import FORMATS, render
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="funasr-nano", description="Fun-ASR-Nano speech recognition on MLX",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("transcribe", help="transcribe audio files", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("files", nargs="+", help="audio/video files (wav, flac, mp3, ogg, m4a, mp4, webm, opus, ...)")
+    t.add_argument("-m", "--model", default=os.environ.get("FUNASR_NANO_MODEL", DEFAULT_REPO),
+                   help="model directory (official or converted) or Hugging Face repo id")
+    t.add_argument("-l", "--language", default="auto", help="language code/name, or 'auto' (see `languages`)")
+    t.add_argument("--hotwords", "--hotword", action="append", default=[],
+                   help="a word to favour (repeatable, or comma-separated)")
+    t.add_argument("--no-itn", action="store_true", help="ask for verbatim text without inverse text normalisation")
+    t.add_argument("-f", "--format", choices=FORMATS, default="txt", help="output format")
+    t.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
+    t.add_argument("--dtype", default="bfloat16", help="LLM compute dtype: bfloat16, float32, float16")
+    t.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")
+    t.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment")
+    t.add_argument("--variant", choices=("nano", "mlt"), help="override the detected model variant")
+    t.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
+
+    lg = sub.add_parser("languages", help="list supported languages")
+    lg.add_argument("--variant", choices=("nano", "mlt"), default="nano")
+    return p
+
+
+def _hotwords(values: list[str]) -> list[str]:
+    return [w.strip() for v in values for w in v.split(",") if w.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "languages":
+        for lang in langs.languages(args.variant):
+            note = f"  ({lang.note})" if lang.note else ""
+            print(f"{lang.code:5} {lang.name:24} {lang.prompt_name}{note}")
+        return 0
+    from .model import load_model
+
+    try:
+        model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant)
+        langs.resolve(args.language, model.variant)  # fail before decoding any file
+    except ASRError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    for f in args.files:
+        try:
+            result = model.transcribe(f, language=args.language, hotwords=_hotwords(args.hotwords),
+                                      itn=not args.no_itn, max_new_tokens=args.max_new_tokens)
+        except ASRError as exc:
+            print(f"error: {f}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        out = render(result, args.format)
+        if args.output_dir:
+            dest = Path(args.output_dir) / (Path(f).stem + "." + args.format)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(dest.suffix + ".part")
+            tmp.write_text(out, encoding="utf-8")
+            tmp.replace(dest)
+        else:
+            if len(args.files) > 1 and args.format == "txt":
+                sys.stdout.write(f"{f}: ")
+            sys.stdout.write(out)
+        if args.verbose:
+            t = result.timings
+            logging.info("%s: %.2f s audio in %.2f s (RTF %.3f, %d tokens, %.1f tok/s)", f, t.audio_duration_s,
+                         t.total_s, t.real_time_factor, t.generated_tokens, t.decode_tokens_per_s)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""Fun-ASR-Nano on MLX: the network, loading, and `transcribe`.
+
+Pipeline (ref: funasr/models/fun_asr_nano/model.py::inference / inference_prepare / inference_llm):
+audio -> fbank+LFR (frontend.py) -> SAN-M encoder (encoder.py) -> adaptor (adaptor.py) -> first ceil(L/8)
+rows spliced into the ChatML prompt (prompt.py) -> Qwen3 greedy decoding (llm.py) -> text cleanup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import checkpoint as ckpt
+from . import languages as langs
+from .adaptor import Adaptor, AdaptorConfig
+from .encoder import EncoderConfig, SenseVoiceEncoder
+from .errors import CheckpointError, InvalidOptionError, ModelLoadError, TranscriptionCancelled
+from .frontend import FrontendConfig, audio_token_count, features
+from .llm import build_llm, greedy_decode
+from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
+from .types import Language, Segment, Timings, TranscriptionResult
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "f32": "float32", "f16": "float16"}
+MAX_NEW_TOKENS_LIMIT = 4096
+
+ProgressFn = Callable[[float, float, str], None]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str
+    frontend: FrontendConfig
+    encoder: EncoderConfig
+    adaptor: AdaptorConfig
+    llm: dict
+    ctc: AdaptorConfig | None = None
+    ctc_vocab_size: int = 60515
+
+    @classmethod
+    def from_official(cls, oc: ckpt.OfficialConfig, variant: str) -> ModelConfig:
+        y = oc.yaml
+        try:
+            fe = FrontendConfig.from_dict(y.get("frontend_conf") or {})
+            enc = EncoderConfig.from_dict(y["audio_encoder_conf"], input_size=fe.feature_dim)
+            llm_dim = int(oc.llm_config["hidden_size"])
+            ada = AdaptorConfig.from_dict(y["audio_adaptor_conf"], encoder_dim=enc.output_size, llm_dim=llm_dim)
+            ctc = None
+            if y.get("ctc_decoder") == "Transformer":
+                ctc = AdaptorConfig.from_dict(y.get("ctc_decoder_conf") or {}, encoder_dim=enc.output_size,
+                                              llm_dim=(y.get("ctc_decoder_conf") or {}).get("llm_dim", 512))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"config.yaml: {exc}") from exc
+        if not y["audio_adaptor_conf"].get("use_low_frame_rate", True):
+            raise CheckpointError("config.yaml: use_low_frame_rate false is not supported")
+        return cls(variant=variant, frontend=fe, encoder=enc, adaptor=ada, llm=oc.llm_config, ctc=ctc,
+                   ctc_vocab_size=int(y.get("ctc_vocab_size", 60515)))
+
+    def to_json(self) -> dict:
+        return {"format": "funasr-nano-mlx", "version": ckpt.FORMAT_VERSION, "variant": self.variant,
+                "frontend": asdict(self.frontend), "encoder": asdict(self.encoder), "adaptor": asdict(self.adaptor),
+                "llm": self.llm, "ctc": asdict(self.ctc) if self.ctc else None, "ctc_vocab_size": self.ctc_vocab_size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelConfig:
+        if d.get("format") != "funasr-nano-mlx" or d.get("version") != ckpt.FORMAT_VERSION:
+            raise CheckpointError(f"{ckpt.MLX_CONFIG}: unknown format/version {d.get('format')}/{d.get('version')}; "
+                                  "convert the official model again")
+        try:
+            return cls(variant=d["variant"], frontend=FrontendConfig(**d["frontend"]),
+                       encoder=EncoderConfig(**d["encoder"]), adaptor=AdaptorConfig(**d["adaptor"]), llm=d["llm"],
+                       ctc=AdaptorConfig(**d["ctc"]) if d.get("ctc") else None,
+                       ctc_vocab_size=int(d.get("ctc_vocab_size", 60515)))
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{ckpt.MLX_CONFIG} is incomplete: {exc}") from exc
+
+
+class FunASRNanoNet(nn.Module):
+    """All weights of the model, named like the official state dict (see checkpoint.official_key_to_mlx)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder = SenseVoiceEncoder(cfg.encoder)
+        self.adaptor = Adaptor(cfg.adaptor)
+        self.llm = build_llm(cfg.llm)
+        if cfg.ctc is not None:
+            self.ctc_decoder = Adaptor(cfg.ctc)
+            self.ctc_lo = nn.Linear(cfg.ctc.llm_dim, cfg.ctc_vocab_size)
+
+
+# --- conversion ----------------------------------------------------------------------------------------
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    net = FunASRNanoNet(cfg)  # MLX allocates lazily; shapes only
+    return {k: tuple(v.shape) for k, v in tree_flatten(net.parameters())}
+
+
+def _strict_check(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where} is incomplete: {len(missing)} tensors missing, e.g. {missing[:5]}; "
+                              "the file is truncated or not a Fun-ASR-Nano checkpoint")
+    if unexpected:
+        raise CheckpointError(f"{where} has {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}; "
+                              "is it a different model or a mismatched config.yaml?")
+    for k, shape in expected.items():
+        if found[k] != shape:
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {list(found[k])}, the config expects {list(shape)}")
+
+
+def convert(model_dir: Path, out_dir: Path, variant: str) -> Path:
+    """Convert an official directory into our MLX layout, atomically (nothing half-written on failure)."""
+    from .torch_zip import load_state_dict
+
+    oc = ckpt.read_official_config(model_dir)
+    cfg = ModelConfig.from_official(oc, variant)
+    t0 = time.perf_counter()
+    state = load_state_dict(model_dir / "model.pt")
+    has_ctc = cfg.ctc is not None and any(k.startswith("ctc_decoder.") for k in state)
+    if cfg.ctc is not None and not has_ctc:
+        log.info("checkpoint has no CTC tensors: timestamps from CTC alignment are unavailable")
+        cfg = ModelConfig(**{**cfg.__dict__, "ctc": None})
+    expected = _expected_shapes(cfg)
+    weights: dict[str, mx.array] = {}
+    found: dict[str, tuple[int, ...]] = {}
+    for key, tensor in state.items():
+        name = ckpt.official_key_to_mlx(key)
+        if name is None:
+            continue
+        if cfg.ctc is None and (name.startswith("ctc_decoder.") or name.startswith("ctc_lo.")):
+            continue
+        arr = tensor.to_mlx()
+        if name.endswith("self_attn.fsmn_weight"):
+            arr = arr.transpose(0, 2, 1)  # torch [C, 1, K] -> MLX depthwise [C, K, 1]
+        weights[name] = arr
+        found[name] = tuple(arr.shape)
+    _strict_check(found, expected, str(model_dir / "model.pt"))
+    lm_head = state.get("llm.lm_head.weight")
+    if lm_head is not None and cfg.llm.get("tie_word_embeddings", True):
+        emb = state["llm.model.embed_tokens.weight"]
+        if lm_head.array.shape != emb.array.shape:
+            raise CheckpointError("model.pt: llm.lm_head.weight and llm.model.embed_tokens.weight differ in shape")
+        if not np.array_equal(lm_head.array, emb.array):
+            # the reference ties both to one tensor and loads lm_head last, so its values win
+            log.warning("llm.lm_head.weight differs from the embeddings; using lm_head values for both (as the reference)")
+            weights["llm.model.embed_tokens.weight"] = lm_head.to_mlx()
+    del state
+    with ckpt.atomic_dir(out_dir) as tmp:
+        mx.save_safetensors(str(tmp / ckpt.MLX_WEIGHTS), weights)
+        (tmp / ckpt.MLX_CONFIG).write_text(json.dumps({**cfg.to_json(), "source": str(model_dir)}, indent=1,
+                                                      ensure_ascii=False))
+        shutil.copy2(oc.llm_dir / "tokenizer.json", tmp / "tokenizer.json")
+        if (model_dir / "multilingual.tiktoken").is_file():
+            shutil.copy2(model_dir / "multilingual.tiktoken", tmp / "multilingual.tiktoken")
+    log.info("converted %s -> %s in %.1f s", model_dir, out_dir, time.perf_counter() - t0)
+    return out_dir
+
+
+# --- the model -----------------------------------------------------------------------------------------
+@dataclass
+class _SegmentOutput:
+    tokens: list[int]
+    finish_reason: str
+    timings: dict = field(default_factory=dict)
+
+
+class FunASRNano:
+    """A loaded model. Thread-affine under MLX: load it and call it from one thread."""
+
+    def __init__(self, net: FunASRNanoNet, cfg: ModelConfig, tokenizer: PromptTokenizer, *, name: str,
+                 dtype: str, quantization: int | None, encoder_dtype: str, model_dir: Path):
+        self.net = net
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.name = name
+        self.dtype = dtype
+        self.encoder_dtype = encoder_dtype
+        self.quantization = quantization
+        self.model_dir = model_dir
+        self.eos_ids = {tokenizer.im_end}
+        eos = cfg.llm.get("eos_token_id")
+        for e in (eos if isinstance(eos, list) else [eos]):
+            if isinstance(e, int):
+                self.eos_ids.add(e)
+        self._prompt_cache: dict[tuple, PromptIds] = {}
+
+    # ---- properties the server reads
+    @property
+    def variant(self) -> str:
+        return self.cfg.variant
+
+    @property
+    def languages(self) -> list[Language]:
+        return langs.languages(self.variant)
+
+    @property
+    def has_ctc(self) -> bool:
+        return self.cfg.ctc is not None
+
+    # ---- stages (public for parity tests and benchmarks)
+    def features(self, samples: np.ndarray | mx.array) -> mx.array:
+        return features(mx.array(samples), self.cfg.frontend)
+
+    def encode(self, feats: mx.array) -> mx.array:
+        """[L, 560] -> encoder output [L, 512] (fp32 unless encoder_dtype says otherwise)."""
+        x = feats[None].astype(DTYPES[self.encoder_dtype])
+        return self.net.encoder(x)[0]
+
+    def adapt(self, enc: mx.array) -> mx.array:
+        return self.net.adaptor(enc[None])[0]
+
+    def prompt_ids(self, language: str | None = None, hotwords: list[str] | None = None, itn: bool = True) -> PromptIds:
+        lang = langs.resolve(language, self.variant)
+        key = (lang.prompt_name if lang else None, tuple(clean_hotwords(hotwords)), bool(itn))
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = self.tokenizer.prompt_ids(instruction(list(key[1]), key[0], key[2]))
+        return self._prompt_cache[key]
+
+    def prompt_embeddings(self, audio_rows: mx.array, ids: PromptIds) -> mx.array:
+        """[1, P, D]: embeddings of the prefix | audio rows | suffix (ref: inference_prepare)."""
+        emb = self.net.llm.model.embed_tokens
+        dt = DTYPES[self.dtype]
+        parts = [emb(mx.array(ids.prefix, dtype=mx.int32)).astype(dt), audio_rows.astype(dt),
+                 emb(mx.array(ids.suffix, dtype=mx.int32)).astype(dt)]
+        return mx.concatenate(parts, axis=0)[None]
+
+    # ---- one utterance
+    def _decode_segment(self, samples: np.ndarray, ids: PromptIds, max_new_tokens: int,
+                        cancel: threading.Event | None) -> _SegmentOutput:
+        t = {}
+        t0 = time.perf_counter()
+        feats = self.features(samples)
+        mx.eval(feats)
+        t["features_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        enc = self.encode(feats)
+        mx.eval(enc)
+        t["encoder_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = audio_token_count(feats.shape[0])
+        rows = self.adapt(enc.astype(mx.float32) if self.encoder_dtype != "float32" else enc)[:n]
+        mx.eval(rows)
+        t["adaptor_s"] = time.perf_counter() - t0
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
+        out = greedy_decode(self.net.llm, self.prompt_embeddings(rows, ids), eos_ids=self.eos_ids,
+                            max_new_tokens=max_new_tokens, cancel=cancel)
+        t.update(prefill_s=out.prefill_s, decode_s=out.decode_s, prompt_tokens=out.prompt_tokens)
+        return _SegmentOutput(tokens=out.tokens, finish_reason=out.finish_reason, timings=t)
+
+    def transcribe(
+        self,
+        audio,
+        *,
+        sample_rate: int | None = None,
+        language: str | None = None,
+        hotwords: list[str] | None = None,
+        itn: bool = True,
+        max_new_tokens: int = 512,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TranscriptionResult:
+        """Transcribe a path, bytes, numpy array (+ sample_rate; default 16 kHz) or `asr.audio.Audio`."""
+        from .audio import Audio, load_audio
+
+        t_start = time.perf_counter()
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
+        lang = langs.resolve(language, self.variant)
+        ids = self.prompt_ids(language, hotwords, itn)
+        audio_obj = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate)
+        duration = audio_obj.duration_s
+        warnings: list[str] = []
+        if progress:
+            progress(0.0, duration, "decoding audio done")
+        seg = self._decode_segment(audio_obj.samples, ids, max_new_tokens, cancel)
+        if progress:
+            progress(duration, duration, "transcribed")
+        text = clean_text(self.tokenizer.decode(seg.tokens))
+        if seg.finish_reason == "length":
+            warnings.append(f"decoding stopped at max_new_tokens={max_new_tokens}; the transcript may be cut short")
+        if duration > 30.0:
+            warnings.append(f"audio is {duration:.0f} s long; the model is trained on utterances up to ~30 s")
+        code, source, method = _language_of(lang, text, self.variant)
+        total = time.perf_counter() - t_start
+        tm = seg.timings
+        timings = Timings(
+            audio_decode_s=audio_obj.decode_s, features_s=tm["features_s"], encoder_s=tm["encoder_s"],
+            adaptor_s=tm["adaptor_s"], prefill_s=tm["prefill_s"], decode_s=tm["decode_s"], total_s=total,
+            audio_duration_s=duration, prompt_tokens=tm["prompt_tokens"], generated_tokens=len(seg.tokens),
+            prefill_tokens_per_s=tm["prompt_tokens"] / tm["prefill_s"] if tm["prefill_s"] > 0 else 0.0,
+            decode_tokens_per_s=len(seg.tokens) / tm["decode_s"] if tm["decode_s"] > 0 else 0.0,
+            real_time_factor=total / duration if duration > 0 else 0.0,
+        )
+        return TranscriptionResult(
+            text=text, language=code, language_source=source, language_method=method,
+            segments=[Segment(start=0.0, end=duration, text=text, token_ids=seg.tokens)],
+            token_ids=seg.tokens, finish_reason=seg.finish_reason, timings=timings, warnings=warnings,
+        )
+
+    def warmup(self) -> None:
+        """Run a short dummy utterance so the first real call is not the slow one."""
+        rng = np.random.default_rng(0)
+        samples = (0.01 * rng.standard_normal(16000)).astype(np.float32)
+        self._decode_segment(samples, self.prompt_ids(), max_new_tokens=2, cancel=None)
+
+
+def _language_of(lang: Language | None, text: str, variant: str) -> tuple[str | None, str, str | None]:
+    if lang is not None:
+        return lang.code, "requested", None
+    code = langs.detect_from_text(text, variant)
+    return (code, "detected", "script-heuristic") if code else (None, "unknown", "script-heuristic")
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def _normalize_dtype(dtype: str) -> str:
+    d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if d not in DTYPES:
+        raise InvalidOptionError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    return d
+
+
+def _detect_variant(name: str, explicit: str | None) -> str:
+    if explicit:
+        v = explicit.lower()
+        if v not in ("nano", "mlt"):
+            raise InvalidOptionError(f"variant {explicit!r} is not supported; use 'nano' or 'mlt'")
+        return v
+    return "mlt" if "mlt" in name.lower() else "nano"
+
+
+def load_model(
+    path_or_repo: str | None = None,
+    *,
+    dtype: str = "bfloat16",
+    quantize: int | None = None,
+    variant: str | None = None,
+    encoder_dtype: str = "float32",
+    warmup: bool = False,
+) -> FunASRNano:
+    """Load a model from an official directory, a Hugging Face repo id, or a converted directory.
+
+    dtype: the LLM's compute dtype (bfloat16 default; float32 for parity). encoder_dtype: the audio encoder's
+    (float32 default; bfloat16 is faster on GPUs; never float16, whose range the adaptor overflows).
+    quantize: 4 or 8 to quantize the LLM's linear layers and embeddings (cached after the first time).
+    """
+    dtype = _normalize_dtype(dtype)
+    encoder_dtype = _normalize_dtype(encoder_dtype)
+    if encoder_dtype == "float16":
+        raise InvalidOptionError("encoder_dtype float16 is not supported: the audio path overflows fp16; use bfloat16")
+    if quantize not in (None, 4, 8):
+        raise InvalidOptionError(f"quantize must be 4, 8 or None; got {quantize!r}")
+    src = ckpt.resolve(path_or_repo)
+    if src.kind == "official":
+        conv = ckpt.converted_dir_for(src.path)
+        if not (conv / ckpt.MLX_CONFIG).is_file():
+            log.info("converting %s to MLX (once) ...", src.path)
+            convert(src.path, conv, _detect_variant(src.name, variant))
+        model_dir = conv
+    else:
+        model_dir = src.path
+    try:
+        raw = json.loads((model_dir / ckpt.MLX_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {model_dir / ckpt.MLX_CONFIG}: {exc}") from exc
+    cfg = ModelConfig.from_json(raw)
+    if variant:
+        cfg = ModelConfig(**{**cfg.__dict__, "variant": _detect_variant(src.name, variant)})
+    elif src.kind == "converted" and "mlt" in src.name.lower():
+        cfg = ModelConfig(**{**cfg.__dict__, "variant": "mlt"})
+    net = _load_net(model_dir, cfg, dtype, encoder_dtype, quantize)
+    tokenizer = PromptTokenizer(model_dir / "tokenizer.json")
+    model = FunASRNano(net, cfg, tokenizer, name=src.name, dtype=dtype, quantization=quantize,
+                       encoder_dtype=encoder_dtype, model_dir=model_dir)
+    if warmup:
+        model.warmup()
+    return model
+
+
+def _load_net(model_dir: Path, cfg: ModelConfig, dtype: str, encoder_dtype: str, quantize: int | None) -> FunASRNanoNet:
+    path = model_dir / ckpt.MLX_WEIGHTS
+    try:
+        weights = mx.load(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; delete the directory to convert again") from exc
+    net = FunASRNanoNet(cfg)
+    _strict_check({k: tuple(v.shape) for k, v in weights.items()},
+                  {k: tuple(v.shape) for k, v in tree_flatten(net.parameters())}, str(path))
+    cast = {}
+    for k, v in weights.items():
+        if k.startswith("llm."):
+            cast[k] = v.astype(DTYPES[dtype])
+        elif k.startswith("encoder."):
+            cast[k] = v.astype(DTYPES[encoder_dtype])
+        else:
+            cast[k] = v.astype(mx.float32)
+    net.load_weights(list(cast.items()), strict=True)
+    if quantize:
+        _quantize_llm(net, model_dir, quantize)
+    mx.eval(net.parameters())
+    net.eval()
+    return net
+
+
+def _quantize_llm(net: FunASRNanoNet, model_dir: Path, bits: int, group_size: int = 64) -> None:
+    """Quantize the LLM (mlx-lm style affine quantization); cache the result next to the weights."""
+    dtype = str(net.llm.model.norm.weight.dtype).split(".")[-1]
+    qpath = model_dir / f"llm-q{bits}g{group_size}-{dtype}.safetensors"
+    nn.quantize(net.llm, group_size=group_size, bits=bits)
+    if qpath.is_file():
+        try:
+            net.llm.load_weights(str(qpath), strict=True)
+            return
+        except Exception as exc:
+            raise ModelLoadError(f"quantized cache {qpath} is unreadable ({exc}); delete it and load again") from exc
+    tmp = qpath.with_suffix(".tmp.safetensors")
+    mx.save_safetensors(str(tmp), dict(tree_flatten(net.llm.parameters())))
+    tmp.replace(qpath)
+
+
+__all__ = ["FunASRNano", "ModelConfig", "load_model", "convert", "ModelLoadError", "TranscriptionCancelled"]

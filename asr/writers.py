@@ -1,0 +1,47 @@
+"""Output formats for transcripts: txt, json, srt, vtt."""
+
+from __future__ import annotations
+
+import json
+
+from .types import TranscriptionResult
+
+FORMATS = ("txt", "json", "srt", "vtt")
+
+
+def _clock(seconds: float, sep: str) -> str:
+    ms = max(0, round(seconds * 1000))
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_txt(result: TranscriptionResult) -> str:
+    return result.text.strip() + "\n"
+
+
+def to_json(result: TranscriptionResult) -> str:
+    return json.dumps(result.model_dump(), ensure_ascii=False, indent=2) + "\n"
+
+
+def to_srt(result: TranscriptionResult) -> str:
+    blocks = []
+    for i, seg in enumerate((s for s in result.segments if s.text.strip()), start=1):
+        blocks.append(f"{i}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{seg.text.strip()}\n")
+    return "\n".join(blocks)
+
+
+def to_vtt(result: TranscriptionResult) -> str:
+    lines = ["WEBVTT", ""]
+    for seg in result.segments:
+        if seg.text.strip():
+            lines += [f"{_clock(seg.start, '.')} --> {_clock(seg.end, '.')}", seg.text.strip(), ""]
+    return "\n".join(lines)
+
+
+def render(result: TranscriptionResult, fmt: str) -> str:
+    try:
+        return {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt}[fmt](result)
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}") from None
