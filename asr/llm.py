@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -41,9 +40,6 @@ class DecodeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-StopCheck = Callable[[list[int]], bool]
-
-
 def greedy_decode(
     model: qwen3.Model,
     embeds: mx.array,
@@ -51,7 +47,7 @@ def greedy_decode(
     eos_ids: set[int],
     max_new_tokens: int,
     cancel: threading.Event | None = None,
-    repetition_check: StopCheck | None = None,
+    repetition_guard: bool = True,
 ) -> DecodeResult:
     """Greedy decoding of one sequence from prompt embeddings `embeds` [1, P, D].
 
@@ -87,7 +83,8 @@ def greedy_decode(
                 stop = "stop"
                 break
             tokens.append(tok)
-            if repetition_check is not None and repetition_check(tokens):
+            if repetition_guard and (keep := find_loop(tokens)) is not None:
+                del tokens[keep:]
                 stop = "repetition"
                 break
         if stop is not None:
@@ -110,3 +107,93 @@ def teacher_forced_logits(model: qwen3.Model, embeds: mx.array, token_ids: list[
     logits = model(dummy, cache=None, input_embeddings=full)
     p = embeds.shape[1]
     return logits[0, p - 1 : p - 1 + len(token_ids)].astype(mx.float32)
+
+
+def find_loop(tokens: list[int], max_period: int = 32, min_span: int = 32, min_repeats: int = 4) -> int | None:
+    """If `tokens` ends in a degenerate loop, return the length to keep (up to the loop's first copy).
+
+    A loop is the last p tokens repeated k times back to back, with k >= min_repeats and p*k >= min_span
+    (e.g. one token 32 times, a 4-token phrase 8 times, a 16-token sentence 4 times).
+    """
+    n = len(tokens)
+    for p in range(1, max_period + 1):
+        k_needed = max(min_repeats, -(-min_span // p))
+        if p * k_needed > n:
+            break
+        unit = tokens[n - p:]
+        if all(tokens[n - (i + 1) * p: n - i * p] == unit for i in range(1, k_needed)):
+            k = k_needed
+            while p * (k + 1) <= n and tokens[n - (k + 1) * p: n - k * p] == unit:
+                k += 1
+            return n - (k - 1) * p
+    return None
+
+
+def greedy_decode_batch(
+    model: qwen3.Model,
+    prompts: list[mx.array],
+    *,
+    eos_ids: set[int],
+    max_new_tokens: int,
+    cancel: threading.Event | None = None,
+    repetition_guard: bool = True,
+) -> list[DecodeResult]:
+    """Greedy decoding of several prompts [P_i, D] at once: left padding + per-row positions.
+
+    Each row gets the same positions (0..P_i-1) and the same causal attention as when decoded alone, so the
+    tokens equal one-by-one decoding (up to float summation order).
+    """
+    from mlx_lm.models.cache import BatchKVCache
+
+    B = len(prompts)
+    lengths = [int(p.shape[0]) for p in prompts]
+    P = max(lengths)
+    D = prompts[0].shape[-1]
+    padded = mx.stack([mx.concatenate([mx.zeros((P - n, D), dtype=p.dtype), p]) if n < P else p
+                       for p, n in zip(prompts, lengths, strict=True)])
+    cache = [BatchKVCache([P - n for n in lengths]) for _ in model.layers]
+    t0 = time.perf_counter()
+    logits = model(mx.zeros((B, P), dtype=mx.int32), cache=cache, input_embeddings=padded)
+    cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
+    mx.eval(cur)
+    prefill_s = time.perf_counter() - t0
+
+    def step(tok: mx.array) -> mx.array:
+        return mx.argmax(model(tok[:, None], cache=cache)[:, -1, :], axis=-1).astype(mx.int32)
+
+    outs = [DecodeResult(tokens=[], finish_reason="length", prefill_s=prefill_s, decode_s=0.0, prompt_tokens=n)
+            for n in lengths]
+    active = set(range(B))
+    t1 = time.perf_counter()
+    produced = 0
+    while active and produced < max_new_tokens:
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
+        seq = [cur]
+        for _ in range(min(SYNC_EVERY, max_new_tokens - produced) - 1):
+            seq.append(step(seq[-1]))
+        mx.eval(seq)
+        block = mx.stack(seq, axis=1).tolist()  # [B, k]
+        produced += len(seq)
+        for b in list(active):
+            res = outs[b]
+            for tok in block[b]:
+                if tok in eos_ids:
+                    res.finish_reason = "stop"
+                    active.discard(b)
+                    break
+                res.tokens.append(tok)
+                if repetition_guard and (keep := find_loop(res.tokens)) is not None:
+                    del res.tokens[keep:]
+                    res.finish_reason = "repetition"
+                    active.discard(b)
+                    break
+                if len(res.tokens) >= max_new_tokens:
+                    active.discard(b)
+                    break
+        if active:
+            cur = step(seq[-1])
+    decode_s = time.perf_counter() - t1
+    for r in outs:
+        r.decode_s = decode_s
+    return outs
