@@ -24,10 +24,11 @@ from mlx.utils import tree_flatten
 from . import checkpoint as ckpt
 from . import languages as langs
 from .adaptor import Adaptor, AdaptorConfig
+from .audio import SAMPLE_RATE
 from .encoder import EncoderConfig, SenseVoiceEncoder
 from .errors import CheckpointError, InvalidOptionError, ModelLoadError, TranscriptionCancelled
 from .frontend import FrontendConfig, audio_token_count, features
-from .llm import build_llm, greedy_decode
+from .llm import build_llm, greedy_decode, greedy_decode_batch
 from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .types import Language, Segment, Timings, TranscriptionResult
 
@@ -170,11 +171,20 @@ def convert(model_dir: Path, out_dir: Path, variant: str) -> Path:
 
 
 # --- the model -----------------------------------------------------------------------------------------
+SHORT_AUDIO_S = 30.0  # up to this, audio is decoded in one pass like the reference (VAD only checks for speech)
+STREAM_ABOVE_S = 600.0  # files longer than this are read twice in blocks (VAD pass, decode pass)
+BLOCK_S = 60.0
+
+
 @dataclass
-class _SegmentOutput:
-    tokens: list[int]
-    finish_reason: str
-    timings: dict = field(default_factory=dict)
+class _Piece:
+    """A segment to decode: times in the original audio, and its samples."""
+
+    start: float
+    end: float
+    samples: np.ndarray
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
 
 
 class FunASRNano:
@@ -196,6 +206,7 @@ class FunASRNano:
             if isinstance(e, int):
                 self.eos_ids.add(e)
         self._prompt_cache: dict[tuple, PromptIds] = {}
+        self._vad = None
 
     # ---- properties the server reads
     @property
@@ -210,17 +221,28 @@ class FunASRNano:
     def has_ctc(self) -> bool:
         return self.cfg.ctc is not None
 
+    @property
+    def vad(self):
+        if self._vad is None:
+            from .vad import SileroVAD
+
+            self._vad = SileroVAD.load()
+        return self._vad
+
     # ---- stages (public for parity tests and benchmarks)
     def features(self, samples: np.ndarray | mx.array) -> mx.array:
         return features(mx.array(samples), self.cfg.frontend)
 
-    def encode(self, feats: mx.array) -> mx.array:
-        """[L, 560] -> encoder output [L, 512] (fp32 unless encoder_dtype says otherwise)."""
-        x = feats[None].astype(DTYPES[self.encoder_dtype])
-        return self.net.encoder(x)[0]
+    def encode(self, feats: mx.array, lengths: mx.array | None = None) -> mx.array:
+        """[L, 560] -> [L, 512], or batched [B, L, 560] with lengths -> [B, L, 512]."""
+        x = feats if feats.ndim == 3 else feats[None]
+        out = self.net.encoder(x.astype(DTYPES[self.encoder_dtype]), lengths).astype(mx.float32)
+        return out if feats.ndim == 3 else out[0]
 
-    def adapt(self, enc: mx.array) -> mx.array:
-        return self.net.adaptor(enc[None])[0]
+    def adapt(self, enc: mx.array, lengths: mx.array | None = None) -> mx.array:
+        x = enc if enc.ndim == 3 else enc[None]
+        out = self.net.adaptor(x, lengths)
+        return out if enc.ndim == 3 else out[0]
 
     def prompt_ids(self, language: str | None = None, hotwords: list[str] | None = None, itn: bool = True) -> PromptIds:
         lang = langs.resolve(language, self.variant)
@@ -237,29 +259,41 @@ class FunASRNano:
                  emb(mx.array(ids.suffix, dtype=mx.int32)).astype(dt)]
         return mx.concatenate(parts, axis=0)[None]
 
-    # ---- one utterance
-    def _decode_segment(self, samples: np.ndarray, ids: PromptIds, max_new_tokens: int,
-                        cancel: threading.Event | None) -> _SegmentOutput:
-        t = {}
+    # ---- a batch of segments
+    def _decode_batch(self, pieces: list[_Piece], ids: PromptIds, max_new_tokens: int, repetition_guard: bool,
+                      cancel: threading.Event | None, t: dict) -> None:
         t0 = time.perf_counter()
-        feats = self.features(samples)
+        feats = [self.features(p.samples) for p in pieces]
         mx.eval(feats)
-        t["features_s"] = time.perf_counter() - t0
+        t["features_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        enc = self.encode(feats)
+        if len(pieces) == 1:
+            enc, lengths = self.encode(feats[0])[None], None
+        else:
+            L = max(f.shape[0] for f in feats)
+            lengths = mx.array([f.shape[0] for f in feats])
+            batch = mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in feats])
+            enc = self.encode(batch, lengths)
         mx.eval(enc)
-        t["encoder_s"] = time.perf_counter() - t0
+        t["encoder_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        n = audio_token_count(feats.shape[0])
-        rows = self.adapt(enc.astype(mx.float32) if self.encoder_dtype != "float32" else enc)[:n]
-        mx.eval(rows)
-        t["adaptor_s"] = time.perf_counter() - t0
+        rows = self.adapt(enc, lengths)
+        prompts = [self.prompt_embeddings(rows[i, : audio_token_count(f.shape[0])], ids)[0] for i, f in enumerate(feats)]
+        mx.eval(prompts)
+        t["adaptor_s"] += time.perf_counter() - t0
         if cancel is not None and cancel.is_set():
             raise TranscriptionCancelled("transcription cancelled")
-        out = greedy_decode(self.net.llm, self.prompt_embeddings(rows, ids), eos_ids=self.eos_ids,
-                            max_new_tokens=max_new_tokens, cancel=cancel)
-        t.update(prefill_s=out.prefill_s, decode_s=out.decode_s, prompt_tokens=out.prompt_tokens)
-        return _SegmentOutput(tokens=out.tokens, finish_reason=out.finish_reason, timings=t)
+        if len(pieces) == 1:
+            outs = [greedy_decode(self.net.llm, prompts[0][None], eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
+                                  cancel=cancel, repetition_guard=repetition_guard)]
+        else:
+            outs = greedy_decode_batch(self.net.llm, prompts, eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
+                                       cancel=cancel, repetition_guard=repetition_guard)
+        t["prefill_s"] += outs[0].prefill_s
+        t["decode_s"] += outs[0].decode_s
+        t["prompt_tokens"] += sum(o.prompt_tokens for o in outs)
+        for p, o in zip(pieces, outs, strict=True):
+            p.tokens, p.finish_reason = o.tokens, o.finish_reason
 
     def transcribe(
         self,
@@ -270,52 +304,159 @@ class FunASRNano:
         hotwords: list[str] | None = None,
         itn: bool = True,
         max_new_tokens: int = 512,
+        vad: bool | None = None,
+        max_segment_s: float = 30.0,
+        batch_size: int = 4,
+        repetition_guard: bool = True,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
     ) -> TranscriptionResult:
-        """Transcribe a path, bytes, numpy array (+ sample_rate; default 16 kHz) or `asr.audio.Audio`."""
-        from .audio import Audio, load_audio
+        """Transcribe a path, bytes, numpy array (+ sample_rate; default 16 kHz) or `asr.audio.Audio`.
+
+        vad: None (auto) decodes audio up to 30 s in one pass, as the reference does, after checking that it
+        holds speech at all; longer audio is cut by Silero VAD into segments of at most `max_segment_s`.
+        True always segments by VAD; False never runs VAD (one pass over everything, like the reference).
+        Segments are decoded `batch_size` at a time; `repetition_guard` stops degenerate loops.
+        """
+        from .audio import Audio, iter_audio_blocks, load_audio, probe
 
         t_start = time.perf_counter()
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= 256:
+            raise InvalidOptionError(f"batch_size must be an integer in 1..256; got {batch_size!r}")
+        if not 5.0 <= max_segment_s <= 60.0:
+            raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
         lang = langs.resolve(language, self.variant)
         ids = self.prompt_ids(language, hotwords, itn)
-        audio_obj = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate)
-        duration = audio_obj.duration_s
+        t = dict.fromkeys(("audio_decode_s", "features_s", "encoder_s", "adaptor_s", "prefill_s", "decode_s"), 0.0)
+        t["prompt_tokens"] = 0
         warnings: list[str] = []
+
+        # 1. audio: in memory, or (long files) streamed twice in blocks so memory does not grow with duration
+        streamed = None
+        if isinstance(audio, (str, Path)) and vad is not False:
+            info = probe(audio)
+            if info.duration_s is None or info.duration_s > STREAM_ABOVE_S:
+                streamed = str(audio)
+        if streamed is None:
+            audio_obj = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate)
+            t["audio_decode_s"] += audio_obj.decode_s
+            warnings += list(getattr(audio_obj, "warnings", []) or [])
+            samples = audio_obj.samples
+            duration = audio_obj.duration_s
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
+
+        # 2. plan segments
+        if streamed is not None:
+            t0 = time.perf_counter()
+            stream, chunks, n = self.vad.stream(), [], 0
+            for block in iter_audio_blocks(streamed, BLOCK_S):
+                if cancel is not None and cancel.is_set():
+                    raise TranscriptionCancelled("transcription cancelled")
+                chunks.append(stream.feed(block))
+                n += block.shape[0]
+            chunks.append(stream.flush())
+            probs = np.concatenate(chunks)
+            duration = n / SAMPLE_RATE
+            t["audio_decode_s"] += time.perf_counter() - t0
+            plan = self._plan(probs, duration, n, True, max_segment_s)
+        elif vad is False:
+            plan = [(0.0, duration)]
+        else:
+            plan = self._plan(self.vad.probabilities(samples), duration, samples.shape[0], bool(vad), max_segment_s)
+        if vad is False and duration > SHORT_AUDIO_S:
+            warnings.append(f"audio is {duration:.0f} s long and VAD is off; the model is trained on utterances up to "
+                            "~30 s and may loop or drop text")
+        if not plan:
+            warnings.append("no speech detected")
         if progress:
-            progress(0.0, duration, "decoding audio done")
-        seg = self._decode_segment(audio_obj.samples, ids, max_new_tokens, cancel)
-        if progress:
-            progress(duration, duration, "transcribed")
-        text = clean_text(self.tokenizer.decode(seg.tokens))
-        if seg.finish_reason == "length":
+            progress(0.0, duration, f"{len(plan)} segment(s) to decode")
+
+        # 3. decode, batch by batch, in time order
+        pieces: list[_Piece] = []
+        for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size):
+            self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t)
+            for p in batch:
+                p.samples = np.zeros(0, np.float32)  # release audio as we go
+            pieces += batch
+            if progress:
+                progress(min(batch[-1].end, duration), duration, f"{len(pieces)}/{len(plan)} segment(s) transcribed")
+
+        # 4. result
+        segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=clean_text(self.tokenizer.decode(p.tokens)),
+                            token_ids=p.tokens) for p in pieces]
+        text = " ".join(s.text.strip() for s in segments if s.text.strip()) if len(segments) > 1 else (
+            segments[0].text if segments else "")
+        finish = "empty" if not pieces else next(
+            (r for r in ("repetition", "length") if any(p.finish_reason == r for p in pieces)), "stop")
+        if any(p.finish_reason == "length" for p in pieces):
             warnings.append(f"decoding stopped at max_new_tokens={max_new_tokens}; the transcript may be cut short")
-        if duration > 30.0:
-            warnings.append(f"audio is {duration:.0f} s long; the model is trained on utterances up to ~30 s")
+        if any(p.finish_reason == "repetition" for p in pieces):
+            warnings.append("a repetition loop was detected and cut (repetition_guard)")
         code, source, method = _language_of(lang, text, self.variant)
         total = time.perf_counter() - t_start
-        tm = seg.timings
+        tokens = [tok for p in pieces for tok in p.tokens]
         timings = Timings(
-            audio_decode_s=audio_obj.decode_s, features_s=tm["features_s"], encoder_s=tm["encoder_s"],
-            adaptor_s=tm["adaptor_s"], prefill_s=tm["prefill_s"], decode_s=tm["decode_s"], total_s=total,
-            audio_duration_s=duration, prompt_tokens=tm["prompt_tokens"], generated_tokens=len(seg.tokens),
-            prefill_tokens_per_s=tm["prompt_tokens"] / tm["prefill_s"] if tm["prefill_s"] > 0 else 0.0,
-            decode_tokens_per_s=len(seg.tokens) / tm["decode_s"] if tm["decode_s"] > 0 else 0.0,
+            **{k: v for k, v in t.items()}, total_s=total, audio_duration_s=duration, generated_tokens=len(tokens),
+            prefill_tokens_per_s=t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] > 0 else 0.0,
+            decode_tokens_per_s=len(tokens) / t["decode_s"] if t["decode_s"] > 0 else 0.0,
             real_time_factor=total / duration if duration > 0 else 0.0,
         )
         return TranscriptionResult(
-            text=text, language=code, language_source=source, language_method=method,
-            segments=[Segment(start=0.0, end=duration, text=text, token_ids=seg.tokens)],
-            token_ids=seg.tokens, finish_reason=seg.finish_reason, timings=timings, warnings=warnings,
+            text=text, language=code, language_source=source, language_method=method, segments=segments,
+            token_ids=tokens, finish_reason=finish, timings=timings, warnings=warnings,
         )
+
+    def _plan(self, probs: np.ndarray, duration: float, num_samples: int, force: bool,
+              max_segment_s: float) -> list[tuple[float, float]]:
+        from .vad import plan_segments, speech_spans
+
+        spans = speech_spans(probs, num_samples=num_samples)
+        if not spans:
+            return []
+        if not force and duration <= SHORT_AUDIO_S:
+            return [(0.0, duration)]
+        segs = plan_segments(spans, probs, max_segment_s=max_segment_s, duration_s=duration)
+        return [(s.start, s.end) for s in segs]
+
+    def _pieces(self, plan: list[tuple[float, float]], path: str | None, samples: np.ndarray | None,
+                batch_size: int):
+        """Yield batches of `_Piece`s in time order; for a streamed file, cut them from a second block pass."""
+        if samples is not None:
+            for i in range(0, len(plan), batch_size):
+                yield [_Piece(s, e, samples[int(s * SAMPLE_RATE): int(e * SAMPLE_RATE)])
+                       for s, e in plan[i: i + batch_size]]
+            return
+        from .audio import iter_audio_blocks
+
+        buf, buf_start, k, batch = np.zeros(0, np.float32), 0, 0, []
+        for block in iter_audio_blocks(path, BLOCK_S):
+            buf = np.concatenate([buf, block])
+            while k < len(plan) and int(plan[k][1] * SAMPLE_RATE) <= buf_start + buf.shape[0]:
+                s, e = (int(x * SAMPLE_RATE) - buf_start for x in plan[k])
+                batch.append(_Piece(plan[k][0], plan[k][1], buf[s:e].copy()))
+                k += 1
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            keep_from = int(plan[k][0] * SAMPLE_RATE) - buf_start if k < len(plan) else buf.shape[0]
+            keep_from = max(0, min(keep_from, buf.shape[0]))
+            buf, buf_start = buf[keep_from:], buf_start + keep_from
+        while k < len(plan):  # segments running to the very end
+            s, e = (int(x * SAMPLE_RATE) - buf_start for x in plan[k])
+            batch.append(_Piece(plan[k][0], plan[k][1], buf[max(0, s):e].copy()))
+            k += 1
+        if batch:
+            yield batch
 
     def warmup(self) -> None:
         """Run a short dummy utterance so the first real call is not the slow one."""
         rng = np.random.default_rng(0)
         samples = (0.01 * rng.standard_normal(16000)).astype(np.float32)
-        self._decode_segment(samples, self.prompt_ids(), max_new_tokens=2, cancel=None)
+        t = dict.fromkeys(("features_s", "encoder_s", "adaptor_s", "prefill_s", "decode_s", "prompt_tokens"), 0)
+        self._decode_batch([_Piece(0.0, 1.0, samples)], self.prompt_ids(), 2, False, None, t)
 
 
 def _language_of(lang: Language | None, text: str, variant: str) -> tuple[str | None, str, str | None]:
