@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Golden outputs of the official funasr code on the random-weight tiny checkpoint.
+#
+#   bash tools/make_goldens.sh [OUT]            # default OUT = .cache/goldens/tiny
+#   SIZE=full SEED=0 bash tools/make_goldens.sh .cache/goldens/full
+#
+# 1. the checkpoint is written by tools/checkpoint.py in the MAIN venv (no torch) into OUT/model/
+# 2. tools/reference.py runs the official code on it in the REFERENCE venv (tools/setup_reference_env.sh)
+#    and writes OUT/*.npz + OUT/manifest.json
+# Extra arguments for tools/reference.py can be passed in REF_ARGS (e.g. REF_ARGS="--max-new-tokens 16").
+# For the default tiny/seed-0 run, OUT/golden_tokens.json is compared with the committed fixture
+# tests/fixtures/golden_tiny_tokens.json; UPDATE_FIXTURE=1 replaces the fixture with it.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SIZE="${SIZE:-tiny}"
+SEED="${SEED:-0}"
+OUT="${1:-$ROOT/.cache/goldens/$SIZE}"
+MAIN_PY="${MAIN_PY:-$ROOT/.venv/bin/python}"
+REF_PY="${REF_PY:-$ROOT/.venv-ref/bin/python}"
+
+[[ -x "$MAIN_PY" ]] || { echo "main venv python not found: $MAIN_PY" >&2; exit 1; }
+[[ -x "$REF_PY" ]] || { echo "reference venv not found: $REF_PY (run tools/setup_reference_env.sh)" >&2; exit 1; }
+
+mkdir -p "$OUT"
+cd "$ROOT"
+t0=$SECONDS
+"$MAIN_PY" -m tools.checkpoint "$OUT/model" --size "$SIZE" --seed "$SEED"
+t1=$SECONDS
+# shellcheck disable=SC2086
+"$REF_PY" tools/reference.py --model "$OUT/model" --out "$OUT" ${REF_ARGS:-} 2> "$OUT/reference.log" \
+  || { tail -n 30 "$OUT/reference.log" >&2; exit 1; }
+t2=$SECONDS
+echo "checkpoint: $((t1 - t0)) s, reference: $((t2 - t1)) s -> $OUT"
+
+FIXTURE="$ROOT/tests/fixtures/golden_tiny_tokens.json"
+if [[ "$SIZE" == tiny && "$SEED" == 0 && -z "${REF_ARGS:-}" ]]; then
+  if [[ "${UPDATE_FIXTURE:-0}" == 1 ]]; then
+    mkdir -p "$(dirname "$FIXTURE")"
+    cp "$OUT/golden_tokens.json" "$FIXTURE"
+    echo "updated $FIXTURE"
+  elif [[ -f "$FIXTURE" ]] && ! cmp -s "$OUT/golden_tokens.json" "$FIXTURE"; then
+    echo "WARNING: $OUT/golden_tokens.json differs from $FIXTURE (UPDATE_FIXTURE=1 to replace it)" >&2
+  fi
+fi
