@@ -8,7 +8,7 @@ Decoders, tried in order:
   2. PyAV (bundled FFmpeg): M4A/AAC/ALAC, MP4/MOV/3GP, WebM/MKV, WMA/ASF, AVI, AMR, AC-3, ... (first/best
      audio track). Only the audio demuxers in `_AV_DEMUXERS` are enabled, so playlists (HLS, concat)
      cannot make FFmpeg open other files.
-Resampling: soxr VHQ, streamed block by block (continuous across blocks). Channels are averaged.
+Resampling: soxr HQ (what the official loader gets through librosa soxr_hq), streamed block by block (continuous across blocks). Channels are averaged.
 Float input is not clipped, so full-scale float files may exceed [-1, 1] slightly.
 
 Nothing here imports mlx: the server can probe and load files without touching the model.
@@ -439,7 +439,7 @@ def _resample(blocks: Iterable[tuple[int, np.ndarray]]) -> Iterator[np.ndarray]:
                 yield x
             continue
         if stream is None:
-            stream = soxr.ResampleStream(r, SAMPLE_RATE, 1, dtype="float32", quality="VHQ")
+            stream = soxr.ResampleStream(r, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         y = stream.resample_chunk(x, last=False)
         if len(y):
             yield y
@@ -575,7 +575,7 @@ def _load_array(x: np.ndarray, sample_rate: int | None, max_bytes: int | None,
     if not np.isfinite(y).all():
         raise AudioDecodeError("the audio array contains NaN or infinite samples; clean or re-create it")
     if rate != SAMPLE_RATE and len(y):
-        y = np.ascontiguousarray(soxr.resample(y, rate, SAMPLE_RATE, quality="VHQ"), dtype=np.float32)
+        y = np.ascontiguousarray(soxr.resample(y, rate, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
     if len(y) < MIN_SAMPLES:
         raise _empty("the audio array", len(y))
     return Audio(y, SAMPLE_RATE, len(y) / SAMPLE_RATE, rate, channels, "array", time.perf_counter() - t0)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REPO = "FunAudioLLM/Fun-ASR-Nano-2512"
 MLX_CONFIG = "mlx_config.json"
 MLX_WEIGHTS = "weights.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HUB_FILES = ["config.yaml", "configuration.json", "model.pt", "Qwen3-0.6B/*", "multilingual.tiktoken"]
 
 

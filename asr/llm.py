@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 from mlx_lm.models import qwen3
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -19,15 +21,40 @@ from .errors import ModelLoadError, TranscriptionCancelled
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
 
 
-def build_llm(config: dict) -> qwen3.Model:
+class HFRoPE(nn.Module):
+    """Rotate-half RoPE with Hugging Face's float32 inverse frequencies, optionally rounded to bf16.
+
+    The official code builds the LLM and casts it with `.to(bfloat16)` (llm_conf.llm_dtype: bf16) before any
+    fp32 use, which also rounds the `rotary_emb.inv_freq` buffer to bf16; every later forward pass uses those
+    rounded frequencies (ref: funasr/models/fun_asr_nano/model.py::__init__, `self.llm = model.to(dtype)`).
+    """
+
+    def __init__(self, dims: int, base: float, round_to_bf16: bool):
+        super().__init__()
+        self.dims = dims
+        inv = 1.0 / (np.float32(base) ** (np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims)))
+        if round_to_bf16:
+            inv = np.array(mx.array(inv).astype(mx.bfloat16).astype(mx.float32))
+        self._freqs = mx.array((1.0 / inv.astype(np.float64)).astype(np.float32))  # mx.fast.rope takes periods
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
+def build_llm(config: dict, rope_bf16: bool = True) -> qwen3.Model:
     """A Qwen3 model from `Qwen3-0.6B/config.json` (weights are set later, strictly)."""
     if config.get("model_type") not in ("qwen3", None) and "Qwen3" not in str(config.get("architectures")):
         raise ModelLoadError(f"the LLM config is {config.get('model_type')!r}, expected qwen3")
     try:
         args = qwen3.ModelArgs.from_dict({"model_type": "qwen3", **config})
-        return qwen3.Model(args)
+        model = qwen3.Model(args)
     except (TypeError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"invalid Qwen3 config.json: {exc}") from exc
+    if args.rope_scaling and args.rope_scaling.get("rope_type", args.rope_scaling.get("type")) not in (None, "default"):
+        raise ModelLoadError(f"unsupported rope_scaling {args.rope_scaling!r} in the Qwen3 config")
+    for layer in model.layers:
+        layer.self_attn.rope = HFRoPE(args.head_dim, args.rope_theta, rope_bf16)
+    return model
 
 
 @dataclass

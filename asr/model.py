@@ -50,6 +50,7 @@ class ModelConfig:
     llm: dict
     ctc: AdaptorConfig | None = None
     ctc_vocab_size: int = 60515
+    rope_bf16: bool = True  # the reference casts the LLM (and its RoPE inv_freq buffer) to llm_conf.llm_dtype
 
     @classmethod
     def from_official(cls, oc: ckpt.OfficialConfig, variant: str) -> ModelConfig:
@@ -68,12 +69,14 @@ class ModelConfig:
         if not y["audio_adaptor_conf"].get("use_low_frame_rate", True):
             raise CheckpointError("config.yaml: use_low_frame_rate false is not supported")
         return cls(variant=variant, frontend=fe, encoder=enc, adaptor=ada, llm=oc.llm_config, ctc=ctc,
-                   ctc_vocab_size=int(y.get("ctc_vocab_size", 60515)))
+                   ctc_vocab_size=int(y.get("ctc_vocab_size", 60515)),
+                   rope_bf16=str(y["llm_conf"].get("llm_dtype", "fp32")) == "bf16")
 
     def to_json(self) -> dict:
         return {"format": "funasr-nano-mlx", "version": ckpt.FORMAT_VERSION, "variant": self.variant,
                 "frontend": asdict(self.frontend), "encoder": asdict(self.encoder), "adaptor": asdict(self.adaptor),
-                "llm": self.llm, "ctc": asdict(self.ctc) if self.ctc else None, "ctc_vocab_size": self.ctc_vocab_size}
+                "llm": self.llm, "ctc": asdict(self.ctc) if self.ctc else None, "ctc_vocab_size": self.ctc_vocab_size,
+                "rope_bf16": self.rope_bf16}
 
     @classmethod
     def from_json(cls, d: dict) -> ModelConfig:
@@ -84,7 +87,7 @@ class ModelConfig:
             return cls(variant=d["variant"], frontend=FrontendConfig(**d["frontend"]),
                        encoder=EncoderConfig(**d["encoder"]), adaptor=AdaptorConfig(**d["adaptor"]), llm=d["llm"],
                        ctc=AdaptorConfig(**d["ctc"]) if d.get("ctc") else None,
-                       ctc_vocab_size=int(d.get("ctc_vocab_size", 60515)))
+                       ctc_vocab_size=int(d.get("ctc_vocab_size", 60515)), rope_bf16=bool(d.get("rope_bf16", True)))
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{ckpt.MLX_CONFIG} is incomplete: {exc}") from exc
 
@@ -96,7 +99,7 @@ class FunASRNanoNet(nn.Module):
         super().__init__()
         self.encoder = SenseVoiceEncoder(cfg.encoder)
         self.adaptor = Adaptor(cfg.adaptor)
-        self.llm = build_llm(cfg.llm)
+        self.llm = build_llm(cfg.llm, cfg.rope_bf16)
         if cfg.ctc is not None:
             self.ctc_decoder = Adaptor(cfg.ctc)
             self.ctc_lo = nn.Linear(cfg.ctc.llm_dim, cfg.ctc_vocab_size)
