@@ -1,0 +1,83 @@
+"""`funasr-nano-mcp`: run the speech-to-text MCP server over stdio.
+
+stdout carries the protocol and nothing else: until the SDK takes over the standard streams, both
+the Python `sys.stdout` and file descriptor 1 point at stderr, so nothing printed while the heavy
+modules import can corrupt the wire. Logs always go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    sys.stdout.flush()
+    saved_fd = os.dup(1)
+    saved_obj = sys.stdout
+    try:
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        yield
+    finally:
+        sys.stdout = saved_obj
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The SDK logs whole messages at DEBUG, and those would include transcripts: keep it at INFO or above.
+    logging.getLogger("mcp").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    for noisy in ("httpcore2", "httpx2", "anyio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None, *, model_loader: Callable[[], Any] | None = None) -> None:
+    """Parse flags/environment and serve over stdio until stdin closes.
+
+    `model_loader` replaces `asr.load_model` (for tests and embedding); it runs on the worker thread.
+    """
+    from . import __version__
+    from .config import ConfigError, build_parser, load_settings
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in args:
+        sys.stderr.write(f"funasr-nano-mcp {__version__}\n")
+        return
+    if "-h" in args or "--help" in args:
+        build_parser().print_help(sys.stderr)
+        return
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"funasr-nano-mcp: configuration error: {exc}\n")
+        raise SystemExit(2) from None
+    _setup_logging(settings.log_level)
+    log = logging.getLogger("server")
+    with _stdout_to_stderr():
+        from .app import create_server
+
+        server = create_server(settings, model_loader=model_loader, divert_stdout=True)
+        _setup_logging(settings.log_level)  # MCPServer() may have installed its own handler
+    log.info("funasr-nano-mcp %s: model=%s dtype=%s quantize=%s roots=%s url_policy=%s", __version__,
+             settings.model or "(default)", settings.dtype, settings.quantize,
+             os.pathsep.join(str(r) for r in settings.allowed_roots), settings.url_policy)
+    try:
+        server.run("stdio")
+    except KeyboardInterrupt:
+        pass
+    log.info("funasr-nano-mcp stopped")
+
+
+if __name__ == "__main__":
+    main()

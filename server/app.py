@@ -1,0 +1,656 @@
+"""The MCP server: tools, their schemas, and the glue between calls and the model worker.
+
+Tools: transcribe_file, transcribe_url (unless --url-policy off), list_languages, get_transcript,
+cancel_transcription, server_status. A transcription call decodes and checks the audio off the
+event loop, queues a job on the single model thread, reports progress while it waits, and answers
+with the transcript - or, past the call budget, with a job handle that get_transcript resolves.
+"""
+
+# No `from __future__ import annotations`: the SDK reads these signatures at registration.
+
+import logging
+import sys
+import time
+import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.to_thread
+import numpy as np
+from mcp.server import MCPServer
+from mcp.server.mcpserver import Context, ListRoots, Resolve
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPDeprecationWarning
+from mcp.types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
+from pydantic import Field
+
+from asr.errors import ASRError, AudioTooLargeError, EmptyAudioError
+from asr.languages import resolve as resolve_language
+
+from . import __version__
+from .config import Settings
+from .fetch import Fetcher, FetchError, Resolver
+from .paths import PathPolicy, PathRefused, roots_from_uris
+from .schemas import (
+    CancelOutput,
+    JobSummary,
+    LanguageInfo,
+    LanguagesOutput,
+    Limits,
+    ModelInfo,
+    Progress,
+    Segment,
+    StatusOutput,
+    Timings,
+    TranscriptionOutput,
+)
+from .worker import Engine, EngineUnavailable, Job, Model
+
+log = logging.getLogger(__name__)
+
+SILENCE_PEAK = 10 ** (-60 / 20)  # -60 dBFS: below this the clip holds nothing to transcribe
+MAX_HOTWORDS = 100
+POLL_S = 0.05
+HEARTBEAT_S = 2.0
+MODERN_PROTOCOL = "2026-07-28"  # from this revision on, roots are asked via an input-required round trip
+
+
+# ---- wiring ---------------------------------------------------------------------------------------
+class AudioAPI:
+    """The two audio functions the server needs (the `asr.audio` module; a fake in unit tests)."""
+
+    def __init__(self, probe: Callable[..., Any], load_audio: Callable[..., Any]):
+        self.probe = probe
+        self.load_audio = load_audio
+
+    @classmethod
+    def default(cls) -> "AudioAPI":
+        from asr import audio  # decoders load on first use, not at server import
+
+        return cls(audio.probe, audio.load_audio)
+
+
+def default_loader(settings: Settings) -> Callable[[], Model]:
+    def load() -> Model:
+        import asr  # first: preloads OpenBLAS before MLX
+
+        return asr.load_model(settings.model, dtype=settings.dtype, quantize=settings.quantize,
+                              variant=settings.variant)
+
+    return load
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    paths: PathPolicy
+    fetcher: Fetcher
+    audio: AudioAPI
+    decode_limiter: anyio.CapacityLimiter
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _state(ctx: Context) -> AppState:
+    return ctx.request_context.lifespan_context
+
+
+def _model_info(engine: Engine) -> ModelInfo | None:
+    info = engine.info
+    if info is None:
+        return None
+    return ModelInfo(name=info.name, variant=info.variant, dtype=info.dtype, quantization=info.quantization)
+
+
+def _public_url(url: str) -> str:
+    """The URL without credentials, query or fragment (those may hold secrets) - for display and logs."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return f"{parts.scheme}://{host}{parts.path}"
+    except ValueError:
+        return "(malformed URL)"
+
+
+def _clean_hotwords(hotwords: list[str] | None) -> list[str] | None:
+    if not hotwords:
+        return None
+    out: list[str] = []
+    for word in hotwords:
+        word = " ".join(str(word).split())
+        if word and word not in out:
+            out.append(word)
+    return out or None
+
+
+class _Reporter:
+    """Sends progress notifications whose values strictly increase (a spec requirement)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.last: float | None = None
+        self.last_time = 0.0
+        self.last_msg: str | None = None
+
+    async def send(self, value: float, total: float | None, message: str) -> None:
+        now = time.monotonic()
+        if self.last is not None and value <= self.last:
+            quiet = now - self.last_time < (0.5 if message != self.last_msg else HEARTBEAT_S)
+            if quiet:
+                return
+            value = self.last + 1e-3  # a heartbeat: no new audio done, but still alive
+        if total is not None and value > total:
+            total = None
+        self.last, self.last_time, self.last_msg = value, now, message
+        await self.ctx.report_progress(value, total, message)
+
+
+def _job_status(job: Job, engine: Engine) -> tuple[float, str]:
+    if job.state == "queued":
+        if engine.state in ("starting", "loading"):
+            return job.done_s, f"waiting for the model to load ({engine.load_elapsed_s:.0f} s so far)"
+        if engine.state == "warming":
+            return job.done_s, "waiting for the model to warm up"
+        ahead = engine.position(job)
+        return job.done_s, f"queued: {ahead} transcription(s) ahead" if ahead else "starting"
+    return job.done_s, f"{job.message}: {job.done_s:.0f} of {job.duration_s:.0f} s of audio"
+
+
+def _raise_for_failure(job: Job) -> None:
+    if job.state == "failed":
+        raise ToolError(f"Transcribing {job.source} failed: {job.error}")
+    if job.state == "cancelled":
+        raise ToolError(f"The transcription of {job.source} was cancelled ({job.error}). Call the tool again to retry.")
+
+
+def _output(job: Job, engine: Engine, *, include_segments: bool) -> TranscriptionOutput:
+    model = _model_info(engine)
+    if not job.is_finished:
+        done, message = _job_status(job, engine)
+        total = max(job.duration_s, 1e-9)
+        return TranscriptionOutput(
+            status="running" if job.state == "running" else "queued", job_id=job.id, source=job.source,
+            duration_s=round(job.duration_s, 3), model=model,
+            progress=Progress(done_s=round(done, 2), total_s=round(job.duration_s, 2),
+                              fraction=round(min(1.0, done / total), 4), queue_position=engine.position(job),
+                              message=message),
+            next_step=f"The transcript is not ready yet. Call get_transcript with job_id={job.id!r} to wait for it "
+            "(or cancel_transcription to stop it).",
+        )
+    _raise_for_failure(job)
+    result = job.result
+    assert result is not None
+    t = result.timings
+    names = {lang.code: lang.name for lang in engine.info.languages} if engine.info else {}
+    processing = t.total_s
+    total_s = (job.download_s or 0.0) + job.audio_decode_s + job.queue_wait_s + processing
+    timings = Timings(
+        queue_wait_s=round(job.queue_wait_s, 4), load_wait_s=round(job.load_wait_s, 4),
+        download_s=None if job.download_s is None else round(job.download_s, 4),
+        audio_decode_s=round(max(job.audio_decode_s, t.audio_decode_s), 4), features_s=round(t.features_s, 4),
+        encoder_s=round(t.encoder_s, 4), adaptor_s=round(t.adaptor_s, 4), prefill_s=round(t.prefill_s, 4),
+        decode_s=round(t.decode_s, 4), processing_s=round(processing, 4), total_s=round(total_s, 4),
+        real_time_factor=round(t.real_time_factor or (processing / job.duration_s if job.duration_s else 0.0), 4),
+        prompt_tokens=t.prompt_tokens, generated_tokens=t.generated_tokens,
+        prefill_tokens_per_s=round(t.prefill_tokens_per_s, 2), decode_tokens_per_s=round(t.decode_tokens_per_s, 2),
+    )
+    segments = None
+    if include_segments:
+        segments = [Segment(start=round(s.start, 3), end=round(s.end, 3), text=s.text) for s in result.segments]
+    return TranscriptionOutput(
+        status="completed", job_id=job.id, source=job.source, text=result.text, language=result.language,
+        language_name=names.get(result.language or ""), language_source=result.language_source,
+        language_method=result.language_method, duration_s=round(job.duration_s, 3),
+        finish_reason=result.finish_reason, timings=timings, model=model,
+        warnings=[*job.warnings, *(w for w in result.warnings if w not in job.warnings)],
+        segments=segments,
+    )
+
+
+def _render(out: TranscriptionOutput) -> str:
+    if out.status != "completed":
+        p = out.progress
+        where = f"{p.done_s:.0f} of {p.total_s:.0f} s of audio done" if p else ""
+        ahead = f", {p.queue_position} job(s) ahead" if p and p.queue_position else ""
+        return (f"Transcription of {out.source} is still {out.status} (job {out.job_id}: {where}{ahead}). "
+                f"Call get_transcript with job_id=\"{out.job_id}\" to wait for the result.")
+    if out.language:
+        how = out.language_source if out.language_source != "detected" else f"detected by {out.language_method}"
+        lang = f"{out.language_name or out.language} ({out.language}, {how})"
+    else:
+        lang = "language unknown"
+    t, m = out.timings, out.model
+    model = f"{m.name} {m.dtype}{f' q{m.quantization}' if m.quantization else ''}" if m else "?"
+    header = (f"Transcript of {out.source} - {lang}; {out.duration_s:.1f} s of audio in {t.processing_s:.1f} s "
+              f"(RTF {t.real_time_factor:.2f}, waited {t.queue_wait_s:.1f} s); {model}:")
+    lines = [header, out.text if out.text else "(no speech recognised)"]
+    if out.segments:
+        lines.append("Segments:")
+        lines += [f"[{s.start:.2f}-{s.end:.2f}] {s.text}" for s in out.segments]
+    lines += [f"Warning: {w}" for w in out.warnings]
+    return "\n".join(lines)
+
+
+def _result(out: TranscriptionOutput) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=_render(out))],
+                          structured_content=out.model_dump(mode="json"))
+
+
+async def _follow(ctx: Context, state: AppState, job: Job, *, deadline: float, include_segments: bool) -> CallToolResult:
+    """Wait for `job` until `deadline` with progress; cancel it if the call is cancelled."""
+    reporter = _Reporter(ctx)
+    try:
+        while not job.done.is_set() and time.monotonic() < deadline:
+            done, message = _job_status(job, state.engine)
+            await reporter.send(done, job.duration_s or None, message)
+            await anyio.sleep(POLL_S)
+    except BaseException:
+        # cancelled by the client (or the server is going down): stop the work, not just the wait
+        if not job.is_finished:
+            state.engine.cancel(job.id)
+            log.info("job %s cancelled with its call", job.id)
+        raise
+    return _result(_output(job, state.engine, include_segments=include_segments))
+
+
+def _check_engine(state: AppState) -> None:
+    if state.engine.state == "failed":
+        raise ToolError(state.engine.failure_message())
+
+
+def _check_options(state: AppState, language: str, hotwords: list[str] | None) -> None:
+    info = state.engine.info
+    if info is not None:
+        try:
+            resolve_language(language, info.variant)
+        except ASRError as exc:
+            raise ToolError(str(exc)) from None
+    if hotwords and len(hotwords) > MAX_HOTWORDS:
+        raise ToolError(f"Too many hotwords ({len(hotwords)}); pass at most {MAX_HOTWORDS} of the rarest terms.")
+
+
+def _decode(state: AppState, path: Path) -> Any:
+    """Probe, check the duration cap, decode to 16 kHz mono, and refuse silence (runs in a thread)."""
+    s = state.settings
+    info = state.audio.probe(str(path))
+    duration = getattr(info, "duration_s", None)
+    if duration is not None and duration > s.max_duration_s:
+        raise AudioTooLargeError(
+            f"the audio lasts {_fmt_duration(duration)}, over this server's {_fmt_duration(s.max_duration_s)} limit "
+            "(--max-duration-s); split it into shorter parts"
+        )
+    audio = state.audio.load_audio(str(path), max_bytes=s.max_file_bytes, max_duration_s=s.max_duration_s)
+    samples = np.asarray(audio.samples)
+    if samples.size == 0 or audio.duration_s <= 0:
+        raise EmptyAudioError("the file contains no audio samples; pass a recording with sound in it")
+    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
+        raise EmptyAudioError("the audio is silent (peak below -60 dBFS), so there is no speech to transcribe; "
+                              "check that the right file or audio track was passed")
+    return audio
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+async def _decode_async(state: AppState, path: Path, source: str, *, downloaded: bool = False) -> Any:
+    try:
+        return await anyio.to_thread.run_sync(lambda: _decode(state, path), abandon_on_cancel=True,
+                                              limiter=state.decode_limiter)
+    except ASRError as exc:
+        message = str(exc)
+        if downloaded:  # never show the private temporary path
+            message = message.replace(repr(str(path)), "the downloaded file").replace(str(path), "the downloaded file")
+        elif str(path) in message or source in message:
+            raise ToolError(f"Cannot transcribe: {message}") from None
+        raise ToolError(f"Cannot transcribe {source}: {message}") from None
+
+
+async def _submit(state: AppState, job: Job) -> Job:
+    try:
+        return state.engine.submit(job)
+    except EngineUnavailable as exc:
+        raise ToolError(str(exc)) from None
+
+
+# ---- the server ---------------------------------------------------------------------------------
+LanguageArg = Annotated[str, Field(
+    description="Spoken language: 'auto' (default, detect) or a code/name from list_languages, e.g. 'en', "
+    "'zh', 'ja', 'yue', 'English', '中文'. Setting it helps when the language is known.",
+    max_length=64,
+)]
+HotwordsArg = Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]] | None, Field(
+    description="Optional rare words, names or jargon expected in the audio (e.g. ['Kubernetes', 'Dr. Nguyen']); "
+    "they bias recognition towards these spellings.",
+    max_length=MAX_HOTWORDS,
+)]
+ItnArg = Annotated[bool, Field(
+    description="Inverse text normalisation: true (default) writes numbers, dates and punctuation in written "
+    "form ('fifty' -> '50'); false keeps the spoken form.",
+)]
+SegmentsArg = Annotated[bool, Field(
+    description="Also return time-stamped segments (start/end seconds). Default false: the plain transcript.",
+)]
+
+
+def create_server(
+    settings: Settings | None = None,
+    *,
+    model_loader: Callable[[], Model] | None = None,
+    audio_api: AudioAPI | None = None,
+    resolver: Resolver | None = None,
+    divert_stdout: bool = False,
+) -> MCPServer:
+    """Build the MCP server. `model_loader`, `audio_api` and `resolver` are seams for tests.
+
+    `divert_stdout` (for stdio serving) points `sys.stdout` at stderr while the server runs, so that
+    text printed into Python's stdout buffer cannot reach the wire, not even when flushed at exit.
+    """
+    settings = settings or Settings()
+    loader = model_loader or default_loader(settings)
+    paths_policy = PathPolicy(settings.allowed_roots, max_bytes=settings.max_file_bytes,
+                              allow_hidden=settings.allow_hidden)
+
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
+        engine = Engine(loader, queue_size=settings.queue_size, warmup=settings.warmup,
+                        result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept)
+        engine.start()  # loads in the background: the handshake is not held up
+        fetcher = Fetcher(policy=settings.url_policy, allow_hosts=settings.url_allow_hosts,
+                          max_bytes=settings.max_download_bytes, timeout_s=settings.download_timeout_s,
+                          resolver=resolver)
+        state = AppState(settings=settings, engine=engine, paths=paths_policy, fetcher=fetcher,
+                         audio=audio_api or AudioAPI.default(), decode_limiter=anyio.CapacityLimiter(2))
+        saved_stdout = sys.stdout
+        if divert_stdout:  # the SDK has already moved the wire off fd 1; now the Python object too
+            sys.stdout.flush()
+            sys.stdout = sys.stderr
+        try:
+            yield state
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(engine.stop)
+            if divert_stdout:
+                sys.stdout = saved_stdout
+
+    roots_text = ", ".join(str(r) for r in paths_policy.roots)
+    url_text = {
+        "public": "transcribe_url fetches http(s) links from public internet hosts",
+        "allowlist": "transcribe_url fetches only from the hosts the user allowed",
+        "any": "transcribe_url fetches http(s) links, including local-network hosts",
+        "off": "fetching URLs is disabled",
+    }[settings.url_policy]
+    mcp = MCPServer(
+        name="funasr-nano",
+        title="Fun-ASR-Nano speech-to-text (local)",
+        version=__version__,
+        instructions=(
+            "Private, on-device speech-to-text (Fun-ASR-Nano on MLX); audio never leaves this computer. "
+            f"transcribe_file reads audio/video files by absolute path inside: {roots_text}. {url_text}. "
+            "Long audio: if a result has status 'queued' or 'running', call get_transcript with its job_id "
+            "to wait for the transcript. list_languages shows the language codes the loaded model accepts."
+        ),
+        lifespan=lifespan,
+        log_level=settings.log_level,
+    )
+
+    async def client_roots(ctx: Context) -> ListRoots | ListRootsResult | None:
+        """The client's roots, asked only when it declared them and the policy lets them narrow access.
+
+        Client roots can only narrow the configured ones, so when a handshake-era client fails to
+        answer, the configured roots still apply (logged) rather than failing the call.
+        """
+        if settings.client_roots != "narrow":
+            return None
+        caps = ctx.client_capabilities
+        if caps is None or caps.roots is None:
+            return None
+        if (ctx.protocol_version or "") >= MODERN_PROTOCOL:
+            return ListRoots()  # asked through the per-request input-required round trip
+        try:
+            with anyio.fail_after(5), warnings.catch_warnings():
+                warnings.simplefilter("ignore", MCPDeprecationWarning)
+                return await ctx.session.list_roots()
+        except Exception as exc:  # noqa: BLE001 - a broken roots answer must not break transcription
+            log.warning("the client declared roots but roots/list failed (%s); using the configured roots only",
+                        type(exc).__name__)
+            return None
+
+    ClientRoots = Annotated[ListRootsResult | None, Resolve(client_roots)]
+
+    # ---- transcription tools ----------------------------------------------------------------
+    @mcp.tool(
+        title="Transcribe an audio file",
+        annotations=ToolAnnotations(title="Transcribe an audio file", read_only_hint=True, destructive_hint=False,
+                                    idempotent_hint=True, open_world_hint=False),
+    )
+    async def transcribe_file(
+        path: Annotated[str, Field(
+            description=f"Absolute path of an audio or video file on this computer (wav, mp3, m4a, flac, ogg, "
+            f"opus, webm, mp4, ...), inside one of: {roots_text}", max_length=4096)],
+        ctx: Context,
+        roots: ClientRoots,
+        language: LanguageArg = "auto",
+        hotwords: HotwordsArg = None,
+        itn: ItnArg = True,
+        include_segments: SegmentsArg = False,
+    ) -> Annotated[CallToolResult, TranscriptionOutput]:
+        """Transcribe speech in a local audio or video file to text, privately on this computer.
+
+        Returns the transcript with its language, duration, timings and model. Audio that takes longer than
+        about 45 s to process comes back as a job handle (status 'queued'/'running'): then call
+        get_transcript with that job_id.
+        """
+        start = time.monotonic()
+        state = _state(ctx)
+        _check_engine(state)
+        hotwords = _clean_hotwords(hotwords)
+        _check_options(state, language, hotwords)
+        narrowed = roots_from_uris(str(r.uri) for r in roots.roots) if roots is not None and roots.roots else None
+        try:
+            checked = await anyio.to_thread.run_sync(lambda: state.paths.check(path, narrowed))
+        except PathRefused as exc:
+            raise ToolError(str(exc)) from None
+        decode_start = time.monotonic()
+        audio = await _decode_async(state, checked.path, path)
+        job = Job(source=path, audio=audio, duration_s=float(audio.duration_s), language=language,
+                  hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
+                  warnings=list(getattr(audio, "warnings", None) or []))
+        await _submit(state, job)
+        return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
+                             include_segments=include_segments)
+
+    if settings.url_policy != "off":
+
+        @mcp.tool(
+            title="Transcribe audio from a URL",
+            annotations=ToolAnnotations(title="Transcribe audio from a URL", read_only_hint=True,
+                                        destructive_hint=False, idempotent_hint=True, open_world_hint=True),
+        )
+        async def transcribe_url(
+            url: Annotated[str, Field(
+                description="Direct http:// or https:// link to an audio or video file (not a web page). "
+                f"Downloads are capped at {settings.max_download_mb:.0f} MiB and "
+                f"{settings.download_timeout_s:.0f} s.", max_length=8192)],
+            ctx: Context,
+            language: LanguageArg = "auto",
+            hotwords: HotwordsArg = None,
+            itn: ItnArg = True,
+            include_segments: SegmentsArg = False,
+        ) -> Annotated[CallToolResult, TranscriptionOutput]:
+            """Download an audio or video file from a public http(s) link and transcribe its speech on this computer.
+
+            Returns the transcript with its language, duration, timings and model. Long audio comes back as a job
+            handle (status 'queued'/'running'): then call get_transcript with that job_id.
+            """
+            start = time.monotonic()
+            state = _state(ctx)
+            _check_engine(state)
+            hotwords = _clean_hotwords(hotwords)
+            _check_options(state, language, hotwords)
+            source = _public_url(url)
+            reporter = _Reporter(ctx)
+
+            async def on_bytes(done: int, total: int | None) -> None:
+                of = f" of {total / 2**20:.1f}" if total else ""
+                await reporter.send(0.0, None, f"downloading: {done / 2**20:.1f}{of} MiB")
+
+            try:
+                async with state.fetcher.download(url, progress=on_bytes) as dl:
+                    log.info("downloaded %d bytes from %s in %.2f s", dl.size_bytes, urlsplit(source).hostname,
+                             dl.seconds)
+                    decode_start = time.monotonic()
+                    audio = await _decode_async(state, dl.path, source, downloaded=True)
+                    decode_s = time.monotonic() - decode_start
+            except FetchError as exc:
+                raise ToolError(f"Cannot fetch {source}: {exc}") from None
+            job = Job(source=source, audio=audio, duration_s=float(audio.duration_s), language=language,
+                      hotwords=hotwords, itn=itn, download_s=dl.seconds, audio_decode_s=decode_s,
+                      warnings=list(getattr(audio, "warnings", None) or []))
+            await _submit(state, job)
+            return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
+                                 include_segments=include_segments)
+
+    @mcp.tool(
+        title="Get a transcript by job id",
+        annotations=ToolAnnotations(title="Get a transcript by job id", read_only_hint=True, destructive_hint=False,
+                                    idempotent_hint=True, open_world_hint=False),
+    )
+    async def get_transcript(
+        job_id: Annotated[str, Field(description="the job_id returned by transcribe_file or transcribe_url",
+                                     min_length=1, max_length=64)],
+        ctx: Context,
+        wait: Annotated[bool, Field(description="wait (with progress, up to about 45 s) for an unfinished job; "
+                                    "false returns its status at once")] = True,
+        include_segments: SegmentsArg = False,
+    ) -> Annotated[CallToolResult, TranscriptionOutput]:
+        """Fetch the transcript of a transcription that was still running, waiting for it if needed.
+
+        Returns the same result as transcribe_file; if the job is still not finished, the status and progress
+        with the same job_id (call again). Finished results are kept for a limited time.
+        """
+        state = _state(ctx)
+        job = state.engine.get(job_id.strip())
+        if job is None:
+            raise ToolError(
+                f"No transcription job {job_id!r}. Job ids come from transcribe_file/transcribe_url results; finished "
+                f"results are kept for {settings.result_ttl_s / 60:.0f} min and are lost when the server restarts. "
+                "Transcribe the audio again."
+            )
+        deadline = time.monotonic() + (settings.call_budget_s if wait else 0.0)
+        reporter = _Reporter(ctx)
+        while wait and not job.done.is_set() and time.monotonic() < deadline:
+            done, message = _job_status(job, state.engine)
+            await reporter.send(done, job.duration_s or None, message)
+            await anyio.sleep(POLL_S)
+        return _result(_output(job, state.engine, include_segments=include_segments))
+
+    @mcp.tool(
+        title="Cancel a transcription",
+        annotations=ToolAnnotations(title="Cancel a transcription", read_only_hint=False, destructive_hint=True,
+                                    idempotent_hint=True, open_world_hint=False),
+    )
+    async def cancel_transcription(
+        job_id: Annotated[str, Field(description="the job_id of a queued or running transcription",
+                                     min_length=1, max_length=64)],
+        ctx: Context,
+    ) -> Annotated[CallToolResult, CancelOutput]:
+        """Stop a queued or running transcription and discard its partial work."""
+        state = _state(ctx)
+        job = state.engine.cancel(job_id.strip())
+        if job is None:
+            raise ToolError(f"No transcription job {job_id!r} (it may have finished and expired, or never existed).")
+        with anyio.move_on_after(2.0):
+            while not job.done.is_set():
+                await anyio.sleep(POLL_S)
+        if job.state == "cancelled":
+            message = f"Job {job.id} is cancelled."
+        elif job.state in ("completed", "failed"):
+            message = f"Job {job.id} had already {job.state}; nothing to cancel."
+        else:
+            message = f"Job {job.id} is stopping; it will be cancelled within moments."
+        out = CancelOutput(job_id=job.id, status=job.state, message=message)
+        return CallToolResult(content=[TextContent(type="text", text=message)],
+                              structured_content=out.model_dump(mode="json"))
+
+    # ---- information tools -------------------------------------------------------------------
+    @mcp.tool(
+        title="List supported languages",
+        annotations=ToolAnnotations(title="List supported languages", read_only_hint=True, destructive_hint=False,
+                                    idempotent_hint=True, open_world_hint=False),
+    )
+    async def list_languages(ctx: Context) -> Annotated[CallToolResult, LanguagesOutput]:
+        """List the languages the loaded model accepts: ISO code, English name and the model's own prompt name.
+
+        Any of these spellings, or 'auto', can be passed as language= to the transcription tools.
+        """
+        state = _state(ctx)
+        engine = state.engine
+        reporter = _Reporter(ctx)
+        deadline = time.monotonic() + settings.call_budget_s
+        while engine.info is None and engine.state != "failed" and time.monotonic() < deadline:
+            await reporter.send(0.0, None, f"waiting for the model to load ({engine.load_elapsed_s:.0f} s so far)")
+            await anyio.sleep(POLL_S)
+        _check_engine(state)
+        if engine.info is None:
+            raise ToolError(f"The model is still loading ({engine.load_elapsed_s:.0f} s so far); call again shortly.")
+        info = engine.info
+        langs = [LanguageInfo(code=lg.code, name=lg.name, prompt_name=lg.prompt_name, note=lg.note)
+                 for lg in info.languages]
+        out = LanguagesOutput(
+            model=_model_info(engine), languages=langs,
+            auto="language='auto' (the default) lets the model choose; the result then says which language was "
+            "detected from the transcript and how.",
+        )
+        text = (f"{info.name} ({info.variant}) accepts {len(langs)} languages - code: name [prompt name]; "
+                "pass language='auto' to detect:\n"
+                + "\n".join(f"{lg.code}: {lg.name} [{lg.prompt_name}]" + (f" - {lg.note}" if lg.note else "")
+                            for lg in langs))
+        return CallToolResult(content=[TextContent(type="text", text=text)],
+                              structured_content=out.model_dump(mode="json"))
+
+    @mcp.tool(
+        title="Server status",
+        annotations=ToolAnnotations(title="Server status", read_only_hint=True, destructive_hint=False,
+                                    idempotent_hint=True, open_world_hint=False),
+    )
+    async def server_status(ctx: Context) -> Annotated[CallToolResult, StatusOutput]:
+        """Show whether the model is loaded, the transcription queue and recent jobs, and the server's limits
+        (allowed folders, URL policy, size and duration caps)."""
+        state = _state(ctx)
+        engine = state.engine
+        now = time.monotonic()
+        queued, running = engine.counts()
+        jobs = [JobSummary(job_id=j.id, status=j.state, source=j.source, duration_s=round(j.duration_s, 2),
+                           done_s=round(j.done_s, 2), age_s=round(now - j.submitted, 1), error=j.error)
+                for j in engine.jobs()]
+        out = StatusOutput(
+            server_version=__version__, model_state=engine.state, model=_model_info(engine),
+            model_error=engine.error, load_elapsed_s=round(engine.load_elapsed_s, 2), queued=queued,
+            running=running, jobs=jobs, allowed_roots=[str(r) for r in state.paths.roots],
+            url_policy=settings.url_policy,
+            limits=Limits(max_file_mb=settings.max_file_mb, max_duration_s=settings.max_duration_s,
+                          max_download_mb=settings.max_download_mb, download_timeout_s=settings.download_timeout_s,
+                          call_budget_s=settings.call_budget_s, queue_size=settings.queue_size,
+                          result_ttl_s=settings.result_ttl_s),
+        )
+        m = out.model
+        model = f"{m.name} ({m.variant}, {m.dtype})" if m else "no model yet"
+        text = (f"Model {engine.state}: {model}" + (f" - {engine.error}" if engine.error else "")
+                + f"; {running} running, {queued} queued, {len(jobs)} job(s) known. "
+                f"Allowed folders: {', '.join(out.allowed_roots)}. URL policy: {settings.url_policy}.")
+        return CallToolResult(content=[TextContent(type="text", text=text)],
+                              structured_content=out.model_dump(mode="json"))
+
+    return mcp

@@ -1,0 +1,198 @@
+"""Server settings: command-line flags, each mirrored by a `FUNASR_NANO_MCP_*` environment variable.
+
+A flag given on the command line wins over its environment variable, which wins over the default.
+List-valued variables use the platform path separator (roots) or commas (hosts). Nothing here lets a
+tool caller choose a model or pass model arguments: those are fixed when the server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "FUNASR_NANO_MCP_"
+
+UrlPolicy = Literal["public", "allowlist", "any", "off"]
+
+
+class Settings(BaseModel):
+    """Everything the server needs to know at start-up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # model
+    model: str | None = Field(default=None, description="model directory or Hugging Face repo id (None: the library default)")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quantize: Literal[4, 8] | None = None
+    variant: Literal["nano", "mlt"] | None = None
+    warmup: bool = True
+    # local files
+    allowed_roots: tuple[Path, ...] = Field(default_factory=lambda: (Path.home(),))
+    allow_hidden: bool = False
+    client_roots: Literal["narrow", "ignore"] = "narrow"
+    max_file_mb: float = Field(default=1024.0, gt=0)
+    max_duration_s: float = Field(default=3 * 3600.0, gt=0)
+    # URLs
+    url_policy: UrlPolicy = "public"
+    url_allow_hosts: tuple[str, ...] = ()
+    max_download_mb: float = Field(default=200.0, gt=0)
+    download_timeout_s: float = Field(default=120.0, gt=0)
+    # jobs
+    call_budget_s: float = Field(default=45.0, gt=0)
+    queue_size: int = Field(default=16, ge=1, le=1024)
+    result_ttl_s: float = Field(default=3600.0, gt=0)
+    max_jobs_kept: int = Field(default=64, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: object) -> object:
+        if isinstance(value, (str, Path)):
+            value = [value]
+        out = []
+        for item in value or ():  # type: ignore[union-attr]
+            path = Path(os.path.expanduser(str(item)))
+            if not path.is_absolute():
+                raise ValueError(f"allowed root {str(item)!r} must be an absolute path")
+            out.append(path)
+        if not out:
+            raise ValueError("at least one allowed root is required")
+        return tuple(out)
+
+    @field_validator("url_allow_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        return tuple(h.strip().lower().strip("[]").rstrip(".") for h in value or () if h.strip())  # type: ignore[union-attr]
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+    @property
+    def max_download_bytes(self) -> int:
+        return int(self.max_download_mb * 1024 * 1024)
+
+
+# (field, flag, help, kind) - kind: str | bool | list-path | list-comma | optional-int
+_OPTIONS: list[tuple[str, str, str, str]] = [
+    ("model", "--model", "model directory or Hugging Face repo id (default: the library's default checkpoint)", "str"),
+    ("dtype", "--dtype", "weight dtype: bfloat16, float16 or float32 (default bfloat16)", "str"),
+    ("quantize", "--quantize", "quantize the LLM weights to 4 or 8 bits ('none' to disable; default none)", "int?"),
+    ("variant", "--variant", "force the model variant: nano or mlt (default: read from the checkpoint)", "str"),
+    ("warmup", "--warmup", "run one warm-up transcription after loading (default on)", "bool"),
+    ("allowed_roots", "--allowed-root", "folder transcribe_file may read; repeat for several (default: your home "
+     "folder). Env: paths separated by the OS path separator", "paths"),
+    ("allow_hidden", "--allow-hidden", "also allow files under hidden folders such as ~/.ssh (default off)", "bool"),
+    ("client_roots", "--client-roots", "'narrow' (default): roots the client declares further restrict the "
+     "allowed folders; 'ignore': use only the configured folders", "str"),
+    ("max_file_mb", "--max-file-mb", "largest local file accepted, in MiB (default 1024)", "str"),
+    ("max_duration_s", "--max-duration-s", "longest audio accepted, in seconds (default 10800)", "str"),
+    ("url_policy", "--url-policy", "transcribe_url policy: 'public' (default: public addresses only, plus hosts "
+     "from --url-allow-host), 'allowlist' (only those hosts), 'any' (also private addresses), 'off' (no URL tool)",
+     "str"),
+    ("url_allow_hosts", "--url-allow-host", "host name or IP that transcribe_url may reach even on a private "
+     "address; repeat for several. Env: comma-separated", "hosts"),
+    ("max_download_mb", "--max-download-mb", "largest download accepted, in MiB (default 200)", "str"),
+    ("download_timeout_s", "--download-timeout-s", "wall-clock limit for one download, in seconds (default 120)", "str"),
+    ("call_budget_s", "--call-budget-s", "how long a tool call waits before answering with a job handle to fetch "
+     "later (default 45; Claude Desktop gives up at about 60)", "str"),
+    ("queue_size", "--queue-size", "how many transcriptions may wait for the model (default 16)", "str"),
+    ("result_ttl_s", "--result-ttl-s", "how long finished results stay fetchable, in seconds (default 3600)", "str"),
+    ("max_jobs_kept", "--max-jobs-kept", "how many finished jobs to keep at most (default 64)", "str"),
+    ("log_level", "--log-level", "stderr log level: DEBUG, INFO, WARNING or ERROR (default INFO)", "str"),
+]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="funasr-nano-mcp",
+        description="Local speech-to-text (Fun-ASR-Nano on MLX) as an MCP server over stdio. "
+        f"Every flag can also be set through the environment variable named in brackets ({ENV_PREFIX}...).",
+    )
+    for field, flag, help_text, kind in _OPTIONS:
+        env_help = f"{help_text} [{env_name(field)}]"
+        if kind == "bool":
+            ap.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=env_help)
+        elif kind in ("paths", "hosts"):
+            ap.add_argument(flag, dest=field, action="append", default=None, metavar="VALUE", help=env_help)
+        else:
+            ap.add_argument(flag, dest=field, default=None, metavar="VALUE", help=env_help)
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    return ap
+
+
+def _parse_env(kind: str, raw: str) -> object:
+    if kind == "bool":
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"expected true/false, got {raw!r}")
+    if kind == "paths":
+        return [p for p in raw.split(os.pathsep) if p.strip()]
+    if kind == "hosts":
+        return [h for h in raw.split(",") if h.strip()]
+    return raw
+
+
+def _normalise(kind: str, value: object) -> object:
+    if kind == "int?" and isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("", "none", "0", "off", "no"):
+            return None
+        return int(low) if low.isdigit() else low
+    if kind == "str" and isinstance(value, str) and value.strip() == "":
+        return None
+    return value
+
+
+class ConfigError(ValueError):
+    """A flag or environment variable has a bad value."""
+
+
+def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags (`argv`, default: none) over environment variables (`env`, default: os.environ)."""
+    env = os.environ if env is None else env
+    args = build_parser().parse_args(list(argv or []))
+    values: dict[str, object] = {}
+    for field, _flag, _help, kind in _OPTIONS:
+        value = getattr(args, field)
+        source = "flag"
+        if value is None and env.get(env_name(field)) is not None:
+            source = env_name(field)
+            try:
+                value = _parse_env(kind, env[env_name(field)])
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        value = _normalise(kind, value)
+        if value is not None:
+            values[field] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_where(str(err['loc'][0]) if err['loc'] else '')}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(problems) from None
+
+
+def _where(field: str) -> str:
+    for name, flag, _help, _kind in _OPTIONS:
+        if name == field:
+            return f"{flag} / {env_name(name)}"
+    return field

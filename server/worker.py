@@ -1,0 +1,318 @@
+"""One dedicated thread that owns the model, and the jobs it works through.
+
+MLX streams are bound to the thread that created them, so the model is loaded, warmed up and used
+on this one thread only. Tool calls submit jobs to a bounded FIFO queue and watch them from the
+event loop; a job outlives the call that submitted it (the call may answer with its id and the
+result is fetched later) and finished jobs stay fetchable for a while.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from asr.errors import ASRError, TranscriptionCancelled
+from asr.languages import resolve
+from asr.types import Language, TranscriptionResult
+
+log = logging.getLogger(__name__)
+
+EngineState = Literal["starting", "loading", "warming", "ready", "failed", "stopped"]
+JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+FINISHED: tuple[JobState, ...] = ("completed", "failed", "cancelled")
+
+
+class Model(Protocol):
+    variant: str
+    name: str
+    dtype: str
+    quantization: int | None
+
+    @property
+    def languages(self) -> list[Language]: ...
+
+    def transcribe(self, audio: Any, **kwargs: Any) -> TranscriptionResult: ...
+
+    def warmup(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the tools may know about the model without touching it (read on the worker thread)."""
+
+    name: str
+    variant: str
+    dtype: str
+    quantization: int | None
+    languages: tuple[Language, ...]
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot take the job (model failed to load, queue full, shutting down)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One transcription: its input, options, live progress and outcome."""
+
+    source: str
+    audio: Any
+    duration_s: float
+    language: str | None = None
+    hotwords: list[str] | None = None
+    itn: bool = True
+    download_s: float | None = None
+    audio_decode_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # from decoding, shown with the result
+    id: str = field(default_factory=lambda: secrets.token_hex(6))
+    state: JobState = "queued"
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: float | None = None
+    load_wait_s: float = 0.0
+    done_s: float = 0.0
+    message: str = "queued"
+    result: TranscriptionResult | None = None
+    error: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def queue_wait_s(self) -> float:
+        end = self.started if self.started is not None else (self.finished or time.monotonic())
+        return max(0.0, end - self.submitted)
+
+
+class Engine:
+    """Loads the model in the background and runs jobs one at a time on its own thread."""
+
+    def __init__(
+        self,
+        loader: Callable[[], Model],
+        *,
+        queue_size: int = 16,
+        warmup: bool = True,
+        result_ttl_s: float = 3600.0,
+        max_jobs_kept: int = 64,
+    ):
+        self._loader = loader
+        self._warmup = warmup
+        self.queue_size = queue_size
+        self.result_ttl_s = result_ttl_s
+        self.max_jobs_kept = max_jobs_kept
+        self.state: EngineState = "starting"
+        self.info: ModelInfo | None = None
+        self.error: str | None = None
+        self.load_started: float | None = None
+        self.ready_at: float | None = None
+        self._model: Model | None = None
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._jobs: dict[str, Job] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name="funasr-mlx-worker", daemon=True)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel every job and let the thread finish (a load in progress is abandoned: daemon thread)."""
+        with self._cond:
+            self._stopping = True
+            for job in list(self._pending):
+                self._finish(job, "cancelled", error="the server is shutting down")
+            self._pending.clear()
+            if self._running is not None:
+                self._running.cancel.set()
+            self._cond.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        if self.state not in ("failed",):
+            self.state = "stopped"
+
+    @property
+    def load_elapsed_s(self) -> float:
+        if self.load_started is None:
+            return 0.0
+        return (self.ready_at or time.monotonic()) - self.load_started
+
+    # ---- jobs ------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self.state == "failed":
+                raise EngineUnavailable(self.failure_message())
+            if self._stopping:
+                raise EngineUnavailable("The server is shutting down; try again after it restarts.")
+            if len(self._pending) >= self.queue_size:
+                raise EngineUnavailable(
+                    f"The server is busy: {len(self._pending)} transcriptions are already waiting (--queue-size "
+                    f"{self.queue_size}). Wait for some to finish (see server_status), then call again."
+                )
+            self._prune()
+            job.submitted = time.monotonic()
+            self._jobs[job.id] = job
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cond:
+            self._prune()
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._cond:
+            self._prune()
+            return list(self._jobs.values())
+
+    def cancel(self, job_id: str) -> Job | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            job.cancel.set()
+            if job in self._pending:
+                self._pending.remove(job)
+                self._finish(job, "cancelled", error="cancelled before it started")
+            return job
+
+    def position(self, job: Job) -> int:
+        """How many jobs run or wait before `job` (0 when it is running or finished)."""
+        with self._cond:
+            if job not in self._pending:
+                return 0
+            return list(self._pending).index(job) + (1 if self._running is not None else 0)
+
+    def counts(self) -> tuple[int, int]:
+        with self._cond:
+            return len(self._pending), 1 if self._running is not None else 0
+
+    def failure_message(self) -> str:
+        return (
+            f"The speech model could not be loaded, so nothing can be transcribed: {self.error}. The user must fix "
+            "the server configuration (--model / FUNASR_NANO_MCP_MODEL, --dtype, --quantize) and restart the server."
+        )
+
+    # ---- the worker thread ---------------------------------------------------------------------
+    def _main(self) -> None:
+        if not self._load():
+            return
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._pending.popleft()
+                self._running = job
+            try:
+                self._execute(job)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _load(self) -> bool:
+        self.state = "loading"
+        self.load_started = time.monotonic()
+        log.info("loading the speech model in the background")
+        try:
+            model = self._loader()
+            info = ModelInfo(
+                name=str(model.name), variant=str(model.variant), dtype=str(model.dtype),
+                quantization=model.quantization, languages=tuple(model.languages),
+            )
+            self.info = info
+            if self._warmup:
+                self.state = "warming"
+                model.warmup()
+        except BaseException as exc:  # noqa: BLE001 - any load failure must reach the callers, not hang them
+            self.error = str(exc) if isinstance(exc, ASRError) else f"{type(exc).__name__}: {exc}"
+            log.error("the speech model failed to load: %s", self.error, exc_info=not isinstance(exc, ASRError))
+            with self._cond:
+                self.state = "failed"
+                for job in list(self._pending):
+                    self._finish(job, "failed", error=self.failure_message())
+                self._pending.clear()
+            return False
+        self._model = model
+        self.ready_at = time.monotonic()
+        self.state = "ready"
+        log.info("model %s (%s, %s%s) ready after %.1f s", info.name, info.variant, info.dtype,
+                 f", q{info.quantization}" if info.quantization else "", self.load_elapsed_s)
+        return True
+
+    def _execute(self, job: Job) -> None:
+        if job.cancel.is_set():
+            with self._cond:
+                self._finish(job, "cancelled", error="cancelled before it started")
+            return
+        assert self._model is not None and self.info is not None
+        job.started = time.monotonic()
+        job.load_wait_s = max(0.0, min(self.ready_at or job.started, job.started) - job.submitted)
+        job.state = "running"
+        job.message = "transcribing"
+
+        def progress(done_s: float, total_s: float, message: str = "") -> None:
+            job.done_s = max(job.done_s, min(float(done_s), job.duration_s or float(done_s)))
+            if message:
+                job.message = message
+
+        try:
+            lang = resolve(job.language, self.info.variant)
+            result = self._model.transcribe(
+                job.audio, language=lang.code if lang else None, hotwords=job.hotwords or None, itn=job.itn,
+                progress=progress, cancel=job.cancel,
+            )
+        except TranscriptionCancelled:
+            with self._cond:
+                self._finish(job, "cancelled", error="cancelled while transcribing")
+        except ASRError as exc:
+            with self._cond:
+                self._finish(job, "failed", error=str(exc))
+        except Exception:
+            log.exception("job %s: unexpected error while transcribing", job.id)
+            with self._cond:
+                self._finish(job, "failed", error="internal error while transcribing (details are in the server log)")
+        else:
+            job.result = result
+            job.done_s = job.duration_s
+            with self._cond:
+                self._finish(job, "completed")
+            t = result.timings
+            log.info("job %s: %.1f s audio in %.2f s (RTF %.3f, %d tokens, waited %.2f s)", job.id,
+                     job.duration_s, t.total_s, t.real_time_factor, t.generated_tokens, job.queue_wait_s)
+
+    def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
+        """Record the outcome (caller holds the lock)."""
+        job.state = state
+        job.error = error
+        job.finished = time.monotonic()
+        job.audio = None  # release the samples
+        job.message = state
+        job.done.set()
+        if state != "completed":
+            log.info("job %s %s%s", job.id, state, f": {error}" if error and state == "failed" else "")
+
+    def _prune(self) -> None:
+        """Forget finished jobs past their time-to-live or beyond the cap (caller holds the lock)."""
+        now = time.monotonic()
+        finished = sorted((j for j in self._jobs.values() if j.is_finished), key=lambda j: j.finished or 0.0)
+        for job in finished:
+            if now - (job.finished or now) > self.result_ttl_s:
+                del self._jobs[job.id]
+        finished = [j for j in finished if j.id in self._jobs]
+        excess = len(finished) - self.max_jobs_kept
+        for job in finished[:max(0, excess)]:
+            del self._jobs[job.id]

@@ -1,0 +1,152 @@
+"""The path matrix for transcribe_file: what may be read, and what each refusal says."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from server.paths import PathPolicy, PathRefused, roots_from_uris
+from tests.test_server_support import write_wav
+
+
+@pytest.fixture
+def tree(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sibling = tmp_path / "root-evil"  # shares the root's prefix
+    sibling.mkdir()
+    write_wav(root / "a.wav", 0.5)
+    write_wav(root / "sub" / "b.wav", 0.5)
+    write_wav(outside / "secret.wav", 0.5)
+    write_wav(sibling / "c.wav", 0.5)
+    return root, outside, sibling
+
+
+def policy(root: Path, **kw) -> PathPolicy:
+    kw.setdefault("max_bytes", 10 * 2**20)
+    return PathPolicy([root], **kw)
+
+
+def refusal(p: PathPolicy, raw: str, client_roots=None) -> str:
+    with pytest.raises(PathRefused) as info:
+        p.check(raw, client_roots)
+    return str(info.value)
+
+
+def test_inside_is_allowed_and_resolved(tree):
+    root, _, _ = tree
+    p = policy(root)
+    got = p.check(str(root / "sub" / "b.wav"))
+    assert got.path == (root / "sub" / "b.wav").resolve() and got.size_bytes > 0
+    assert p.check(str(root / "sub" / ".." / "a.wav")).path == (root / "a.wav").resolve()  # stays inside
+    assert p.check((root / "a.wav").as_uri()).path == (root / "a.wav").resolve()  # file:// URI
+
+
+@pytest.mark.parametrize("make_raw", [
+    lambda root, outside, sibling: str(root / ".." / "outside" / "secret.wav"),  # traversal
+    lambda root, outside, sibling: str(root) + "/../outside/secret.wav",
+    lambda root, outside, sibling: str(sibling / "c.wav"),  # sibling prefix: /x/root-evil vs /x/root
+    lambda root, outside, sibling: str(outside / "secret.wav"),  # plainly outside
+    lambda root, outside, sibling: "/etc/passwd",
+    lambda root, outside, sibling: str(outside / "missing.wav"),  # missing outside: same answer
+])
+def test_outside_roots_refused_with_one_message(tree, make_raw):
+    root, outside, sibling = tree
+    msg = refusal(policy(root), make_raw(root, outside, sibling))
+    assert "does not exist or is outside the folders this server may read" in msg
+    assert str(root.resolve()) in msg and "--allowed-root" in msg
+
+
+def test_symlink_escape_refused_and_internal_symlink_allowed(tree):
+    root, outside, _ = tree
+    (root / "link.wav").symlink_to(outside / "secret.wav")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    (root / "inner.wav").symlink_to(root / "sub" / "b.wav")
+    p = policy(root)
+    assert "outside the folders" in refusal(p, str(root / "link.wav"))
+    assert "outside the folders" in refusal(p, str(root / "dirlink" / "secret.wav"))
+    assert p.check(str(root / "inner.wav")).path == (root / "sub" / "b.wav").resolve()
+
+
+def test_symlinked_root_is_resolved(tree, tmp_path):
+    root, _, _ = tree
+    alias = tmp_path / "alias"
+    alias.symlink_to(root, target_is_directory=True)
+    assert PathPolicy([alias], max_bytes=2**20).check(str(root / "a.wav")).path == (root / "a.wav").resolve()
+
+
+def test_missing_inside_says_so(tree):
+    root, _, _ = tree
+    msg = refusal(policy(root), str(root / "nope.wav"))
+    assert "does not exist" in msg and "outside" not in msg
+
+
+def test_fifo_and_devices_refused(tree):
+    root, _, _ = tree
+    os.mkfifo(root / "pipe.wav")
+    assert "FIFO" in refusal(policy(root), str(root / "pipe.wav"))  # and it did not block on open
+    (root / "null.wav").symlink_to("/dev/null")
+    assert "outside the folders" in refusal(policy(root), str(root / "null.wav"))
+    everything = PathPolicy([Path("/")], max_bytes=2**20, allow_hidden=True)
+    for raw in ("/dev/null", "/dev/zero", "/proc/self/environ", "/sys/kernel/notes"):
+        assert "outside the folders" in refusal(everything, raw)
+
+
+def test_directory_hidden_relative_and_junk(tree):
+    root, _, _ = tree
+    p = policy(root)
+    assert "is a folder" in refusal(p, str(root / "sub"))
+    (root / ".ssh").mkdir()
+    write_wav(root / ".ssh" / "k.wav", 0.2)
+    assert "hidden" in refusal(p, str(root / ".ssh" / "k.wav"))
+    assert policy(root, allow_hidden=True).check(str(root / ".ssh" / "k.wav"))
+    assert "relative path" in refusal(p, "sub/b.wav")
+    assert "relative path" in refusal(p, "./a.wav")
+    assert "empty" in refusal(p, "")
+    assert "NUL" in refusal(p, str(root / "a.wav") + "\x00.txt")
+    assert "remote host" in refusal(p, "file://server/share/a.wav")
+
+
+def test_symlink_loop_and_size_cap(tree):
+    root, _, _ = tree
+    (root / "loop1").symlink_to(root / "loop2")
+    (root / "loop2").symlink_to(root / "loop1")
+    msg = refusal(policy(root), str(root / "loop1"))
+    assert "does not exist" in msg or "outside" in msg or "symlink" in msg
+    write_wav(root / "big.wav", 2.0)
+    msg = refusal(PathPolicy([root], max_bytes=1000), str(root / "big.wav"))
+    assert "MiB" in msg and "--max-file-mb" in msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
+def test_permission_denied(tree):
+    root, _, _ = tree
+    target = root / "locked.wav"
+    write_wav(target, 0.2)
+    target.chmod(0)
+    try:
+        assert "no permission" in refusal(policy(root), str(target))
+    finally:
+        target.chmod(0o644)
+
+
+def test_client_roots_only_narrow(tree):
+    root, outside, _ = tree
+    p = policy(root)
+    narrowed = roots_from_uris([(root / "sub").as_uri(), "https://example.com/x", outside.as_uri()])
+    assert narrowed == [(root / "sub").resolve(), outside.resolve()]
+    assert p.check(str(root / "sub" / "b.wav"), narrowed)
+    assert "narrowed by the client" in refusal(p, str(root / "a.wav"), narrowed)
+    # a client root outside the configured ones grants nothing
+    assert "outside the folders" in refusal(p, str(outside / "secret.wav"), narrowed)
+    assert roots_from_uris(["file://otherhost/x"]) == []
+
+
+def test_tilde_expands_to_home(monkeypatch, tree):
+    root, _, _ = tree
+    monkeypatch.setenv("HOME", str(root))
+    assert policy(root).check("~/a.wav").path == (root / "a.wav").resolve()
