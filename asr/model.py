@@ -188,6 +188,7 @@ class _Piece:
     samples: np.ndarray
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "stop"
+    ctc: object | None = None  # asr.ctc.CTCResult when token timestamps were computed
 
 
 class FunASRNano:
@@ -210,6 +211,7 @@ class FunASRNano:
                 self.eos_ids.add(e)
         self._prompt_cache: dict[tuple, PromptIds] = {}
         self._vad = None
+        self._ctc_tok = None
 
     # ---- properties the server reads
     @property
@@ -223,6 +225,17 @@ class FunASRNano:
     @property
     def has_ctc(self) -> bool:
         return self.cfg.ctc is not None
+
+    @property
+    def timestamps_available(self) -> bool:
+        return self.has_ctc and (self.model_dir / "multilingual.tiktoken").is_file()
+
+    def _ctc_tokenizer(self):
+        if self._ctc_tok is None:
+            from .ctc import CTCTokenizer
+
+            self._ctc_tok = CTCTokenizer.from_file(self.model_dir / "multilingual.tiktoken")
+        return self._ctc_tok
 
     @property
     def vad(self):
@@ -264,7 +277,7 @@ class FunASRNano:
 
     # ---- a batch of segments
     def _decode_batch(self, pieces: list[_Piece], ids: PromptIds, max_new_tokens: int, repetition_guard: bool,
-                      cancel: threading.Event | None, t: dict) -> None:
+                      cancel: threading.Event | None, t: dict, timestamps: bool = False) -> None:
         t0 = time.perf_counter()
         feats = [self.features(p.samples) for p in pieces]
         mx.eval(feats)
@@ -297,6 +310,14 @@ class FunASRNano:
         t["prompt_tokens"] += sum(o.prompt_tokens for o in outs)
         for p, o in zip(pieces, outs, strict=True):
             p.tokens, p.finish_reason = o.tokens, o.finish_reason
+        if timestamps:  # CTC alignment of each segment's text on its own encoder rows (ref: inference_llm)
+            from .ctc import ctc_result
+
+            t0 = time.perf_counter()
+            for i, (p, f) in enumerate(zip(pieces, feats, strict=True)):
+                text = clean_text(self.tokenizer.decode(p.tokens))
+                p.ctc = ctc_result(self.net, enc[i, : f.shape[0]], text, self._ctc_tokenizer(), offset_s=p.start)
+            t["timestamps_s"] = t.get("timestamps_s", 0.0) + time.perf_counter() - t0
 
     def transcribe(
         self,
@@ -311,6 +332,7 @@ class FunASRNano:
         max_segment_s: float = 30.0,
         batch_size: int = 4,
         repetition_guard: bool = True,
+        timestamps: bool = True,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
     ) -> TranscriptionResult:
@@ -320,6 +342,8 @@ class FunASRNano:
         holds speech at all; longer audio is cut by Silero VAD into segments of at most `max_segment_s`.
         True always segments by VAD; False never runs VAD (one pass over everything, like the reference).
         Segments are decoded `batch_size` at a time; `repetition_guard` stops degenerate loops.
+        timestamps: per-token times by CTC forced alignment when the checkpoint has the CTC head (the ModelScope
+        copy); otherwise `result.timestamps` is None and `timestamps_note` says why.
         """
         from .audio import Audio, iter_audio_blocks, load_audio, probe
 
@@ -380,7 +404,8 @@ class FunASRNano:
         # 3. decode, batch by batch, in time order
         pieces: list[_Piece] = []
         for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size):
-            self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t)
+            self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t,
+                               timestamps=timestamps and self.timestamps_available)
             for p in batch:
                 p.samples = np.zeros(0, np.float32)  # release audio as we go
             pieces += batch
@@ -389,7 +414,14 @@ class FunASRNano:
 
         # 4. result
         segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=clean_text(self.tokenizer.decode(p.tokens)),
-                            token_ids=p.tokens) for p in pieces]
+                            token_ids=p.tokens, timestamps=p.ctc.timestamps if p.ctc else None) for p in pieces]
+        if timestamps and self.timestamps_available:
+            all_ts, note = [ts for s in segments for ts in (s.timestamps or [])], ""
+        else:
+            all_ts = None
+            note = ("timestamps not requested" if not timestamps else
+                    "this checkpoint has no CTC head (the Hugging Face copies lack it; the ModelScope copy has it), "
+                    "so only segment-level times are given")
         text = " ".join(s.text.strip() for s in segments if s.text.strip()) if len(segments) > 1 else (
             segments[0].text if segments else "")
         finish = "empty" if not pieces else next(
@@ -402,14 +434,15 @@ class FunASRNano:
         total = time.perf_counter() - t_start
         tokens = [tok for p in pieces for tok in p.tokens]
         timings = Timings(
-            **{k: v for k, v in t.items()}, total_s=total, audio_duration_s=duration, generated_tokens=len(tokens),
+            **{k: v for k, v in t.items() if k != "timestamps_s"}, total_s=total, audio_duration_s=duration, generated_tokens=len(tokens),
             prefill_tokens_per_s=t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] > 0 else 0.0,
             decode_tokens_per_s=len(tokens) / t["decode_s"] if t["decode_s"] > 0 else 0.0,
             real_time_factor=total / duration if duration > 0 else 0.0,
         )
         return TranscriptionResult(
             text=text, language=code, language_source=source, language_method=method, segments=segments,
-            token_ids=tokens, finish_reason=finish, timings=timings, warnings=warnings,
+            token_ids=tokens, finish_reason=finish, timestamps=all_ts, timestamps_note=note, timings=timings,
+            warnings=warnings,
         )
 
     def _plan(self, probs: np.ndarray, duration: float, num_samples: int, force: bool,

@@ -16,6 +16,15 @@ class Language(BaseModel):
     note: str | None = Field(default=None, description="How this language is handled, when not obvious")
 
 
+class TokenTimestamp(BaseModel):
+    """One token placed in the audio by CTC forced alignment (seconds; 60 ms frames; end exclusive)."""
+
+    token: str
+    start: float
+    end: float
+    score: float = Field(description="best frame probability of the token (3 decimals, as the official code)")
+
+
 class Segment(BaseModel):
     """One decoded stretch of audio, with times in seconds in the original audio."""
 
@@ -23,6 +32,8 @@ class Segment(BaseModel):
     end: float
     text: str
     token_ids: list[int] = Field(default_factory=list)
+    timestamps: list[TokenTimestamp] | None = Field(
+        default=None, description="per-token times from CTC alignment; None when the checkpoint has no CTC head")
 
 
 class Timings(BaseModel):
@@ -58,5 +69,9 @@ class TranscriptionResult(BaseModel):
     segments: list[Segment] = Field(default_factory=list)
     token_ids: list[int] = Field(default_factory=list, description="generated token ids (all segments, in order)")
     finish_reason: FinishReason = "stop"
+    timestamps: list[TokenTimestamp] | None = Field(
+        default=None, description="per-token times (CTC forced alignment, as the official code); None if unavailable")
+    timestamps_note: str = Field(
+        default="", description="why token timestamps are missing, when they are (times are never invented)")
     timings: Timings = Field(default_factory=Timings)
     warnings: list[str] = Field(default_factory=list)

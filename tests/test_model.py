@@ -305,3 +305,19 @@ def test_cli(tiny_checkpoint, testdata, capsys, tmp_path):
     assert main(["transcribe", "-m", str(tiny_checkpoint), str(tmp_path / "nope.wav")]) == 1
     assert main(["languages", "--variant", "mlt"]) == 0
     assert "韩文" in capsys.readouterr().out
+
+
+def test_timestamps_only_with_a_ctc_head(tmp_path, tiny_model, testdata):
+    from tools.checkpoint import write_checkpoint
+
+    r = tiny_model.transcribe(str(testdata / "audio/en/jfk.wav"), max_new_tokens=4)
+    assert r.timestamps is None and "no CTC head" in r.timestamps_note
+    assert all(s.timestamps is None for s in r.segments)
+
+    m = asr.load_model(str(write_checkpoint(tmp_path / "ctc", size="tiny", seed=0, ctc=True)), dtype="float32")
+    assert m.timestamps_available
+    r = m.transcribe(str(testdata / "audio/long/voxpopuli_en_test_000.wav"), max_new_tokens=6)
+    assert r.timestamps and r.timestamps_note == ""
+    for seg in r.segments[1:]:
+        assert seg.timestamps and all(seg.start <= ts.start <= ts.end <= 69.3 for ts in seg.timestamps)
+    assert [ts for s in r.segments for ts in s.timestamps] == r.timestamps
