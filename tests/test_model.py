@@ -280,7 +280,10 @@ def test_repetition_guard_on_a_looping_model(tiny_model, monkeypatch):
             fixed = mx.zeros((1, n, vocab)) + mx.where(mx.arange(vocab) == 1234, 100.0, 0.0)
             return fixed
 
-    monkeypatch.setattr(tiny_model.net, "llm", Looper(tiny_model.net.llm))
+    import asr.model as model_module
+
+    real = model_module.greedy_decode
+    monkeypatch.setattr(model_module, "greedy_decode", lambda llm, *a, **k: real(Looper(llm), *a, **k))
     samples = np.random.default_rng(3).standard_normal(16000 * 2).astype(np.float32) * 0.1
     on = tiny_model.transcribe(samples, max_new_tokens=100, vad=False)
     off = tiny_model.transcribe(samples, max_new_tokens=100, vad=False, repetition_guard=False)
