@@ -540,6 +540,10 @@ def load_model(
         raise InvalidOptionError("encoder_dtype float16 is not supported: the audio path overflows fp16; use bfloat16")
     if quantize not in (None, 4, 8):
         raise InvalidOptionError(f"quantize must be 4, 8 or None; got {quantize!r}")
+    from . import backend
+
+    for message in backend.check():
+        log.warning(message)
     src = ckpt.resolve(path_or_repo)
     if src.kind == "official":
         conv = ckpt.converted_dir_for(src.path)
