@@ -7,9 +7,12 @@ Two sources of truth:
 - the committed fixture tests/fixtures/golden_tiny_tokens.json (prompt ids and greedy ids of the same official
   run), checked against a regenerated checkpoint whose model.pt hash must equal the one the fixture names.
 
-Tolerances (fp32 on both sides): fbank 2e-3 abs (kaldi-native-fbank vs our MLX FFT; log-mel), LFR exact
-(pure stacking), encoder 1e-4, adaptor 1e-4, prompt embeddings 1e-6, logits 1e-4 abs and cosine > 1-1e-9,
-greedy ids identical.
+Tolerances (fp32 on both sides; "scale" = max |reference value|, so the same bounds serve the tiny and the
+full-size checkpoint): fbank 2e-3 abs (kaldi-native-fbank vs our MLX FFT; log-mel), LFR exact (pure stacking),
+encoder and adaptor 2e-4 x scale and cosine > 1-1e-9, prompt embeddings 1e-6, logits 2e-5 x scale + 1e-5 and
+cosine > 1-1e-9 at every step, greedy ids identical.
+Measured (tools/parity_report.py): tiny: encoder 1.2e-5, adaptor 2.7e-6, logits 7.7e-6; full size (830M shape):
+encoder <= 4.4e-4 (scale 3.5), adaptor 5.5e-6, logits <= 1.1e-4 (scale 13.7); 32/32 ids on all 10 entries.
 """
 
 from __future__ import annotations
@@ -140,9 +143,11 @@ def test_fbank_and_lfr(golden):
 def test_encoder_and_adaptor(golden, golden_model):
     for name, _e, d in _each(golden):
         enc = np.array(golden_model.encode(mx.array(d["lfr"])))
-        assert np.abs(enc - d["encoder_out"]).max() < 1e-4 and _cos(enc, d["encoder_out"]) > 1 - 1e-9, name
+        scale = max(1.0, float(np.abs(d["encoder_out"]).max()))
+        assert np.abs(enc - d["encoder_out"]).max() < 2e-4 * scale and _cos(enc, d["encoder_out"]) > 1 - 1e-9, name
         ada = np.array(golden_model.adapt(mx.array(d["encoder_out"])))
-        assert np.abs(ada - d["adaptor_out"]).max() < 1e-4 and _cos(ada, d["adaptor_out"]) > 1 - 1e-9, name
+        scale = max(1.0, float(np.abs(d["adaptor_out"]).max()))
+        assert np.abs(ada - d["adaptor_out"]).max() < 2e-4 * scale and _cos(ada, d["adaptor_out"]) > 1 - 1e-9, name
         assert audio_token_count(d["lfr"].shape[0]) == int(d["fake_token_len"]), name
 
 
@@ -162,8 +167,9 @@ def test_teacher_forced_logits(golden, golden_model):
     for name, _e, d in _each(golden):
         ids = d["greedy_ids"].tolist()
         ours = np.array(teacher_forced_logits(golden_model.net.llm, mx.array(d["inputs_embeds"])[None], ids))
-        assert ours.shape == d["tf_logits"].shape == (32, golden_model.net.llm.args.vocab_size), name
-        assert np.abs(ours - d["tf_logits"]).max() < 1e-4, name
+        assert ours.shape == d["tf_logits"].shape == (len(ids), golden_model.net.llm.args.vocab_size), name
+        assert len(ids) >= 32, name
+        assert np.abs(ours - d["tf_logits"]).max() < 2e-5 * float(np.abs(d["tf_logits"]).max()) + 1e-5, name
         for step in range(len(ids)):
             assert _cos(ours[step], d["tf_logits"][step]) > 1 - 1e-9, (name, step)
         assert ours.argmax(-1).tolist() == ids, name
