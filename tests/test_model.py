@@ -324,3 +324,21 @@ def test_timestamps_only_with_a_ctc_head(tmp_path, tiny_model, testdata):
     for seg in r.segments[1:]:
         assert seg.timestamps and all(seg.start <= ts.start <= ts.end <= 69.3 for ts in seg.timestamps)
     assert [ts for s in r.segments for ts in s.timestamps] == r.timestamps
+
+
+def test_hub_id_resolves_from_the_hf_cache_offline(monkeypatch, tmp_path, tiny_checkpoint):
+    """A repo id is loaded through huggingface_hub's cache (here pre-filled, offline) and named by its id."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--FunAudioLLM--Fun-ASR-MLT-Nano-2512"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    m = asr.load_model("FunAudioLLM/Fun-ASR-MLT-Nano-2512", dtype="float32")
+    assert m.name == "FunAudioLLM/Fun-ASR-MLT-Nano-2512" and m.variant == "mlt"  # variant from the repo name
