@@ -124,6 +124,8 @@ def _stat_error(path: str, err: OSError) -> AudioNotFoundError:
 
 def _open_path(source: str | os.PathLike, max_bytes: int | None) -> _Source:
     path = os.fsdecode(os.fspath(source))
+    if "\x00" in path:  # os.stat would raise ValueError, not OSError
+        raise AudioNotFoundError(f"{path!r} contains a NUL character, so it cannot name a file; pass a plain file path")
     full = os.path.expanduser(path)
     try:
         st = os.stat(full)  # follows symlinks: what we would actually read
@@ -252,6 +254,9 @@ class _PyAVReader:
             raise _undecodable(src, f"the {container.format.name} file has no audio track")
         self.stream = stream = container.streams.best("audio") or container.streams.audio[0]
         cc = stream.codec_context
+        if cc is None:  # FFmpeg found an audio track but has no decoder for its codec
+            container.close()
+            raise _undecodable(src, f"the {container.format.name} file's audio codec is unknown or unsupported")
         rate, channels = cc.sample_rate or 0, cc.layout.nb_channels if cc.layout else 0
         if not (_MIN_RATE <= rate <= _MAX_RATE and channels >= 1):
             container.close()

@@ -17,6 +17,7 @@ from .errors import InvalidOptionError, ModelLoadError
 SYSTEM_PROMPT = "You are a helpful assistant."
 SPEECH_PLACEHOLDER = "<|startofspeech|>!!<|endofspeech|>"
 _SPEECH_SPLIT = re.compile(r"(<\|startofspeech\|>.*?<\|endofspeech\|>)")
+_SPECIAL_MARKUP = re.compile(r"<\|[^<>|]*\|>")  # <|im_end|>, <|startofspeech|>, ...: tokenized as control tokens
 _HOTWORD_HEADER = (
     "请结合上下文信息，更加准确地完成语音转写任务。如果没有相关信息，我们会留空。\n\n\n**上下文信息：**\n\n\n"
 )
@@ -59,6 +60,12 @@ def clean_hotwords(hotwords: list[str] | str | None) -> list[str]:
         word = "".join(ch for ch in word if unicodedata.category(ch)[0] != "C").strip()
         if not word:
             continue
+        markup = _SPECIAL_MARKUP.search(word)  # would be encoded as ChatML control tokens: a prompt injection
+        if markup:
+            raise InvalidOptionError(
+                f"hotword {word[:40]!r} contains the special-token markup {markup.group()!r}; "
+                "hotwords must be plain words or names"
+            )
         if len(word) > MAX_HOTWORD_CHARS:
             raise InvalidOptionError(
                 f"hotword {word[:20]!r}... is {len(word)} characters; keep each hotword under {MAX_HOTWORD_CHARS}"

@@ -45,6 +45,7 @@ _STORAGE_TYPES: dict[str, tuple[str, np.dtype]] = {
 
 _MAX_PICKLE_BYTES = 256 << 20  # a state dict's data.pkl is ~100 KB; refuse absurd ones before reading
 _READ_CHUNK = 64 << 20
+_MAX_EXPANSION = 2  # tensors may add up to at most this many times the file's size (1x when stored, as torch does)
 
 
 @dataclass
@@ -203,6 +204,8 @@ class _ZipReader:
         # ref: caffe2/serialize/inline_container.cc: the archive name is the first record's top directory
         self.prefix = names[0].split("/", 1)[0]
         self.names = set(names)
+        self.archive_bytes = path.stat().st_size
+        self.storage_bytes = 0  # bytes of storages read so far
 
     def record(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -229,6 +232,15 @@ class _ZipReader:
             raise CheckpointError(
                 f"{self.path}: storage '{name}' of tensor '{tensor_key}' holds {info.file_size} bytes, "
                 f"expected {numel} x {dtype.itemsize} = {nbytes}"
+            )
+        # torch.save stores tensors uncompressed, so they cannot add up to more than the file: a compressed entry
+        # (a zip bomb) or a lying size is refused before its bytes are allocated
+        self.storage_bytes += nbytes
+        if self.storage_bytes > _MAX_EXPANSION * self.archive_bytes + (1 << 20):
+            raise CheckpointError(
+                f"{self.path}: storage '{name}' of tensor '{tensor_key}' would take the tensors to "
+                f"{self.storage_bytes:,} bytes, more than the {self.archive_bytes:,}-byte file can hold (a compressed "
+                "'zip bomb' or a corrupt size); torch checkpoints store tensors uncompressed"
             )
         out = np.empty(nbytes, dtype=np.uint8)  # the only copy: zip entry -> array, in bounded chunks
         try:

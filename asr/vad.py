@@ -98,12 +98,13 @@ class LSTMCell(nn.Module):
         H = h.shape[-1]
         w_hh = np.array(self.weight_hh).T.copy()  # (H, 4H)
         out = np.empty((len(xg), H), np.float32)
-        for t in range(len(xg)):
-            g = xg[t] + h @ w_hh
-            s = 1.0 / (1.0 + np.exp(-g[: 2 * H]))  # input and forget gates
-            c = s[H:] * c + s[:H] * np.tanh(g[2 * H : 3 * H])
-            h = np.tanh(c) / (1.0 + np.exp(-g[3 * H :]))  # output gate * tanh(c)
-            out[t] = h
+        with np.errstate(over="ignore"):  # exp(-g) -> inf for very negative gates: the sigmoid is then exactly 0
+            for t in range(len(xg)):
+                g = xg[t] + h @ w_hh
+                s = 1.0 / (1.0 + np.exp(-g[: 2 * H]))  # input and forget gates
+                c = s[H:] * c + s[:H] * np.tanh(g[2 * H : 3 * H])
+                h = np.tanh(c) / (1.0 + np.exp(-g[3 * H :]))  # output gate * tanh(c)
+                out[t] = h
         return out, h, c
 
 

@@ -76,7 +76,19 @@ def main(argv: Sequence[str] | None = None, *, model_loader: Callable[[], Any] |
         server.run("stdio")
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:
+        if not _client_gone(exc):
+            raise
+        log.info("the client closed the connection; stopping")  # jobs were cancelled by the lifespan's exit
     log.info("funasr-nano-mcp stopped")
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """A broken pipe or reset on stdout (possibly inside task-group exception groups): the client is gone."""
+    inner = getattr(exc, "exceptions", None)  # (Base)ExceptionGroup, also the Python 3.10 backport
+    if inner:
+        return all(_client_gone(e) for e in inner)
+    return isinstance(exc, (BrokenPipeError, ConnectionResetError))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from .worker import Engine, EngineUnavailable, Job, Model
 log = logging.getLogger(__name__)
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # -60 dBFS: below this the clip holds nothing to transcribe
+STREAM_ABOVE_S = 600.0  # = asr.model.STREAM_ABOVE_S (not imported: that would load MLX at server import)
 MAX_HOTWORDS = 100
 POLL_S = 0.05
 HEARTBEAT_S = 2.0
@@ -276,8 +277,28 @@ def _check_options(state: AppState, language: str, hotwords: list[str] | None) -
         raise ToolError(f"Too many hotwords ({len(hotwords)}); pass at most {MAX_HOTWORDS} of the rarest terms.")
 
 
-def _decode(state: AppState, path: Path) -> Any:
-    """Probe, check the duration cap, decode to 16 kHz mono, and refuse silence (runs in a thread)."""
+@dataclass(frozen=True)
+class LongAudio:
+    """A long file handed to the model by path, so that it streams it in blocks (bounded memory) instead of
+    the server holding every sample; the model's VAD then decides whether it holds speech."""
+
+    path: str
+    duration_s: float
+    warnings: tuple[str, ...] = ()
+
+
+def _model_input(audio: Any) -> Any:
+    """What the model's `transcribe` gets: the path of a long file, else the decoded `Audio`."""
+    return audio.path if isinstance(audio, LongAudio) else audio
+
+
+def _decode(state: AppState, path: Path, *, stream_long: bool = True) -> Any:
+    """Probe, check the duration cap, decode to 16 kHz mono, and refuse silence (runs in a thread).
+
+    A file longer than STREAM_ABOVE_S (per its header) is not decoded here when `stream_long`: a `LongAudio`
+    carries its path to the model, which reads it twice in blocks (see asr.model.transcribe). Silence in such a
+    file comes back as an empty transcript with the model's "no speech detected" warning.
+    """
     s = state.settings
     info = state.audio.probe(str(path))
     duration = getattr(info, "duration_s", None)
@@ -286,6 +307,8 @@ def _decode(state: AppState, path: Path) -> Any:
             f"the audio lasts {_fmt_duration(duration)}, over this server's {_fmt_duration(s.max_duration_s)} limit "
             "(--max-duration-s); split it into shorter parts"
         )
+    if stream_long and duration is not None and duration > STREAM_ABOVE_S:
+        return LongAudio(path=str(path), duration_s=float(duration))
     audio = state.audio.load_audio(str(path), max_bytes=s.max_file_bytes, max_duration_s=s.max_duration_s)
     samples = np.asarray(audio.samples)
     if samples.size == 0 or audio.duration_s <= 0:
@@ -305,8 +328,10 @@ def _fmt_duration(seconds: float) -> str:
 
 
 async def _decode_async(state: AppState, path: Path, source: str, *, downloaded: bool = False) -> Any:
+    # a download is deleted when its call returns, before the job runs: it is always decoded here
     try:
-        return await anyio.to_thread.run_sync(lambda: _decode(state, path), abandon_on_cancel=True,
+        return await anyio.to_thread.run_sync(lambda: _decode(state, path, stream_long=not downloaded),
+                                              abandon_on_cancel=True,
                                               limiter=state.decode_limiter)
     except ASRError as exc:
         message = str(exc)
@@ -464,7 +489,7 @@ def create_server(
             raise ToolError(str(exc)) from None
         decode_start = time.monotonic()
         audio = await _decode_async(state, checked.path, path)
-        job = Job(source=path, audio=audio, duration_s=float(audio.duration_s), language=language,
+        job = Job(source=path, audio=_model_input(audio), duration_s=float(audio.duration_s), language=language,
                   hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
                   warnings=list(getattr(audio, "warnings", None) or []))
         await _submit(state, job)
