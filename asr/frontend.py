@@ -97,21 +97,21 @@ def num_frames(num_samples: int, cfg: FrontendConfig = FrontendConfig()) -> int:
 
 
 def fbank(samples: mx.array, cfg: FrontendConfig = FrontendConfig()) -> mx.array:
-    """Log mel filterbank [T, n_mels] of float samples in [-1, 1] (16 kHz mono)."""
+    """Log mel filterbank [T, n_mels] of float samples in [-1, 1] (16 kHz mono); [B, N] samples give [B, T, n_mels]."""
     x = samples.astype(mx.float32) * cfg.upscale
-    t = num_frames(x.shape[0], cfg)
+    t = num_frames(x.shape[-1], cfg)
     if t == 0:
-        raise ValueError(f"audio of {x.shape[0]} samples is shorter than one {cfg.frame_length_ms} ms frame")
+        raise ValueError(f"audio of {x.shape[-1]} samples is shorter than one {cfg.frame_length_ms} ms frame")
     idx = mx.arange(t)[:, None] * cfg.window_shift + mx.arange(cfg.window_size)[None, :]
-    frames = x[idx]                                                    # [T, 400]
-    frames = frames - mx.mean(frames, axis=1, keepdims=True)           # remove DC offset
-    prev = mx.concatenate([frames[:, :1], frames[:, :-1]], axis=1)     # pre-emphasis, y[0] = x[0] - a*x[0]
+    frames = mx.take(x, idx, axis=-1)                                  # [..., T, 400]
+    frames = frames - mx.mean(frames, axis=-1, keepdims=True)          # remove DC offset
+    prev = mx.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)  # pre-emphasis, y[0] = x[0] - a*x[0]
     frames = frames - cfg.preemphasis * prev
     frames = frames * _window(cfg)
     pad = cfg.padded_window_size - cfg.window_size
-    frames = mx.pad(frames, [(0, 0), (0, pad)])
-    spec = mx.fft.rfft(frames, axis=1)
-    power = mx.square(mx.real(spec)) + mx.square(mx.imag(spec))       # [T, 257]
+    frames = mx.pad(frames, [(0, 0)] * (frames.ndim - 1) + [(0, pad)])
+    spec = mx.fft.rfft(frames, axis=-1)
+    power = mx.square(mx.real(spec)) + mx.square(mx.imag(spec))       # [..., T, 257]
     mel = power @ mel_banks(cfg)
     return mx.log(mx.maximum(mel, np.finfo(np.float32).eps))
 
@@ -132,6 +132,21 @@ def lfr(feats: mx.array, m: int = 7, n: int = 6) -> mx.array:
 def features(samples: mx.array, cfg: FrontendConfig = FrontendConfig()) -> mx.array:
     """Encoder input features [L, 560] for one utterance."""
     return lfr(fbank(samples, cfg), cfg.lfr_m, cfg.lfr_n)
+
+
+def features_batch(samples: list[mx.array], cfg: FrontendConfig = FrontendConfig()) -> list[mx.array]:
+    """`features` of several utterances in one pass (one set of kernels instead of one per utterance).
+
+    The waveforms are zero-padded to a common length: every fbank frame depends only on its own 400 samples, so
+    the first T_i frames of row i equal `fbank` of utterance i alone; LFR then runs on each utterance's frames.
+    """
+    lengths = [int(s.shape[0]) for s in samples]
+    if any(num_frames(n, cfg) == 0 for n in lengths):
+        raise ValueError(f"an utterance is shorter than one {cfg.frame_length_ms} ms frame")
+    longest = max(lengths)
+    batch = mx.stack([mx.pad(s.astype(mx.float32), (0, longest - n)) for s, n in zip(samples, lengths, strict=True)])
+    fb = fbank(batch, cfg)
+    return [lfr(fb[i, : num_frames(n, cfg)], cfg.lfr_m, cfg.lfr_n) for i, n in enumerate(lengths)]
 
 
 def audio_token_count(num_lfr_frames: int) -> int:

@@ -19,6 +19,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from .errors import ModelLoadError, TranscriptionCancelled
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
+CACHE_STEP = 128  # the fast decoder's KV cache grows by this many positions (each size is compiled once)
+FAST_DECODE = True  # False: step through mlx-lm's own model and cache (A/B switch for benchmarks)
+COMPILE_DECODE: bool | None = None  # None: compile the fast step on GPUs only (A/B switch for benchmarks)
 
 
 class HFRoPE(nn.Module):
@@ -89,37 +92,10 @@ def greedy_decode(
     y = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
     mx.eval(y)
     prefill_s = time.perf_counter() - t0
-
-    def step(tok: mx.array) -> mx.array:
-        return mx.argmax(model(tok[:, None], cache=cache)[:, -1, :], axis=-1).astype(mx.int32)
-
-    tokens: list[int] = []
-    finish = "length"
+    step = _stepper(model, cache, prompt_len, [0])
     t1 = time.perf_counter()
-    cur = y
-    while len(tokens) < max_new_tokens:
-        if cancel is not None and cancel.is_set():
-            raise TranscriptionCancelled("transcription cancelled")
-        seq = [cur]
-        for _ in range(min(SYNC_EVERY, max_new_tokens - len(tokens)) - 1):
-            seq.append(step(seq[-1]))
-        mx.eval(seq)
-        stop = None
-        for tok in mx.concatenate(seq).tolist():
-            if tok in eos_ids:
-                stop = "stop"
-                break
-            tokens.append(tok)
-            if repetition_guard and (keep := find_loop(tokens)) is not None:
-                del tokens[keep:]
-                stop = "repetition"
-                break
-        if stop is not None:
-            finish = stop
-            break
-        cur = step(seq[-1])
-    decode_s = time.perf_counter() - t1
-    return DecodeResult(tokens=tokens, finish_reason=finish, prefill_s=prefill_s, decode_s=decode_s,
+    (tokens,), (finish,) = _decode_loop(step, y, 1, eos_ids, max_new_tokens, cancel, repetition_guard)
+    return DecodeResult(tokens=tokens, finish_reason=finish, prefill_s=prefill_s, decode_s=time.perf_counter() - t1,
                         prompt_tokens=prompt_len)
 
 
@@ -185,42 +161,199 @@ def greedy_decode_batch(
     mx.eval(cur)
     prefill_s = time.perf_counter() - t0
 
-    def step(tok: mx.array) -> mx.array:
-        return mx.argmax(model(tok[:, None], cache=cache)[:, -1, :], axis=-1).astype(mx.int32)
-
-    outs = [DecodeResult(tokens=[], finish_reason="length", prefill_s=prefill_s, decode_s=0.0, prompt_tokens=n)
-            for n in lengths]
-    active = set(range(B))
+    step = _stepper(model, cache, P, [P - n for n in lengths])
     t1 = time.perf_counter()
-    produced = 0
+    tokens, finish = _decode_loop(step, cur, B, eos_ids, max_new_tokens, cancel, repetition_guard)
+    decode_s = time.perf_counter() - t1
+    return [DecodeResult(tokens=t, finish_reason=f, prefill_s=prefill_s, decode_s=decode_s, prompt_tokens=n)
+            for t, f, n in zip(tokens, finish, lengths, strict=True)]
+
+
+# --- the decode loop -------------------------------------------------------------------------------------
+def _decode_loop(step, first: mx.array, batch: int, eos_ids: set[int], max_new_tokens: int,
+                 cancel: threading.Event | None, repetition_guard: bool) -> tuple[list[list[int]], list[str]]:
+    """Run `step` (tokens [B] -> next tokens [B], lazily) from `first`, reading tokens back every SYNC_EVERY steps.
+
+    Each step is handed to the device as soon as it is built (async_eval), so the device works while Python
+    builds the next one; the host waits only at a sync. Steps past a row's stop are computed but dropped.
+    """
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    finish = ["length"] * batch
+    active = set(range(batch))
+    cur, produced = first, 0
     while active and produced < max_new_tokens:
         if cancel is not None and cancel.is_set():
             raise TranscriptionCancelled("transcription cancelled")
         seq = [cur]
+        mx.async_eval(cur)
         for _ in range(min(SYNC_EVERY, max_new_tokens - produced) - 1):
             seq.append(step(seq[-1]))
-        mx.eval(seq)
-        block = mx.stack(seq, axis=1).tolist()  # [B, k]
+            mx.async_eval(seq[-1])
+        block = mx.stack(seq, axis=1).tolist()  # [B, k]: the one host sync of this block
         produced += len(seq)
-        for b in list(active):
-            res = outs[b]
+        for b in sorted(active):
+            out = tokens[b]
             for tok in block[b]:
                 if tok in eos_ids:
-                    res.finish_reason = "stop"
-                    active.discard(b)
+                    finish[b] = "stop"
                     break
-                res.tokens.append(tok)
-                if repetition_guard and (keep := find_loop(res.tokens)) is not None:
-                    del res.tokens[keep:]
-                    res.finish_reason = "repetition"
-                    active.discard(b)
+                out.append(tok)
+                if repetition_guard and (keep := find_loop(out)) is not None:
+                    del out[keep:]
+                    finish[b] = "repetition"
                     break
-                if len(res.tokens) >= max_new_tokens:
-                    active.discard(b)
+                if len(out) >= max_new_tokens:
                     break
-        if active:
+            if finish[b] != "length" or len(out) >= max_new_tokens:
+                active.discard(b)
+        if active and produced < max_new_tokens:
             cur = step(seq[-1])
-    decode_s = time.perf_counter() - t1
-    for r in outs:
-        r.decode_s = decode_s
-    return outs
+    return tokens, finish
+
+
+def _stepper(model, cache: list, prompt_slots: int, left_pad: list[int]):
+    """A decode step function for `model` after prefill into the mlx-lm `cache`.
+
+    mlx-lm Qwen3 models get the fixed-shape fast path (FastDecoder); anything else that follows the mlx-lm
+    call convention (tests wrap the model) is stepped through its own __call__ and cache.
+    """
+    if FAST_DECODE and isinstance(model, qwen3.Model):
+        return FastDecoder.of(model).start(cache, prompt_slots, left_pad)
+
+    def step(tok: mx.array) -> mx.array:
+        return mx.argmax(model(tok[:, None], cache=cache)[:, -1, :], axis=-1).astype(mx.int32)
+
+    return step
+
+
+# --- fixed-shape decode steps ----------------------------------------------------------------------------
+class _FusedLinear:
+    """Several bias-free linear layers on the same input as one matmul (q|k|v, gate|up).
+
+    The fused weights are built once; the original layers' parameters are replaced by row slices of them
+    (views: no extra memory), so the mlx-lm modules (prefill, teacher forcing) keep working unchanged.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        first = layers[0]
+        self.quantized = isinstance(first, nn.QuantizedLinear)
+        if any("bias" in m for m in layers) or any(type(m) is not type(first) for m in layers):
+            raise TypeError("only bias-free layers of one kind can be fused")
+        names = [k for k in ("weight", "scales", "biases") if k in first]
+        if self.quantized:
+            self.group_size, self.bits, self.mode = first.group_size, first.bits, first.mode
+        self.params = {k: mx.concatenate([m[k] for m in layers], axis=0) for k in names}
+        mx.eval(self.params)
+        self.sizes = [int(m["weight"].shape[0]) for m in layers]
+        offset = 0
+        for m, n in zip(layers, self.sizes, strict=True):
+            for k in names:
+                setattr(m, k, self.params[k][offset: offset + n])
+            offset += n
+        mx.eval([m.parameters() for m in layers])
+
+    def __call__(self, x: mx.array) -> mx.array:
+        p = self.params
+        if self.quantized:
+            return mx.quantized_matmul(x, p["weight"], scales=p["scales"], biases=p.get("biases"), transpose=True,
+                                       group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return x @ p["weight"].T
+
+
+class FastDecoder:
+    """Greedy decode steps for an mlx-lm Qwen3 with fixed shapes, so that one compiled graph serves every step.
+
+    - q/k/v and gate/up are fused into one matmul each (4 matmuls a layer instead of 7);
+    - the KV cache is preallocated (CACHE_STEP positions at a time) and written with `slice_update` at a
+      position held in an array; attention reads the whole cache under a mask, so shapes do not change
+      from one step to the next;
+    - on a GPU (Metal or CUDA) the step is `mx.compile`d: elementwise work is fused and the graph is traced once
+      per (batch, cache size) instead of rebuilt op by op in Python each step. The CPU keeps the plain step
+      (MLX compiles CPU kernels with the system C++ compiler, which may be absent).
+    Tokens equal mlx-lm's own step (same layers, same cache contents; masked positions add exact zeros).
+    """
+
+    @classmethod
+    def of(cls, model: qwen3.Model) -> FastDecoder:
+        """The model's decoder, built on first use (kept on the model as a plain attribute, not a parameter)."""
+        dec = getattr(model, "_fast_decoder", None)
+        if dec is None:
+            dec = cls(model)
+            model._fast_decoder = dec
+        return dec
+
+    def __init__(self, model: qwen3.Model):
+        self.model = model
+        self.fused = [(_FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                       _FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in model.model.layers]
+        compile_ = COMPILE_DECODE if COMPILE_DECODE is not None else mx.default_device().type == mx.gpu
+        self._step = mx.compile(self._forward) if compile_ else self._forward
+
+    def start(self, cache: list, prompt_slots: int, left_pad: list[int]):
+        """Copy an mlx-lm prefill cache into fixed-size buffers; return a step function tokens [B] -> [B]."""
+        kv = []
+        for c in cache:
+            keys, values = c.keys[..., :prompt_slots, :], c.values[..., :prompt_slots, :]
+            kv.append([_grow(keys, _round_up(prompt_slots + 1)), _grow(values, _round_up(prompt_slots + 1))])
+        # the position lives on the device and is advanced by the step itself (no host->device copy per token)
+        state = {"kv": kv, "slot": prompt_slots, "at": mx.array(prompt_slots, dtype=mx.int32)}
+        pad = mx.array(left_pad, dtype=mx.int32)
+
+        def step(tok: mx.array) -> mx.array:
+            slot = state["slot"]
+            if slot >= state["kv"][0][0].shape[2]:
+                state["kv"] = [[_grow(k, slot + CACHE_STEP), _grow(v, slot + CACHE_STEP)] for k, v in state["kv"]]
+            nxt, state["kv"], state["at"] = self._step(tok, state["at"], pad, state["kv"])
+            state["slot"] = slot + 1
+            return nxt
+
+        return step
+
+    def _forward(self, tok: mx.array, slot: mx.array, left_pad: mx.array, kv: list) -> tuple[mx.array, list, mx.array]:
+        """One step: tokens [B] at cache position `slot` (row b's RoPE position is slot - left_pad[b]).
+
+        Returns the next tokens, the updated caches and slot + 1.
+
+        Activations stay 2-D [B, features] so every projection is one plain [B, K] x [K, N] product: a [B, 1, K]
+        input makes MLX run B separate M=1 products (slow for quantized weights on CUDA at small B, and a weight
+        copy per call on the CPU).
+        """
+        from mlx_lm.models.activations import swiglu
+
+        m = self.model.model
+        x = m.embed_tokens(tok)  # [B, D]
+        B = x.shape[0]
+        cap = kv[0][0].shape[2]
+        pos = mx.arange(cap)
+        mask = ((pos[None] >= left_pad[:, None]) & (pos[None] <= slot))[:, None, None, :]  # [B, 1, 1, cap]
+        rope_pos = slot - left_pad
+        at = slot.reshape(1)
+        new_kv = []
+        for layer, (qkv, gate_up), (k_cache, v_cache) in zip(m.layers, self.fused, kv, strict=True):
+            a = layer.self_attn
+            nq, nk = qkv.sizes[0], qkv.sizes[1]
+            q, k, v = mx.split(qkv(layer.input_layernorm(x)), [nq, nq + nk], axis=-1)
+            # [B, H*hd] -> [B, H, 1, hd] is a reshape when the sequence length is 1
+            q = a.rope(a.q_norm(q.reshape(B, a.n_heads, 1, -1)), offset=rope_pos)
+            k = a.rope(a.k_norm(k.reshape(B, a.n_kv_heads, 1, -1)), offset=rope_pos)
+            v = v.reshape(B, a.n_kv_heads, 1, -1)
+            k_cache = mx.slice_update(k_cache, k.astype(k_cache.dtype), at, axes=(2,))
+            v_cache = mx.slice_update(v_cache, v.astype(v_cache.dtype), at, axes=(2,))
+            o = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=a.scale, mask=mask)
+            x = x + a.o_proj(o.reshape(B, -1))
+            gate, up = mx.split(gate_up(layer.post_attention_layernorm(x)), 2, axis=-1)
+            x = x + layer.mlp.down_proj(swiglu(gate, up))
+            new_kv.append([k_cache, v_cache])
+        h = m.norm(x)
+        logits = m.embed_tokens.as_linear(h) if self.model.args.tie_word_embeddings else self.model.lm_head(h)
+        return mx.argmax(logits, axis=-1).astype(mx.int32), new_kv, slot + 1
+
+
+def _round_up(n: int) -> int:
+    return -(-n // CACHE_STEP) * CACHE_STEP
+
+
+def _grow(a: mx.array, size: int) -> mx.array:
+    """`a` [B, H, T, D] zero-padded along T to `size` (rounded up to CACHE_STEP)."""
+    extra = _round_up(size) - a.shape[2]
+    return a if extra <= 0 else mx.concatenate([a, mx.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype)], axis=2)
