@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-itn", action="store_true", help="ask for verbatim text without inverse text normalisation")
     t.add_argument("-f", "--format", choices=FORMATS, default="txt", help="output format")
     t.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
-    t.add_argument("--dtype", default="bfloat16", help="LLM compute dtype: bfloat16, float32, float16")
+    t.add_argument("--dtype", default="auto", help="LLM compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32, float16")
     t.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")
     t.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment")
     t.add_argument("--variant", choices=("nano", "mlt"), help="override the detected model variant")

@@ -27,7 +27,7 @@ from .adaptor import Adaptor, AdaptorConfig
 from .audio import SAMPLE_RATE
 from .encoder import EncoderConfig, SenseVoiceEncoder
 from .errors import CheckpointError, InvalidOptionError, ModelLoadError, TranscriptionCancelled
-from .frontend import FrontendConfig, audio_token_count, features
+from .frontend import FrontendConfig, audio_token_count, features, features_batch
 from .llm import build_llm, greedy_decode, greedy_decode_batch
 from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .types import Language, Segment, Timings, TranscriptionResult
@@ -320,7 +320,10 @@ class FunASRNano:
     def _decode_batch(self, pieces: list[_Piece], ids: PromptIds, max_new_tokens: int, repetition_guard: bool,
                       cancel: threading.Event | None, t: dict, timestamps: bool = False) -> None:
         t0 = time.perf_counter()
-        feats = [self.features(p.samples) for p in pieces]
+        if len(pieces) == 1:
+            feats = [self.features(pieces[0].samples)]
+        else:
+            feats = features_batch([mx.array(p.samples) for p in pieces], self.cfg.frontend)
         mx.eval(feats)
         t["features_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -546,6 +549,10 @@ def _language_of(lang: Language | None, text: str, variant: str) -> tuple[str | 
 # --- loading -------------------------------------------------------------------------------------------
 def _normalize_dtype(dtype: str) -> str:
     d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if d == "auto":
+        # bf16 halves memory and is fast on GPUs; MLX's CPU backend has no fast bf16 kernels (bf16 decoding is
+        # ~2x and prefill ~14x slower than fp32 there, docs/performance.md), so CPUs compute in fp32
+        return "float32" if mx.default_device() == mx.cpu else "bfloat16"
     if d not in DTYPES:
         raise InvalidOptionError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     return d
@@ -563,7 +570,7 @@ def _detect_variant(name: str, explicit: str | None) -> str:
 def load_model(
     path_or_repo: str | None = None,
     *,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     quantize: int | None = None,
     variant: str | None = None,
     encoder_dtype: str = "float32",
@@ -571,7 +578,8 @@ def load_model(
 ) -> FunASRNano:
     """Load a model from an official directory, a Hugging Face repo id, or a converted directory.
 
-    dtype: the LLM's compute dtype (bfloat16 default; float32 for parity). encoder_dtype: the audio encoder's
+    dtype: the LLM's compute dtype: "auto" (bfloat16 on a GPU, float32 on a CPU, where MLX has no fast bf16
+    kernels), "bfloat16", "float32" (the parity dtype) or "float16". encoder_dtype: the audio encoder's
     (float32 default; bfloat16 is faster on GPUs; never float16, whose range the adaptor overflows).
     quantize: 4 or 8 to quantize the LLM's linear layers and embeddings (cached after the first time).
     """

@@ -17,7 +17,7 @@ def test_defaults_are_safe():
     assert s.allowed_roots == (Path.home(),) and not s.allow_hidden
     assert s.url_policy == "public" and s.url_allow_hosts == ()
     assert s.client_roots == "narrow" and s.call_budget_s == 45 and s.queue_size == 16
-    assert s.model is None and s.quantize is None and s.dtype == "bfloat16"
+    assert s.model is None and s.quantize is None and s.dtype == "auto"
 
 
 def test_environment_and_flags(tmp_path):

@@ -35,7 +35,7 @@ def text_of(result) -> str:
     return "\n".join(c.text for c in result.content if c.type == "text")
 
 
-async def call_every_tool(client: Client, port: int, *, expect_text: str | None,
+async def call_every_tool(client: Client, port: int, *, expect_text: str | None, expect_dtype: str,
                           language: str = "en") -> TranscriptionOutput:
     tools = (await client.list_tools()).tools
     assert {t.name for t in tools} == TOOLS
@@ -61,7 +61,7 @@ async def call_every_tool(client: Client, port: int, *, expect_text: str | None,
         assert out.language_source in ("detected", "unknown")
         assert (out.language_method is not None) == (out.language_source == "detected")
     assert out.duration_s == pytest.approx(11.0, abs=0.01)
-    assert out.model.variant == "nano" and out.model.dtype == "bfloat16"
+    assert out.model.variant == "nano" and out.model.dtype == expect_dtype
     assert out.timings.processing_s > 0 and out.timings.real_time_factor > 0
     assert isinstance(out.text, str)
     if expect_text is not None:
@@ -111,7 +111,8 @@ async def test_stdio_with_fake_model(tmp_path, mode):
                     (await client.call_tool("server_status", {})).structured_content)
                 assert status.model_state in ("starting", "loading")  # the handshake did not wait for it
                 assert time.monotonic() - start < 10
-                await call_every_tool(client, port, expect_text="fake transcript of 11.00 seconds")
+                await call_every_tool(client, port, expect_text="fake transcript of 11.00 seconds",
+                                      expect_dtype="bfloat16")
     logged = errlog.read_text()
     assert "fake model: stray stdout while loading" in logged  # diverted to stderr, not the wire
     assert "fake transcript" not in logged  # logs never hold transcripts
@@ -146,7 +147,8 @@ async def test_stdio_console_script_with_tiny_model(tmp_path, tiny_model):
         with anyio.fail_after(120):
             async with Client(stdio_client(_params(command, pre, env), errlog=err), mode="legacy") as client:
                 # random weights: 'auto' lets the repetition guard end the garbage early (faster than 'en')
-                out = await call_every_tool(client, port, expect_text=None, language="auto")
+                out = await call_every_tool(client, port, expect_text=None, language="auto",
+                                            expect_dtype="float32")  # dtype auto: fp32 on a CPU
     assert out.model.name.endswith("Fun-ASR-Nano-tiny") and out.timings.generated_tokens > 0
     logged = errlog.read_text()
     assert "ready after" in logged
