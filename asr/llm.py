@@ -88,7 +88,7 @@ def greedy_decode(
     prompt_len = embeds.shape[1]
     t0 = time.perf_counter()
     dummy = mx.zeros((1, prompt_len), dtype=mx.int32)
-    logits = model(dummy, cache=cache, input_embeddings=embeds)
+    logits = last_logits(model, dummy, cache, embeds)
     y = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
     mx.eval(y)
     prefill_s = time.perf_counter() - t0
@@ -97,6 +97,20 @@ def greedy_decode(
     (tokens,), (finish,) = _decode_loop(step, y, 1, eos_ids, max_new_tokens, cancel, repetition_guard)
     return DecodeResult(tokens=tokens, finish_reason=finish, prefill_s=prefill_s, decode_s=time.perf_counter() - t1,
                         prompt_tokens=prompt_len)
+
+
+def last_logits(model, dummy: mx.array, cache, embeds: mx.array) -> mx.array:
+    """Prefill: run the prompt into `cache`; logits of the last position only, [B, 1, V].
+
+    The LM head (151936 x 1024) is applied to one row, not to every prompt position: for a 46-token prompt that
+    saves ~7 GFLOP and a [B, P, 151936] fp32 buffer (~200 MB at batch 4 with 30 s segments).
+    """
+    if not isinstance(model, qwen3.Model):  # a wrapped model (tests) keeps its own call
+        return model(dummy, cache=cache, input_embeddings=embeds)[:, -1:, :]
+    h = model.model(dummy, cache, embeds)[:, -1:, :]
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
 
 
 def teacher_forced_logits(model: qwen3.Model, embeds: mx.array, token_ids: list[int]) -> mx.array:
@@ -156,7 +170,7 @@ def greedy_decode_batch(
                        for p, n in zip(prompts, lengths, strict=True)])
     cache = [BatchKVCache([P - n for n in lengths]) for _ in model.layers]
     t0 = time.perf_counter()
-    logits = model(mx.zeros((B, P), dtype=mx.int32), cache=cache, input_embeddings=padded)
+    logits = last_logits(model, mx.zeros((B, P), dtype=mx.int32), cache, padded)
     cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
     mx.eval(cur)
     prefill_s = time.perf_counter() - t0
