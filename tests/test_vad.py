@@ -58,6 +58,8 @@ def onnx_session():
         try:
             path = fetch.official_onnx()
         except Exception as exc:  # no network / pip: cannot obtain the reference
+            if os.environ.get("CI"):
+                raise
             pytest.skip(f"official silero_vad.onnx unavailable ({exc}); set SILERO_VAD_ONNX or allow download")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
@@ -139,7 +141,12 @@ def test_asset_is_the_pinned_official_weights():
 def test_fetch_tool_reproduces_the_asset():
     wheel = fetch.CACHE / fetch.WHEEL_NAME
     if not wheel.is_file():
-        pytest.skip(f"{wheel} not cached (python -m tools.fetch_silero_weights downloads it)")
+        try:
+            fetch.download_wheel(fetch.CACHE)
+        except Exception as exc:  # no network: only CI insists
+            if os.environ.get("CI"):
+                raise
+            pytest.skip(f"{wheel} not cached and not downloadable ({exc})")
     weights, licence = fetch.build_assets(wheel)
     assert weights == DEFAULT_WEIGHTS.read_bytes()
     assert licence == (DEFAULT_WEIGHTS.parent / "SILERO_VAD_LICENSE").read_text(encoding="utf-8")
