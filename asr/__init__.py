@@ -27,7 +27,7 @@ __all__ = [
 
 
 def load_model(*args, **kwargs):
-    """Load a Fun-ASR-Nano model; see `asr.model.load_model`."""
-    from .model import load_model as _load
+    """Load a Fun-ASR-Nano model; see `asr.load.load_model`."""
+    from .load import load_model as _load
 
     return _load(*args, **kwargs)

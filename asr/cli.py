@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             note = f"  ({lang.note})" if lang.note else ""
             print(f"{lang.code:5} {lang.name:24} {lang.prompt_name}{note}")
         return 0
-    from .model import load_model
+    from .load import load_model
 
     try:
         model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant)

@@ -1,4 +1,4 @@
-"""Fun-ASR-Nano on MLX: the network, loading, and `transcribe`.
+"""Fun-ASR-Nano on MLX: a loaded model and `transcribe` (segments, batching, results).
 
 Pipeline (ref: funasr/models/fun_asr_nano/model.py::inference / inference_prepare / inference_llm):
 audio -> fbank+LFR (frontend.py) -> SAN-M encoder (encoder.py) -> adaptor (adaptor.py) -> first ceil(L/8)
@@ -7,211 +7,29 @@ rows spliced into the ChatML prompt (prompt.py) -> Qwen3 greedy decoding (llm.py
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from . import checkpoint as ckpt
 from . import languages as langs
-from .adaptor import Adaptor, AdaptorConfig
 from .audio import SAMPLE_RATE
-from .encoder import EncoderConfig, SenseVoiceEncoder
-from .errors import CheckpointError, InvalidOptionError, ModelLoadError, TranscriptionCancelled
-from .frontend import FrontendConfig, audio_token_count, features, features_batch
-from .llm import build_llm, greedy_decode, greedy_decode_batch
+from .errors import InvalidOptionError, TranscriptionCancelled
+from .frontend import audio_token_count, features, features_batch
+from .llm import greedy_decode, greedy_decode_batch
+from .network import DTYPES, FunASRNanoNet, ModelConfig
 from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .types import Language, Segment, Timings, TranscriptionResult
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "f32": "float32", "f16": "float16"}
 MAX_NEW_TOKENS_LIMIT = 4096
-# bounds on what a config may declare (the released models: encoder 50 blocks, LLM 28 layers, width <= 3072)
-_MAX_LAYERS, _MAX_DIM, _MAX_HEADS, _MAX_VOCAB = 512, 1 << 16, 1024, 1 << 21
-
 ProgressFn = Callable[[float, float, str], None]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    variant: str
-    frontend: FrontendConfig
-    encoder: EncoderConfig
-    adaptor: AdaptorConfig
-    llm: dict
-    ctc: AdaptorConfig | None = None
-    ctc_vocab_size: int = 60515
-    rope_bf16: bool = True  # the reference casts the LLM (and its RoPE inv_freq buffer) to llm_conf.llm_dtype
-
-    @classmethod
-    def from_official(cls, oc: ckpt.OfficialConfig, variant: str) -> ModelConfig:
-        y = oc.yaml
-        try:
-            fe = FrontendConfig.from_dict(y.get("frontend_conf") or {})
-            enc = EncoderConfig.from_dict(y["audio_encoder_conf"], input_size=fe.feature_dim)
-            llm_dim = int(oc.llm_config["hidden_size"])
-            ada = AdaptorConfig.from_dict(y["audio_adaptor_conf"], encoder_dim=enc.output_size, llm_dim=llm_dim)
-            ctc = None
-            if y.get("ctc_decoder") == "Transformer":
-                ctc = AdaptorConfig.from_dict(y.get("ctc_decoder_conf") or {}, encoder_dim=enc.output_size,
-                                              llm_dim=(y.get("ctc_decoder_conf") or {}).get("llm_dim", 512))
-            ctc_vocab_size = int(y.get("ctc_vocab_size", 60515))
-        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:  # e.g. a list for a section
-            raise CheckpointError(f"config.yaml: {exc}") from exc
-        if not y["audio_adaptor_conf"].get("use_low_frame_rate", True):
-            raise CheckpointError("config.yaml: use_low_frame_rate false is not supported")
-        return cls(variant=variant, frontend=fe, encoder=enc, adaptor=ada, llm=oc.llm_config, ctc=ctc,
-                   ctc_vocab_size=ctc_vocab_size,
-                   rope_bf16=str(y["llm_conf"].get("llm_dtype", "fp32")) == "bf16")._checked("config.yaml")
-
-    def to_json(self) -> dict:
-        return {"format": "funasr-nano-mlx", "version": ckpt.FORMAT_VERSION, "variant": self.variant,
-                "frontend": asdict(self.frontend), "encoder": asdict(self.encoder), "adaptor": asdict(self.adaptor),
-                "llm": self.llm, "ctc": asdict(self.ctc) if self.ctc else None, "ctc_vocab_size": self.ctc_vocab_size,
-                "rope_bf16": self.rope_bf16}
-
-    @classmethod
-    def from_json(cls, d: dict) -> ModelConfig:
-        if not isinstance(d, dict) or d.get("format") != "funasr-nano-mlx" or d.get("version") != ckpt.FORMAT_VERSION:
-            what = f"{d.get('format')}/{d.get('version')}" if isinstance(d, dict) else f"a JSON {type(d).__name__}"
-            raise CheckpointError(f"{ckpt.MLX_CONFIG}: unknown format/version {what}; convert the official model again")
-        try:
-            cfg = cls(variant=d["variant"], frontend=FrontendConfig(**d["frontend"]),
-                      encoder=EncoderConfig(**d["encoder"]), adaptor=AdaptorConfig(**d["adaptor"]), llm=d["llm"],
-                      ctc=AdaptorConfig(**d["ctc"]) if d.get("ctc") else None,
-                      ctc_vocab_size=int(d.get("ctc_vocab_size", 60515)), rope_bf16=bool(d.get("rope_bf16", True)))
-        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
-            raise CheckpointError(f"{ckpt.MLX_CONFIG} is incomplete: {exc}") from exc
-        return cfg._checked(ckpt.MLX_CONFIG)
-
-    def _checked(self, where: str) -> ModelConfig:
-        """Refuse sizes no Fun-ASR-Nano model has, before any module is built: modules are created eagerly
-        (only their weights are lazy), so a config declaring a million layers would exhaust memory (and a 2**40
-        width would overflow MLX) before the strict shape check could refuse it."""
-        if not isinstance(self.llm, dict):
-            raise CheckpointError(f"{where}: the LLM config is not a JSON object")
-        sizes: list = []
-        for key, hi in (("num_hidden_layers", _MAX_LAYERS), ("hidden_size", _MAX_DIM), ("intermediate_size", _MAX_DIM),
-                        ("num_attention_heads", _MAX_HEADS), ("num_key_value_heads", _MAX_HEADS),
-                        ("head_dim", _MAX_DIM), ("vocab_size", _MAX_VOCAB)):
-            if key in self.llm:
-                sizes.append((f"LLM config.json {key}", self.llm[key], 1, hi))
-        e, fe = self.encoder, self.frontend
-        sizes += [("audio_encoder_conf.num_blocks", e.num_blocks, 1, _MAX_LAYERS),
-                  ("audio_encoder_conf.tp_blocks", e.tp_blocks, 0, _MAX_LAYERS),
-                  ("audio_encoder_conf.output_size", e.output_size, 1, _MAX_DIM),
-                  ("audio_encoder_conf.linear_units", e.linear_units, 1, _MAX_DIM),
-                  ("audio_encoder_conf.attention_heads", e.attention_heads, 1, _MAX_HEADS),
-                  ("audio_encoder_conf.kernel_size", e.kernel_size, 1, _MAX_HEADS),
-                  ("frontend_conf.n_mels", fe.n_mels, 1, _MAX_HEADS), ("frontend_conf.lfr_m", fe.lfr_m, 1, 64),
-                  ("frontend_conf.lfr_n", fe.lfr_n, 1, 64), ("ctc_vocab_size", self.ctc_vocab_size, 1, _MAX_VOCAB)]
-        for name, ada in (("audio_adaptor_conf", self.adaptor), ("ctc_decoder_conf", self.ctc)):
-            if ada is not None:
-                sizes += [(f"{name}.n_layer", ada.n_layer, 0, _MAX_LAYERS), (f"{name}.ffn_dim", ada.ffn_dim, 1, _MAX_DIM),
-                          (f"{name}.llm_dim", ada.llm_dim, 1, _MAX_DIM),
-                          (f"{name}.attention_heads", ada.attention_heads, 1, _MAX_HEADS)]
-        for name, value, lo, hi in sizes:
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise CheckpointError(f"{where}: {name} = {value!r:.40} is outside the supported range {lo}..{hi}; "
-                                      "the config is corrupt or not a Fun-ASR-Nano model")
-        frames = (fe.frame_length_ms, fe.frame_shift_ms)
-        if not (all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1000 for f in frames)
-                and fe.sample_rate == SAMPLE_RATE):
-            raise CheckpointError(f"{where}: frontend_conf (fs {fe.sample_rate}, frame {fe.frame_length_ms}/"
-                                  f"{fe.frame_shift_ms} ms) is not a 16 kHz fbank frontend")
-        return self
-
-
-class FunASRNanoNet(nn.Module):
-    """All weights of the model, named like the official state dict (see checkpoint.official_key_to_mlx)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.encoder = SenseVoiceEncoder(cfg.encoder)
-        self.adaptor = Adaptor(cfg.adaptor)
-        self.llm = build_llm(cfg.llm, cfg.rope_bf16)
-        if cfg.ctc is not None:
-            self.ctc_decoder = Adaptor(cfg.ctc)
-            self.ctc_lo = nn.Linear(cfg.ctc.llm_dim, cfg.ctc_vocab_size)
-
-
-# --- conversion ----------------------------------------------------------------------------------------
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    net = FunASRNanoNet(cfg)  # MLX allocates lazily; shapes only
-    return {k: tuple(v.shape) for k, v in tree_flatten(net.parameters())}
-
-
-def _strict_check(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        raise CheckpointError(f"{where} is incomplete: {len(missing)} tensors missing, e.g. {missing[:5]}; "
-                              "the file is truncated or not a Fun-ASR-Nano checkpoint")
-    if unexpected:
-        raise CheckpointError(f"{where} has {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}; "
-                              "is it a different model or a mismatched config.yaml?")
-    for k, shape in expected.items():
-        if found[k] != shape:
-            raise CheckpointError(f"{where}: tensor {k!r} has shape {list(found[k])}, the config expects {list(shape)}")
-
-
-def convert(model_dir: Path, out_dir: Path, variant: str) -> Path:
-    """Convert an official directory into our MLX layout, atomically (nothing half-written on failure)."""
-    from .torch_zip import load_state_dict
-
-    oc = ckpt.read_official_config(model_dir)
-    cfg = ModelConfig.from_official(oc, variant)
-    t0 = time.perf_counter()
-    state = load_state_dict(model_dir / "model.pt")
-    has_ctc = cfg.ctc is not None and any(k.startswith("ctc_decoder.") for k in state)
-    if cfg.ctc is not None and not has_ctc:
-        log.info("checkpoint has no CTC tensors: timestamps from CTC alignment are unavailable")
-        cfg = ModelConfig(**{**cfg.__dict__, "ctc": None})
-    expected = _expected_shapes(cfg)
-    weights: dict[str, mx.array] = {}
-    found: dict[str, tuple[int, ...]] = {}
-    for key, tensor in state.items():
-        name = ckpt.official_key_to_mlx(key)
-        if name is None:
-            continue
-        if cfg.ctc is None and (name.startswith("ctc_decoder.") or name.startswith("ctc_lo.")):
-            continue
-        arr = tensor.to_mlx()
-        if name.endswith("self_attn.fsmn_weight"):
-            arr = arr.transpose(0, 2, 1)  # torch [C, 1, K] -> MLX depthwise [C, K, 1]
-        weights[name] = arr
-        found[name] = tuple(arr.shape)
-    _strict_check(found, expected, str(model_dir / "model.pt"))
-    lm_head = state.get("llm.lm_head.weight")
-    if lm_head is not None and cfg.llm.get("tie_word_embeddings", True):
-        emb = state["llm.model.embed_tokens.weight"]
-        if lm_head.array.shape != emb.array.shape:
-            raise CheckpointError("model.pt: llm.lm_head.weight and llm.model.embed_tokens.weight differ in shape")
-        if not np.array_equal(lm_head.array, emb.array):
-            # the reference ties both to one tensor and loads lm_head last, so its values win
-            log.warning("llm.lm_head.weight differs from the embeddings; using lm_head values for both (as the reference)")
-            weights["llm.model.embed_tokens.weight"] = lm_head.to_mlx()
-    del state
-    with ckpt.atomic_dir(out_dir) as tmp:
-        mx.save_safetensors(str(tmp / ckpt.MLX_WEIGHTS), weights)
-        (tmp / ckpt.MLX_CONFIG).write_text(json.dumps({**cfg.to_json(), "source": str(model_dir)}, indent=1,
-                                                      ensure_ascii=False))
-        shutil.copy2(oc.llm_dir / "tokenizer.json", tmp / "tokenizer.json")
-        if (model_dir / "multilingual.tiktoken").is_file():
-            shutil.copy2(model_dir / "multilingual.tiktoken", tmp / "multilingual.tiktoken")
-    log.info("converted %s -> %s in %.1f s", model_dir, out_dir, time.perf_counter() - t0)
-    return out_dir
 
 
 # --- the model -----------------------------------------------------------------------------------------
@@ -544,121 +362,3 @@ def _language_of(lang: Language | None, text: str, variant: str) -> tuple[str | 
         return lang.code, "requested", None
     code = langs.detect_from_text(text, variant)
     return (code, "detected", "script-heuristic") if code else (None, "unknown", "script-heuristic")
-
-
-# --- loading -------------------------------------------------------------------------------------------
-def _normalize_dtype(dtype: str) -> str:
-    d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if d == "auto":
-        # bf16 halves memory and is fast on GPUs; MLX's CPU backend has no fast bf16 kernels (bf16 decoding is
-        # ~2x and prefill ~14x slower than fp32 there, docs/performance.md), so CPUs compute in fp32
-        return "float32" if mx.default_device() == mx.cpu else "bfloat16"
-    if d not in DTYPES:
-        raise InvalidOptionError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    return d
-
-
-def _detect_variant(name: str, explicit: str | None) -> str:
-    if explicit:
-        v = explicit.lower()
-        if v not in ("nano", "mlt"):
-            raise InvalidOptionError(f"variant {explicit!r} is not supported; use 'nano' or 'mlt'")
-        return v
-    return "mlt" if "mlt" in name.lower() else "nano"
-
-
-def load_model(
-    path_or_repo: str | None = None,
-    *,
-    dtype: str = "auto",
-    quantize: int | None = None,
-    variant: str | None = None,
-    encoder_dtype: str = "float32",
-    warmup: bool = False,
-) -> FunASRNano:
-    """Load a model from an official directory, a Hugging Face repo id, or a converted directory.
-
-    dtype: the LLM's compute dtype: "auto" (bfloat16 on a GPU, float32 on a CPU, where MLX has no fast bf16
-    kernels), "bfloat16", "float32" (the parity dtype) or "float16". encoder_dtype: the audio encoder's
-    (float32 default; bfloat16 is faster on GPUs; never float16, whose range the adaptor overflows).
-    quantize: 4 or 8 to quantize the LLM's linear layers and embeddings (cached after the first time).
-    """
-    dtype = _normalize_dtype(dtype)
-    encoder_dtype = _normalize_dtype(encoder_dtype)
-    if encoder_dtype == "float16":
-        raise InvalidOptionError("encoder_dtype float16 is not supported: the audio path overflows fp16; use bfloat16")
-    if quantize not in (None, 4, 8):
-        raise InvalidOptionError(f"quantize must be 4, 8 or None; got {quantize!r}")
-    from . import backend
-
-    for message in backend.check():
-        log.warning(message)
-    src = ckpt.resolve(path_or_repo)
-    if src.kind == "official":
-        conv = ckpt.converted_dir_for(src.path)
-        if not (conv / ckpt.MLX_CONFIG).is_file():
-            log.info("converting %s to MLX (once) ...", src.path)
-            convert(src.path, conv, _detect_variant(src.name, variant))
-        model_dir = conv
-    else:
-        model_dir = src.path
-    try:
-        raw = json.loads((model_dir / ckpt.MLX_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {model_dir / ckpt.MLX_CONFIG}: {exc}") from exc
-    cfg = ModelConfig.from_json(raw)
-    if variant:
-        cfg = ModelConfig(**{**cfg.__dict__, "variant": _detect_variant(src.name, variant)})
-    elif src.kind == "converted" and "mlt" in src.name.lower():
-        cfg = ModelConfig(**{**cfg.__dict__, "variant": "mlt"})
-    net = _load_net(model_dir, cfg, dtype, encoder_dtype, quantize)
-    tokenizer = PromptTokenizer(model_dir / "tokenizer.json")
-    model = FunASRNano(net, cfg, tokenizer, name=src.name, dtype=dtype, quantization=quantize,
-                       encoder_dtype=encoder_dtype, model_dir=model_dir)
-    if warmup:
-        model.warmup()
-    return model
-
-
-def _load_net(model_dir: Path, cfg: ModelConfig, dtype: str, encoder_dtype: str, quantize: int | None) -> FunASRNanoNet:
-    path = model_dir / ckpt.MLX_WEIGHTS
-    try:
-        weights = mx.load(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}; delete the directory to convert again") from exc
-    net = FunASRNanoNet(cfg)
-    _strict_check({k: tuple(v.shape) for k, v in weights.items()},
-                  {k: tuple(v.shape) for k, v in tree_flatten(net.parameters())}, str(path))
-    cast = {}
-    for k, v in weights.items():
-        if k.startswith("llm."):
-            cast[k] = v.astype(DTYPES[dtype])
-        elif k.startswith("encoder."):
-            cast[k] = v.astype(DTYPES[encoder_dtype])
-        else:
-            cast[k] = v.astype(mx.float32)
-    net.load_weights(list(cast.items()), strict=True)
-    if quantize:
-        _quantize_llm(net, model_dir, quantize)
-    mx.eval(net.parameters())
-    net.eval()
-    return net
-
-
-def _quantize_llm(net: FunASRNanoNet, model_dir: Path, bits: int, group_size: int = 64) -> None:
-    """Quantize the LLM (mlx-lm style affine quantization); cache the result next to the weights."""
-    dtype = str(net.llm.model.norm.weight.dtype).split(".")[-1]
-    qpath = model_dir / f"llm-q{bits}g{group_size}-{dtype}.safetensors"
-    nn.quantize(net.llm, group_size=group_size, bits=bits)
-    if qpath.is_file():
-        try:
-            net.llm.load_weights(str(qpath), strict=True)
-            return
-        except Exception as exc:
-            raise ModelLoadError(f"quantized cache {qpath} is unreadable ({exc}); delete it and load again") from exc
-    tmp = qpath.with_suffix(".tmp.safetensors")
-    mx.save_safetensors(str(tmp), dict(tree_flatten(net.llm.parameters())))
-    tmp.replace(qpath)
-
-
-__all__ = ["FunASRNano", "ModelConfig", "load_model", "convert", "ModelLoadError", "TranscriptionCancelled"]
