@@ -662,7 +662,8 @@ def create_server(
                 for j in engine.jobs()]
         out = StatusOutput(
             server_version=__version__, model_state=engine.state, model=_model_info(engine),
-            model_error=engine.error, load_elapsed_s=round(engine.load_elapsed_s, 2), queued=queued,
+            model_error=engine.error, compute=engine.info.compute if engine.info else None,
+            load_elapsed_s=round(engine.load_elapsed_s, 2), queued=queued,
             running=running, jobs=jobs, allowed_roots=[str(r) for r in state.paths.roots],
             url_policy=settings.url_policy,
             limits=Limits(max_file_mb=settings.max_file_mb, max_duration_s=settings.max_duration_s,

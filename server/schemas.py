@@ -114,6 +114,7 @@ class StatusOutput(BaseModel):
     model_state: Literal["starting", "loading", "warming", "ready", "failed", "stopped"]
     model: ModelInfo | None = None
     model_error: str | None = None
+    compute: str | None = Field(default=None, description="MLX backend/device the model runs on, and the CPU BLAS")
     load_elapsed_s: float
     queued: int
     running: int

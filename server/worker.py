@@ -51,6 +51,18 @@ class ModelInfo:
     dtype: str
     quantization: int | None
     languages: tuple[Language, ...]
+    compute: str = "unknown"  # MLX backend and device (and the CPU BLAS), for server_status
+
+
+def _compute() -> str:
+    """'cpu (BLAS ...)', 'metal' or 'cuda' as MLX sees it on this (the worker) thread."""
+    try:
+        from asr import backend
+
+        b = backend.info()
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+    return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']})"
 
 
 class EngineUnavailable(Exception):
@@ -231,7 +243,7 @@ class Engine:
             model = self._loader()
             info = ModelInfo(
                 name=str(model.name), variant=str(model.variant), dtype=str(model.dtype),
-                quantization=model.quantization, languages=tuple(model.languages),
+                quantization=model.quantization, languages=tuple(model.languages), compute=_compute(),
             )
             self.info = info
             if self._warmup:

@@ -89,6 +89,7 @@ async def call_every_tool(client: Client, port: int, *, expect_text: str | None,
     status = StatusOutput.model_validate((await client.call_tool("server_status", {})).structured_content)
     assert status.model_state == "ready" and len(status.jobs) == 2
     assert status.url_policy == "allowlist"
+    assert status.compute and status.compute.startswith("cpu (")  # this test machine: MLX on the CPU
     return out
 
 
