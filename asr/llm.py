@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
-from mlx_lm.models.cache import make_prompt_cache
 
 from .errors import ModelLoadError, TranscriptionCancelled
 
@@ -68,7 +67,6 @@ class DecodeResult:
     prefill_s: float
     decode_s: float
     prompt_tokens: int
-    warnings: list[str] = field(default_factory=list)
 
 
 def greedy_decode(
@@ -80,24 +78,9 @@ def greedy_decode(
     cancel: threading.Event | None = None,
     repetition_guard: bool = True,
 ) -> DecodeResult:
-    """Greedy decoding of one sequence from prompt embeddings `embeds` [1, P, D].
-
-    Steps are chained lazily and synchronised every SYNC_EVERY tokens; tokens after a stop are dropped,
-    so the output equals step-by-step greedy decoding.
-    """
-    cache = make_prompt_cache(model)
-    prompt_len = embeds.shape[1]
-    t0 = time.perf_counter()
-    dummy = mx.zeros((1, prompt_len), dtype=mx.int32)
-    logits = last_logits(model, dummy, cache, embeds)
-    y = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
-    mx.eval(y)
-    prefill_s = time.perf_counter() - t0
-    step = _stepper(model, cache, prompt_len, [0])
-    t1 = time.perf_counter()
-    (tokens,), (finish,) = _decode_loop(step, y, 1, eos_ids, max_new_tokens, cancel, repetition_guard)
-    return DecodeResult(tokens=tokens, finish_reason=finish, prefill_s=prefill_s, decode_s=time.perf_counter() - t1,
-                        prompt_tokens=prompt_len)
+    """Greedy decoding of one sequence from prompt embeddings `embeds` [1, P, D] (a batch of one)."""
+    return greedy_decode_batch(model, [embeds[0]], eos_ids=eos_ids, max_new_tokens=max_new_tokens, cancel=cancel,
+                               repetition_guard=repetition_guard)[0]
 
 
 def last_logits(model, dummy: mx.array, cache, embeds: mx.array) -> mx.array:
@@ -166,9 +149,7 @@ def greedy_decode_batch(
     B = len(prompts)
     lengths = [int(p.shape[0]) for p in prompts]
     P = max(lengths)
-    D = prompts[0].shape[-1]
-    padded = mx.stack([mx.concatenate([mx.zeros((P - n, D), dtype=p.dtype), p]) if n < P else p
-                       for p, n in zip(prompts, lengths, strict=True)])
+    padded = mx.stack([mx.pad(p, [(P - n, 0), (0, 0)]) for p, n in zip(prompts, lengths, strict=True)])
     cache = [BatchKVCache([P - n for n in lengths]) for _ in model.layers]
     t0 = time.perf_counter()
     logits = last_logits(model, mx.zeros((B, P), dtype=mx.int32), cache, padded)

@@ -21,7 +21,7 @@ from . import languages as langs
 from .audio import SAMPLE_RATE
 from .errors import InvalidOptionError, TranscriptionCancelled
 from .frontend import audio_token_count, features, features_batch
-from .llm import greedy_decode, greedy_decode_batch
+from .llm import greedy_decode_batch
 from .network import DTYPES, FunASRNanoNet, ModelConfig
 from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .types import Language, Segment, Timings, TranscriptionResult
@@ -46,6 +46,7 @@ class _Piece:
     end: float
     samples: np.ndarray
     tokens: list[int] = field(default_factory=list)
+    text: str = ""
     finish_reason: str = "stop"
     ctc: object | None = None  # asr.ctc.CTCResult when token timestamps were computed
 
@@ -138,20 +139,13 @@ class FunASRNano:
     def _decode_batch(self, pieces: list[_Piece], ids: PromptIds, max_new_tokens: int, repetition_guard: bool,
                       cancel: threading.Event | None, t: dict, timestamps: bool = False) -> None:
         t0 = time.perf_counter()
-        if len(pieces) == 1:
-            feats = [self.features(pieces[0].samples)]
-        else:
-            feats = features_batch([mx.array(p.samples) for p in pieces], self.cfg.frontend)
+        feats = features_batch([mx.array(p.samples) for p in pieces], self.cfg.frontend)
         mx.eval(feats)
         t["features_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if len(pieces) == 1:
-            enc, lengths = self.encode(feats[0])[None], None
-        else:
-            L = max(f.shape[0] for f in feats)
-            lengths = mx.array([f.shape[0] for f in feats])
-            batch = mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in feats])
-            enc = self.encode(batch, lengths)
+        L = max(f.shape[0] for f in feats)
+        lengths = mx.array([f.shape[0] for f in feats]) if len(feats) > 1 else None  # one utterance: no padding
+        enc = self.encode(mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in feats]), lengths)
         mx.eval(enc)
         t["encoder_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -161,25 +155,21 @@ class FunASRNano:
         t["adaptor_s"] += time.perf_counter() - t0
         if cancel is not None and cancel.is_set():
             raise TranscriptionCancelled("transcription cancelled")
-        if len(pieces) == 1:
-            outs = [greedy_decode(self.net.llm, prompts[0][None], eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
-                                  cancel=cancel, repetition_guard=repetition_guard)]
-        else:
-            outs = greedy_decode_batch(self.net.llm, prompts, eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
-                                       cancel=cancel, repetition_guard=repetition_guard)
+        outs = greedy_decode_batch(self.net.llm, prompts, eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
+                                   cancel=cancel, repetition_guard=repetition_guard)
         t["prefill_s"] += outs[0].prefill_s
         t["decode_s"] += outs[0].decode_s
         t["prompt_tokens"] += sum(o.prompt_tokens for o in outs)
         for p, o in zip(pieces, outs, strict=True):
             p.tokens, p.finish_reason = o.tokens, o.finish_reason
+            p.text = clean_text(self.tokenizer.decode(p.tokens))
         if timestamps:  # CTC alignment of each segment's text on its own encoder rows (ref: inference_llm)
             from .ctc import ctc_result
 
             t0 = time.perf_counter()
             for i, (p, f) in enumerate(zip(pieces, feats, strict=True)):
-                text = clean_text(self.tokenizer.decode(p.tokens))
-                p.ctc = ctc_result(self.net, enc[i, : f.shape[0]], text, self._ctc_tokenizer(), offset_s=p.start)
-            t["timestamps_s"] = t.get("timestamps_s", 0.0) + time.perf_counter() - t0
+                p.ctc = ctc_result(self.net, enc[i, : f.shape[0]], p.text, self._ctc_tokenizer(), offset_s=p.start)
+            t["timestamps_s"] += time.perf_counter() - t0
 
     def transcribe(
         self,
@@ -218,8 +208,7 @@ class FunASRNano:
             raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
         lang = langs.resolve(language, self.variant)
         ids = self.prompt_ids(language, hotwords, itn)
-        t = dict.fromkeys(("audio_decode_s", "features_s", "encoder_s", "adaptor_s", "prefill_s", "decode_s"), 0.0)
-        t["prompt_tokens"] = 0
+        t = _stage_times()
         warnings: list[str] = []
 
         # 1. audio: in memory, or (long files) streamed twice in blocks so memory does not grow with duration
@@ -275,8 +264,7 @@ class FunASRNano:
                 progress(min(batch[-1].end, duration), duration, f"{len(pieces)}/{len(plan)} segment(s) transcribed")
 
         # 4. result
-        segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=clean_text(self.tokenizer.decode(p.tokens)),
-                            token_ids=p.tokens, timestamps=p.ctc.timestamps if p.ctc else None) for p in pieces]
+        segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens, timestamps=p.ctc.timestamps if p.ctc else None) for p in pieces]
         if timestamps and self.timestamps_available:
             all_ts, note = [ts for s in segments for ts in (s.timestamps or [])], ""
         else:
@@ -296,7 +284,7 @@ class FunASRNano:
         total = time.perf_counter() - t_start
         tokens = [tok for p in pieces for tok in p.tokens]
         timings = Timings(
-            **{k: v for k, v in t.items() if k != "timestamps_s"}, total_s=total, audio_duration_s=duration, generated_tokens=len(tokens),
+            **t, total_s=total, audio_duration_s=duration, generated_tokens=len(tokens),
             prefill_tokens_per_s=t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] > 0 else 0.0,
             decode_tokens_per_s=len(tokens) / t["decode_s"] if t["decode_s"] > 0 else 0.0,
             real_time_factor=total / duration if duration > 0 else 0.0,
@@ -353,8 +341,13 @@ class FunASRNano:
         """Run a short dummy utterance so the first real call is not the slow one."""
         rng = np.random.default_rng(0)
         samples = (0.01 * rng.standard_normal(16000)).astype(np.float32)
-        t = dict.fromkeys(("features_s", "encoder_s", "adaptor_s", "prefill_s", "decode_s", "prompt_tokens"), 0)
-        self._decode_batch([_Piece(0.0, 1.0, samples)], self.prompt_ids(), 2, False, None, t)
+        self._decode_batch([_Piece(0.0, 1.0, samples)], self.prompt_ids(), 2, False, None, _stage_times())
+
+
+def _stage_times() -> dict:
+    """Per-stage accumulators, named like the `Timings` fields they fill."""
+    return {**dict.fromkeys(("audio_decode_s", "features_s", "encoder_s", "adaptor_s", "prefill_s", "decode_s",
+                             "timestamps_s"), 0.0), "prompt_tokens": 0}
 
 
 def _language_of(lang: Language | None, text: str, variant: str) -> tuple[str | None, str, str | None]:

@@ -45,6 +45,7 @@ class Timings(BaseModel):
     adaptor_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    timestamps_s: float = Field(default=0.0, description="CTC forced alignment (0 when timestamps are unavailable)")
     total_s: float = 0.0
     audio_duration_s: float = 0.0
     prompt_tokens: int = 0

@@ -282,8 +282,8 @@ def test_repetition_guard_on_a_looping_model(tiny_model, monkeypatch):
 
     import asr.model as model_module
 
-    real = model_module.greedy_decode
-    monkeypatch.setattr(model_module, "greedy_decode", lambda llm, *a, **k: real(Looper(llm), *a, **k))
+    real = model_module.greedy_decode_batch
+    monkeypatch.setattr(model_module, "greedy_decode_batch", lambda llm, *a, **k: real(Looper(llm), *a, **k))
     samples = np.random.default_rng(3).standard_normal(16000 * 2).astype(np.float32) * 0.1
     on = tiny_model.transcribe(samples, max_new_tokens=100, vad=False)
     off = tiny_model.transcribe(samples, max_new_tokens=100, vad=False, repetition_guard=False)
