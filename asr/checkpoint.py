@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,22 +154,16 @@ def converted_dir_for(model_dir: Path) -> Path:
     return cache_root() / "converted" / f"{model_dir.name}-{fingerprint(model_dir / 'model.pt')}"
 
 
-def atomic_dir(final: Path):
-    """Context manager giving a temp dir that replaces `final` only on success."""
-
-    class _Ctx:
-        def __enter__(self) -> Path:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(self.tmp, final)
-            return False
-
-    return _Ctx()
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """A temp dir beside `final` that replaces it only if the block succeeds (nothing half-written)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)

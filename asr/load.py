@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -59,7 +60,7 @@ def convert(model_dir: Path, out_dir: Path, variant: str) -> Path:
     has_ctc = cfg.ctc is not None and any(k.startswith("ctc_decoder.") for k in state)
     if cfg.ctc is not None and not has_ctc:
         log.info("checkpoint has no CTC tensors: timestamps from CTC alignment are unavailable")
-        cfg = ModelConfig(**{**cfg.__dict__, "ctc": None})
+        cfg = replace(cfg, ctc=None)
     expected = _expected_shapes(cfg)
     weights: dict[str, mx.array] = {}
     found: dict[str, tuple[int, ...]] = {}
@@ -157,10 +158,8 @@ def load_model(
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {model_dir / ckpt.MLX_CONFIG}: {exc}") from exc
     cfg = ModelConfig.from_json(raw)
-    if variant:
-        cfg = ModelConfig(**{**cfg.__dict__, "variant": _detect_variant(src.name, variant)})
-    elif src.kind == "converted" and "mlt" in src.name.lower():
-        cfg = ModelConfig(**{**cfg.__dict__, "variant": "mlt"})
+    if variant or "mlt" in src.name.lower():  # an explicit variant, or the name says MLT, beats the stored one
+        cfg = replace(cfg, variant=_detect_variant(src.name, variant))
     net = _load_net(model_dir, cfg, dtype, encoder_dtype, quantize)
     tokenizer = PromptTokenizer(model_dir / "tokenizer.json")
     model = FunASRNano(net, cfg, tokenizer, name=src.name, dtype=dtype, quantization=quantize,
