@@ -121,14 +121,13 @@ def _public_url(url: str) -> str:
 
 
 def _clean_hotwords(hotwords: list[str] | None) -> list[str] | None:
-    if not hotwords:
-        return None
-    out: list[str] = []
-    for word in hotwords:
-        word = " ".join(str(word).split())
-        if word and word not in out:
-            out.append(word)
-    return out or None
+    """The library's hotword validation (asr.prompt.clean_hotwords) as a tool error; repeats are dropped."""
+    from asr.prompt import clean_hotwords
+
+    try:
+        return list(dict.fromkeys(clean_hotwords(hotwords))) or None
+    except ASRError as exc:
+        raise ToolError(f"Invalid hotwords: {exc}") from None
 
 
 class _Reporter:
