@@ -15,11 +15,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
 
+from . import cpu_llm
 from .errors import ModelLoadError, TranscriptionCancelled
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
 CACHE_STEP = 128  # the fast decoder's KV cache grows by this many positions (each size is compiled once)
 FAST_DECODE = True  # False: step through mlx-lm's own model and cache (A/B switch for benchmarks)
+NUMPY_ON_CPU = True  # fp32 LLM on the CPU: prefill and decode through asr.cpu_llm (A/B switch for benchmarks)
 
 COMPILE_DECODE: bool | None = None  # None: compile the fast step on GPUs only (A/B switch for benchmarks)
 
@@ -38,6 +40,7 @@ class HFRoPE(nn.Module):
         inv = 1.0 / (np.float32(base) ** (np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims)))
         if round_to_bf16:
             inv = np.array(mx.array(inv).astype(mx.bfloat16).astype(mx.float32))
+        self.inv_freq = inv.astype(np.float32)  # NumPy, not a parameter (asr.cpu_llm multiplies by it)
         self._freqs = mx.array((1.0 / inv.astype(np.float64)).astype(np.float32))  # mx.fast.rope takes periods
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
@@ -150,14 +153,18 @@ def greedy_decode_batch(
     lengths = [int(p.shape[0]) for p in prompts]
     P = max(lengths)
     padded = mx.stack([mx.pad(p, [(P - n, 0), (0, 0)]) for p, n in zip(prompts, lengths, strict=True)])
-    cache = [BatchKVCache([P - n for n in lengths]) for _ in model.layers]
+    left_pad = [P - n for n in lengths]
     t0 = time.perf_counter()
-    logits = last_logits(model, mx.zeros((B, P), dtype=mx.int32), cache, padded)
-    cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
+    if NUMPY_ON_CPU and cpu_llm.applies(model):
+        cur, step = cpu_llm.NumpyQwen3.of(model).start(padded, left_pad)
+    else:
+        cache = [BatchKVCache(left_pad) for _ in model.layers]
+        logits = last_logits(model, mx.zeros((B, P), dtype=mx.int32), cache, padded)
+        cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
+        step = _stepper(model, cache, P, left_pad)
     mx.eval(cur)
     prefill_s = time.perf_counter() - t0
 
-    step = _stepper(model, cache, P, [P - n for n in lengths])
     t1 = time.perf_counter()
     tokens, finish = _decode_loop(step, cur, B, eos_ids, max_new_tokens, cancel, repetition_guard)
     decode_s = time.perf_counter() - t1

@@ -77,6 +77,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
 
     mode = MODES[a.mode]
     llm_mod.FAST_DECODE = a.decode != "stock"
+    llm_mod.NUMPY_ON_CPU = a.decode == "fast"
     llm_mod.COMPILE_DECODE = False if a.decode == "fast-nocompile" else None
     res: dict = {"side": "ours", "mode": a.mode + ("" if a.decode == "fast" else f"/{a.decode}"), **mode,
                  "device": str(mx.default_device()), "mlx": mx.__version__, "blas": _blas.loaded, "decode": a.decode,
@@ -435,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode exactly --max-new-tokens (default: on for random-weight checkpoints)")
     ap.add_argument("--batch", type=int, nargs="*", default=[], help="batched throughput over N segments")
     ap.add_argument("--load-twice", action="store_true", help="also time a second (cached) load in each mode")
-    ap.add_argument("--decode", default="fast", choices=["fast", "fast-nocompile", "stock"],
-                    help="decode steps: our fixed-shape step (compiled on GPUs), uncompiled, or mlx-lm's own model")
+    ap.add_argument("--decode", default="fast", choices=["fast", "mlx", "fast-nocompile", "stock"],
+                    help="LLM steps: the default (NumPy/BLAS on the CPU for fp32, else our fixed-shape MLX step, "
+                         "compiled on GPUs), our MLX step even on the CPU, uncompiled, or mlx-lm's own model")
     ap.add_argument("--official", action="store_true", help="also run the official funasr code (side by side)")
     ap.add_argument("--official-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     ap.add_argument("--official-device", default="cpu")

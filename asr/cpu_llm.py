@@ -1,0 +1,181 @@
+"""Qwen3 prefill and greedy decode steps on the CPU through NumPy's BLAS, on the model's own fp32 weights.
+
+Why a second runner for the CPU: MLX 0.32's CPU backend hands every product to `cblas_sgemm` (a one-row product
+packs the whole weight matrix with OpenBLAS) and evaluates `exp`/`sigmoid` one element at a time. NumPy's wheels
+bundle a recent OpenBLAS whose gemv streams the weights at memory speed. Measured on the project's 2-core VM,
+Qwen3-0.6B fp32, one token: 71 ms here against 140 ms (MLX + MKL) and 265 ms (MLX + Debian's OpenBLAS 0.3.21);
+see docs/performance.md. On a GPU (Metal, CUDA) MLX runs the LLM (`llm.FastDecoder`); this file is CPU-only.
+
+The math is mlx-lm's/Hugging Face's Qwen3, step for step: RMSNorm, per-head q/k RMSNorm, rotate-half RoPE with the
+model's own inverse frequencies (bf16-rounded like the official code, `llm.HFRoPE`), grouped-query attention
+with a causal + left-padding mask, SwiGLU MLP, final norm, tied (or separate) LM head, argmax. The weights are
+zero-copy NumPy views of the MLX arrays (no extra memory); activations and the KV cache are NumPy fp32.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import qwen3
+
+CACHE_STEP = 128  # KV cache positions added at a time
+
+
+def applies(model) -> bool:
+    """True for an mlx-lm Qwen3 with plain fp32 weights while MLX computes on the CPU."""
+    if mx.default_device() != mx.cpu or not isinstance(model, qwen3.Model):
+        return False
+    linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear | nn.Embedding)]
+    return all(type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32 for m in linears)
+
+
+def _np(a: mx.array) -> np.ndarray:
+    """A zero-copy NumPy view of an evaluated fp32 MLX array (CPU memory)."""
+    mx.eval(a)
+    return np.asarray(a)
+
+
+class _Layer:
+    def __init__(self, layer):
+        a, mlp = layer.self_attn, layer.mlp
+        self.n_heads, self.n_kv, self.scale = a.n_heads, a.n_kv_heads, np.float32(a.scale)
+        self.wq, self.wk, self.wv, self.wo = (_np(p.weight) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        self.w_gate, self.w_up, self.w_down = (_np(p.weight) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.norm1, self.norm2 = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
+        self.q_norm, self.k_norm = _Norm(a.q_norm), _Norm(a.k_norm)
+
+
+class _Norm:
+    def __init__(self, norm: nn.RMSNorm):
+        self.weight, self.eps = _np(norm.weight), np.float32(norm.eps)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        ms = np.mean(np.square(x), axis=-1, keepdims=True)
+        return x * (np.float32(1.0) / np.sqrt(ms + self.eps)) * self.weight
+
+
+def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [..., K] @ w[N, K].T, computed as w @ x.T: OpenBLAS then streams w once (gemv for one row)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = w @ flat[0] if flat.shape[0] == 1 else (w @ flat.T).T
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+class NumpyQwen3:
+    """The model's LLM as NumPy arrays: `start` prefills a batch, the returned step decodes one token per row."""
+
+    @classmethod
+    def of(cls, model: qwen3.Model) -> NumpyQwen3:
+        """Built on first use and kept on the model (a plain attribute, not a parameter)."""
+        runner = getattr(model, "_numpy_qwen3", None)
+        if runner is None:
+            runner = cls(model)
+            model._numpy_qwen3 = runner
+        return runner
+
+    def __init__(self, model: qwen3.Model):
+        m = model.model
+        self.layers = [_Layer(layer) for layer in m.layers]
+        self.embed = _np(m.embed_tokens.weight)
+        self.head = self.embed if model.args.tie_word_embeddings else _np(model.lm_head.weight)
+        self.norm = _Norm(m.norm)
+        self.head_dim = int(model.args.head_dim)
+        rope = m.layers[0].self_attn.rope
+        inv = getattr(rope, "inv_freq", None)  # llm.HFRoPE (bf16-rounded like the official code)
+        if inv is None:  # mlx-lm's own RoPE: Hugging Face's float32 inverse frequencies
+            dims = np.arange(0, self.head_dim, 2, dtype=np.float32) / np.float32(self.head_dim)
+            inv = 1.0 / (np.float32(model.args.rope_theta) ** dims)
+        self.inv_freq = np.asarray(inv, dtype=np.float32)
+
+    # --- one forward pass over T new positions of every row ----------------------------------------------
+    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x [B, T, H, hd] rotated by positions [B, T] (rotate-half convention)."""
+        theta = positions.astype(np.float32)[..., None] * self.inv_freq  # [B, T, hd/2], fp32 like HF
+        cos, sin = np.cos(theta)[:, :, None, :], np.sin(theta)[:, :, None, :]
+        half = self.head_dim // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def _forward(self, state: _State, x: np.ndarray) -> np.ndarray:
+        """x [B, T, D] at cache positions slot..slot+T-1; returns the hidden state of the last position [B, D]."""
+        B, T, _ = x.shape
+        start = state.slot
+        end = start + T
+        state.reserve(end)
+        q_pos = np.arange(start, end)
+        k_pos = np.arange(end)
+        # key j is visible to query i of row b if left_pad[b] <= j <= i; a padding query also sees itself so
+        # that no softmax row is empty (its output is never attended to by real positions)
+        valid = ((k_pos[None, None, :] >= state.left_pad[:, None, None]) & (k_pos[None, None, :] <= q_pos[None, :, None])
+                 | (k_pos[None, None, :] == q_pos[None, :, None]))                                    # [B, T, end]
+        bias = np.where(valid, np.float32(0.0), np.float32(-np.inf))[:, None, None]               # [B, 1, 1, T, end]
+        positions = q_pos[None, :] - state.left_pad[:, None]                                          # [B, T]
+        for layer, k_cache, v_cache in zip(self.layers, state.k, state.v, strict=True):
+            x = x + self._attention(layer, layer.norm1(x), positions, bias, k_cache, v_cache, start)
+            h = layer.norm2(x)
+            gate, up = _mm(h, layer.w_gate), _mm(h, layer.w_up)
+            with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0.0, as in fp32 elsewhere
+                x = x + _mm(gate / (np.float32(1.0) + np.exp(-gate)) * up, layer.w_down)
+        state.slot = end
+        return self.norm(x[:, -1])
+
+    def _attention(self, layer: _Layer, h: np.ndarray, positions: np.ndarray, bias: np.ndarray,
+                   k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
+        B, T, _ = h.shape
+        hd, H, KV = self.head_dim, layer.n_heads, layer.n_kv
+        G = H // KV
+        q = self._rope(layer.q_norm(_mm(h, layer.wq).reshape(B, T, H, hd)), positions)
+        k = self._rope(layer.k_norm(_mm(h, layer.wk).reshape(B, T, KV, hd)), positions)
+        v = _mm(h, layer.wv).reshape(B, T, KV, hd)
+        end = start + T
+        k_cache[:, :, start:end] = k.transpose(0, 2, 1, 3)
+        v_cache[:, :, start:end] = v.transpose(0, 2, 1, 3)
+        # query head n uses kv head n // G (HF repeat_kv): group the queries by kv head
+        qg = q.reshape(B, T, KV, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, hd)
+        scores = (qg @ k_cache[:, :, :end].transpose(0, 1, 3, 2)) * layer.scale  # [B, KV, G*T, end]
+        scores = scores.reshape(B, KV, G, T, end) + bias
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = (scores / scores.sum(axis=-1, keepdims=True)).reshape(B, KV, G * T, end)
+        out = (probs @ v_cache[:, :, :end]).reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4)
+        return _mm(out.reshape(B, T, H * hd), layer.wo)
+
+    def _next(self, h: np.ndarray) -> np.ndarray:
+        return np.argmax(_mm(h, self.head), axis=-1).astype(np.int32)
+
+    # --- prefill + steps ---------------------------------------------------------------------------------
+    def start(self, embeds: mx.array, left_pad: list[int]):
+        """Prefill left-padded prompt embeddings [B, P, D]; returns (first tokens [B], step tokens [B] -> [B])."""
+        x = np.array(embeds.astype(mx.float32))  # a copy: the caller's array stays untouched
+        B = x.shape[0]
+        n_kv = self.layers[0].n_kv
+        state = _State(B, len(self.layers), n_kv, self.head_dim, np.asarray(left_pad, dtype=np.int64))
+        first = self._next(self._forward(state, x))
+
+        def step(tok: mx.array) -> mx.array:
+            ids = np.asarray(tok, dtype=np.int64)
+            return mx.array(self._next(self._forward(state, self.embed[ids][:, None, :])))
+
+        return mx.array(first), step
+
+
+class _State:
+    """The KV cache of one batch ([B, KV, capacity, hd] per layer) and the next position."""
+
+    def __init__(self, batch: int, layers: int, kv_heads: int, head_dim: int, left_pad: np.ndarray):
+        self.shape = (batch, kv_heads, 0, head_dim)
+        self.k = [np.zeros(self.shape, np.float32) for _ in range(layers)]
+        self.v = [np.zeros(self.shape, np.float32) for _ in range(layers)]
+        self.left_pad = left_pad
+        self.slot = 0
+
+    def reserve(self, end: int) -> None:
+        cap = self.k[0].shape[2]
+        if end <= cap:
+            return
+        grown = -(-end // CACHE_STEP) * CACHE_STEP
+        for caches in (self.k, self.v):
+            for i, c in enumerate(caches):
+                new = np.zeros((*self.shape[:2], grown, self.shape[3]), np.float32)
+                new[:, :, :cap] = c
+                caches[i] = new

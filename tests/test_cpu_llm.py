@@ -1,0 +1,72 @@
+"""asr.cpu_llm (the CPU's NumPy/BLAS runner for the fp32 LLM) against MLX's own Qwen3 on the same weights."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import BatchKVCache
+
+from asr import cpu_llm
+from asr import llm as llm_mod
+
+
+@pytest.fixture
+def prompts(tiny_model):
+    mx.random.seed(3)
+    dim = tiny_model.net.llm.args.hidden_size
+    return [mx.random.normal((n, dim)) * 0.5 for n in (37, 12, 25)]
+
+
+def _decode(model, prompts, numpy_on_cpu: bool, monkeypatch, n: int = 150):
+    monkeypatch.setattr(llm_mod, "NUMPY_ON_CPU", numpy_on_cpu)
+    outs = llm_mod.greedy_decode_batch(model, prompts, eos_ids=set(), max_new_tokens=n, repetition_guard=False)
+    return [o.tokens for o in outs]
+
+
+def test_runs_for_fp32_on_the_cpu_only(tiny_model, tiny_checkpoint):
+    import asr
+
+    assert mx.default_device() == mx.cpu
+    assert cpu_llm.applies(tiny_model.net.llm)
+    assert not cpu_llm.applies(asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm)
+    assert not cpu_llm.applies(asr.load_model(str(tiny_checkpoint), dtype="float32", quantize=8).net.llm)
+
+
+def test_prefill_logits_equal_mlx(tiny_model, prompts):
+    """The last-position logits of a left-padded batch prefill equal MLX's (fp32, up to summation order)."""
+    llm = tiny_model.net.llm
+    lengths = [p.shape[0] for p in prompts]
+    P = max(lengths)
+    pad = [P - n for n in lengths]
+    padded = mx.stack([mx.pad(p, [(P - n, 0), (0, 0)]) for p, n in zip(prompts, lengths, strict=True)])
+    ref = llm_mod.last_logits(llm, mx.zeros((3, P), dtype=mx.int32), [BatchKVCache(pad) for _ in llm.layers], padded)
+    runner = cpu_llm.NumpyQwen3.of(llm)
+    state = cpu_llm._State(3, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.asarray(pad))
+    ours = cpu_llm._mm(runner._forward(state, np.array(padded)), runner.head)
+    ref = np.array(ref[:, -1, :])
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_greedy_tokens_equal_mlx_batched_and_alone(tiny_model, prompts, monkeypatch):
+    """150 steps (the KV cache grows past its first 128 positions), three rows with left padding: NumPy gives
+    MLX's tokens, and each row its tokens when decoded alone."""
+    llm = tiny_model.net.llm
+    ours = _decode(llm, prompts, True, monkeypatch)
+    theirs = _decode(llm, prompts, False, monkeypatch)
+    assert all(len(set(t)) > 10 for t in ours), "degenerate tokens make this comparison meaningless"
+    assert ours == theirs
+    assert [_decode(llm, [p], True, monkeypatch)[0] for p in prompts] == ours
+
+
+def test_transcribe_uses_it_and_agrees(tiny_model, testdata, monkeypatch):
+    clip = str(testdata / "audio" / "en" / "jfk.wav")
+    calls = []
+    real = cpu_llm.NumpyQwen3.start
+    monkeypatch.setattr(cpu_llm.NumpyQwen3, "start", lambda self, *a: calls.append(1) or real(self, *a))
+    ours = tiny_model.transcribe(clip, max_new_tokens=40, vad=False, repetition_guard=False)
+    assert calls
+    monkeypatch.setattr(llm_mod, "NUMPY_ON_CPU", False)
+    theirs = tiny_model.transcribe(clip, max_new_tokens=40, vad=False, repetition_guard=False)
+    assert ours.token_ids == theirs.token_ids and len(ours.token_ids) == 40
