@@ -1,8 +1,10 @@
 """funasr-nano-mlx: Fun-ASR-Nano speech recognition on MLX."""
 
 from ._blas import preload as _preload_blas
+from ._mlx_env import apply_defaults as _mlx_env_defaults
 
 _preload_blas()  # must precede the first `import mlx` anywhere in the process
+_mlx_env_defaults()  # read by MLX when it loads
 
 from .errors import (  # noqa: E402
     ASRError,

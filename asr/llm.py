@@ -308,11 +308,18 @@ class FastDecoder:
         self.model = model
         self.fused = [(_FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                        _FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in model.model.layers]
+        self._plans: list[_LayerPlan] | None = None
         compile_ = COMPILE_DECODE if COMPILE_DECODE is not None else mx.default_device().type == mx.gpu
         self._step = mx.compile(self._forward) if compile_ else self._forward
 
     def start(self, cache: list, prompt_slots: int, left_pad: list[int]):
         """Copy an mlx-lm prefill cache into fixed-size buffers; return a step function tokens [B] -> [B]."""
+        if left_pad == [0]:
+            return self._start_single(cache, prompt_slots)
+        return self._start_masked(cache, prompt_slots, left_pad)
+
+    def _start_masked(self, cache: list, prompt_slots: int, left_pad: list[int]):
+        """Rows of different prompt lengths: fixed-size caches under a mask, one compiled step (on GPUs)."""
         kv = []
         for c in cache:
             keys, values = c.keys[..., :prompt_slots, :], c.values[..., :prompt_slots, :]
@@ -330,6 +337,59 @@ class FastDecoder:
             return nxt
 
         return step
+
+    def _start_single(self, cache: list, prompt_slots: int):
+        """The step for a batch of one: nothing is padded, so attention needs no mask.
+
+        Attention reads the cache up to the current position (a slice), which lets MLX use its single-query
+        attention kernel. With a mask, MLX 0.32's CUDA backend falls back to unfused attention (a matmul, the mask,
+        a softmax, a matmul and their copies in every layer): 4.5 of 8 ms a step on an H100
+        (tools/gpu/probe_step.py). The shapes grow by one position a step, so this step is not compiled.
+        """
+        kv = []
+        for c in cache:
+            keys, values = c.keys[..., :prompt_slots, :], c.values[..., :prompt_slots, :]
+            kv.append([_grow(keys, _round_up(prompt_slots + 1)), _grow(values, _round_up(prompt_slots + 1))])
+        state = {"kv": kv, "slot": prompt_slots}
+
+        def step(tok: mx.array) -> mx.array:
+            slot = state["slot"]
+            if slot >= state["kv"][0][0].shape[2]:
+                state["kv"] = [[_grow(k, slot + CACHE_STEP), _grow(v, slot + CACHE_STEP)] for k, v in state["kv"]]
+            state["slot"] = slot + 1
+            return self._forward_single(tok, slot, state["kv"])
+
+        return step
+
+    def _forward_single(self, tok: mx.array, slot: int, kv: list) -> mx.array:
+        """One step of a batch of one at cache position `slot` (a Python int); writes the caches in place.
+
+        Built op by op in Python every step, so it calls MLX's functions directly on prepared arrays (`_plan`)
+        rather than through the modules: 1.6 -> ~1 ms of Python a step."""
+        from mlx_lm.models.activations import swiglu
+
+        if self._plans is None:
+            self._plans = [_LayerPlan.of(layer, qkv, gate_up) for layer, (qkv, gate_up)
+                           in zip(self.model.model.layers, self.fused, strict=True)]
+        rms_norm, rope, sdpa = mx.fast.rms_norm, mx.fast.rope, mx.fast.scaled_dot_product_attention
+        m = self.model.model
+        x = m.embed_tokens(tok)  # [1, D]
+        end = slot + 1
+        for p, (k_cache, v_cache) in zip(self._plans, kv, strict=True):
+            q, k, v = mx.split(p.qkv(rms_norm(x, p.ln1, p.eps)), p.split, axis=-1)
+            q = rope(rms_norm(q.reshape(p.q_shape), p.q_norm, p.eps), p.rope_dims, traditional=False, base=None,
+                     scale=1.0, offset=slot, freqs=p.freqs)
+            k = rope(rms_norm(k.reshape(p.kv_shape), p.k_norm, p.eps), p.rope_dims, traditional=False, base=None,
+                     scale=1.0, offset=slot, freqs=p.freqs)
+            k_cache[:, :, slot:end, :] = k
+            v_cache[:, :, slot:end, :] = v.reshape(p.kv_shape)
+            o = sdpa(q, k_cache[:, :, :end], v_cache[:, :, :end], scale=p.scale)
+            x = x + p.o(o.reshape(1, -1))
+            gate, up = mx.split(p.gate_up(rms_norm(x, p.ln2, p.eps)), 2, axis=-1)
+            x = x + p.down(swiglu(gate, up))
+        h = m.norm(x)
+        logits = m.embed_tokens.as_linear(h) if self.model.args.tie_word_embeddings else self.model.lm_head(h)
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
 
     def _forward(self, tok: mx.array, slot: mx.array, left_pad: mx.array, kv: list) -> tuple[mx.array, list, mx.array]:
         """One step: tokens [B] at cache position `slot` (row b's RoPE position is slot - left_pad[b]).
@@ -369,6 +429,55 @@ class FastDecoder:
         h = m.norm(x)
         logits = m.embed_tokens.as_linear(h) if self.model.args.tie_word_embeddings else self.model.lm_head(h)
         return mx.argmax(logits, axis=-1).astype(mx.int32), new_kv, slot + 1
+
+
+@dataclass
+class _LayerPlan:
+    """One decoder layer's arrays and products, looked up once (module attribute access is slow in a hot loop)."""
+
+    ln1: mx.array
+    ln2: mx.array
+    q_norm: mx.array
+    k_norm: mx.array
+    eps: float
+    freqs: mx.array | None
+    rope_dims: int
+    scale: float
+    split: list[int]
+    q_shape: tuple[int, ...]
+    kv_shape: tuple[int, ...]
+    qkv: object
+    o: object
+    gate_up: object
+    down: object
+
+    @classmethod
+    def of(cls, layer, qkv: _FusedLinear, gate_up: _FusedLinear) -> _LayerPlan:
+        a = layer.self_attn
+        head_dim = a.q_norm.weight.shape[0]
+        if not isinstance(a.rope, HFRoPE):
+            raise TypeError("the batch-of-one step expects asr.llm.HFRoPE (build_llm)")
+        return cls(
+            ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+            q_norm=a.q_norm.weight, k_norm=a.k_norm.weight, eps=layer.input_layernorm.eps,
+            freqs=a.rope._freqs, rope_dims=a.rope.dims, scale=a.scale,
+            split=[qkv.sizes[0], qkv.sizes[0] + qkv.sizes[1]],
+            q_shape=(1, a.n_heads, 1, head_dim), kv_shape=(1, a.n_kv_heads, 1, head_dim),
+            qkv=_product(qkv), o=_product(a.o_proj), gate_up=_product(gate_up), down=_product(layer.mlp.down_proj),
+        )
+
+
+def _product(layer):
+    """x [B, K] -> x @ W.T for a bias-free linear layer: the transposed weight is prepared once (on the CPU the
+    `_matvec` form); quantized layers keep their own call."""
+    w = layer.params["weight"] if isinstance(layer, _FusedLinear) and not layer.quantized else (
+        layer.weight if type(layer) is nn.Linear and "bias" not in layer else None)
+    if w is None:
+        return layer
+    if mx.default_device() == mx.cpu:
+        return lambda x: _matvec(x, w)
+    w_t = w.T
+    return lambda x: x @ w_t
 
 
 def _round_up(n: int) -> int:
