@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
 
-from . import cpu_llm
+from . import cpu_llm, cuda_attention
 from .errors import ModelLoadError, TranscriptionCancelled
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
@@ -406,8 +406,9 @@ class FastDecoder:
         x = m.embed_tokens(tok)  # [B, D]
         B = x.shape[0]
         cap = kv[0][0].shape[2]
+        own_kernel = cuda_attention.available(self.model.args.head_dim)
         pos = mx.arange(cap)
-        mask = ((pos[None] >= left_pad[:, None]) & (pos[None] <= slot))[:, None, None, :]  # [B, 1, 1, cap]
+        mask = None if own_kernel else ((pos[None] >= left_pad[:, None]) & (pos[None] <= slot))[:, None, None, :]
         rope_pos = slot - left_pad
         at = slot.reshape(1)
         new_kv = []
@@ -421,7 +422,10 @@ class FastDecoder:
             v = v.reshape(B, a.n_kv_heads, 1, -1)
             k_cache = mx.slice_update(k_cache, k.astype(k_cache.dtype), at, axes=(2,))
             v_cache = mx.slice_update(v_cache, v.astype(v_cache.dtype), at, axes=(2,))
-            o = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=a.scale, mask=mask)
+            if own_kernel:
+                o = cuda_attention.attention(q, k_cache, v_cache, left_pad, slot, a.scale)
+            else:
+                o = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=a.scale, mask=mask)
             x = x + _linear(a.o_proj, o.reshape(B, -1))
             gate, up = mx.split(gate_up(layer.post_attention_layernorm(x)), 2, axis=-1)
             x = x + _linear(layer.mlp.down_proj, swiglu(gate, up))

@@ -244,6 +244,19 @@ class Masked(L.FastDecoder):
         return self._start_masked(cache, prompt_slots, left_pad)
 
 
+class MaskedSdpa(Masked):
+    """The masked step with MLX's masked sdpa instead of asr.cuda_attention's kernel."""
+
+    def _forward(self, *args):
+        from asr import cuda_attention
+
+        cuda_attention.ENABLED = False
+        try:
+            return super()._forward(*args)
+        finally:
+            cuda_attention.ENABLED = True
+
+
 def knockout(*drop: str):
     return type("Knockout_" + "_".join(drop), (Knockout,), {"drop": frozenset(drop)})
 
@@ -340,8 +353,9 @@ def main() -> None:
     mx.eval(model.parameters())
     for n in (100, 400):
         print(f"chain of {n} rms_norm kernels: {tiny_chain(n, 20, True):.3f} ms ({tiny_chain(n, 20, True) / n * 1e3:.1f} us each)")
-    variants = [("FastDecoder", L.FastDecoder), ("fused-kernel", FusedSingle), ("packed", PackedSingle),
-                ("masked", Masked), ("addmm+uint32", AddmmDecoder), ("qk-rope", QKRopeDecoder)][: a.variants]
+    variants = [("FastDecoder", L.FastDecoder), ("masked", Masked), ("masked-sdpa", MaskedSdpa),
+                ("fused-kernel", FusedSingle), ("packed", PackedSingle), ("addmm+uint32", AddmmDecoder),
+                ("qk-rope", QKRopeDecoder)][: a.variants]
     if a.knockouts:
         variants = [("FastDecoder", L.FastDecoder)] + [(k, knockout(*k.split("+"))) for k in a.knockouts]
     for b in a.batch:
