@@ -283,14 +283,15 @@ def _linear(layer: nn.Module, x: mx.array) -> mx.array:
 
 
 class FastDecoder:
-    """Greedy decode steps for an mlx-lm Qwen3 with fixed shapes, so that one compiled graph serves every step.
+    """Greedy decode steps for an mlx-lm Qwen3 on MLX (GPUs; on a CPU only for non-fp32 LLMs, see cpu_llm).
 
     - q/k/v and gate/up are fused into one matmul each (4 matmuls a layer instead of 7);
-    - the KV cache is preallocated (CACHE_STEP positions at a time) and written with `slice_update` at a
-      position held in an array; attention reads the whole cache under a mask, so shapes do not change
-      from one step to the next;
-    - on a GPU (Metal or CUDA) the step is `mx.compile`d: elementwise work is fused and the graph is traced once
-      per (batch, cache size) instead of rebuilt op by op in Python each step. The CPU keeps the plain step
+    - a batch of one (`_start_single`) needs no attention mask: it attends over the cache up to the current
+      position (a slice), so MLX uses its single-query attention kernel; built op by op on prepared arrays;
+    - batches of several prompt lengths (`_start_masked`) keep a fixed-size KV cache (CACHE_STEP positions at a
+      time) written with `slice_update` at a position held in an array and read under a mask, so shapes do not
+      change from one step to the next and the step is `mx.compile`d on GPUs (traced once per (batch, cache
+      size)); on CUDA the masked attention is one custom kernel (asr/cuda_attention.py). The CPU does not compile
       (MLX compiles CPU kernels with the system C++ compiler, which may be absent).
     Tokens equal mlx-lm's own step (same layers, same cache contents; masked positions add exact zeros).
     """
