@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -70,3 +72,32 @@ def test_transcribe_uses_it_and_agrees(tiny_model, testdata, monkeypatch):
     monkeypatch.setattr(llm_mod, "NUMPY_ON_CPU", False)
     theirs = tiny_model.transcribe(clip, max_new_tokens=40, vad=False, repetition_guard=False)
     assert ours.token_ids == theirs.token_ids and len(ours.token_ids) == 40
+
+
+def test_device_specific_paths_stay_off_here(monkeypatch):
+    """On this CPU-only MLX the CUDA attention kernel is never chosen; MLX's CUDA graph-size default is only set
+    when MLX's CUDA build is installed, and never over the user's own value."""
+    from importlib import metadata
+
+    from asr import _mlx_env, cuda_attention
+
+    assert not cuda_attention.available(128)
+
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "placeholder")  # so that teardown restores the real state
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    installed: set[str] = set()
+
+    def version(dist):
+        if dist in installed:
+            return "0.32.4"
+        raise metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(_mlx_env.metadata, "version", version)
+    _mlx_env.apply_defaults()
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
+    installed.add("mlx-cuda-13")
+    _mlx_env.apply_defaults()
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == _mlx_env.CUDA_OPS_PER_BUFFER
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "7")
+    _mlx_env.apply_defaults()
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "7"
