@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import attention
 from .encoder import FeedForward
 
 
@@ -50,7 +51,7 @@ class MultiHeadAttention(nn.Module):
         d_k = D // self.heads
         q, k, v = (lin(x).reshape(B, L, self.heads, d_k).transpose(0, 2, 1, 3)
                    for lin in (self.linear_q, self.linear_k, self.linear_v))
-        att = mx.fast.scaled_dot_product_attention(q, k, v, scale=d_k**-0.5, mask=attn_mask)
+        att = attention(q, k, v, d_k**-0.5, attn_mask)
         return self.linear_out(att.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
