@@ -6,8 +6,9 @@ symbols to it instead (~30-50x faster matmuls on CPU). This must run before the 
 `asr/__init__.py` calls it first thing.
 
 Search order: Intel MKL from PyPI in this environment (`pip install mkl`, i.e. the `mkl` extra: its sgemm
-handles the one-row products of decoding as gemv, ~2x faster decoding than OpenBLAS 0.3.21, see
-docs/performance.md), then the system OpenBLAS (Debian/Ubuntu `libopenblas0-pthread`, Fedora, Arch).
+handles one-row products as gemv, ~2x faster than OpenBLAS 0.3.21 for MLX's own decode step, which runs for
+bf16/quantized LLMs on a CPU; the fp32 LLM uses NumPy's BLAS, asr/cpu_llm.py), then the system OpenBLAS
+(Debian/Ubuntu `libopenblas0-pthread`, Fedora, Arch). MLX's CPU matmuls (the encoder) use the one loaded.
 
 Control with FUNASR_NANO_BLAS: unset/"auto" (search), "off" (keep the bundled BLAS), "openblas" (skip
 MKL), or a path to a shared library.
