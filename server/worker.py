@@ -54,15 +54,17 @@ class ModelInfo:
     compute: str = "unknown"  # MLX backend and device (and the CPU BLAS), for server_status
 
 
-def _compute() -> str:
-    """'cpu (BLAS ...)', 'metal' or 'cuda' as MLX sees it on this (the worker) thread."""
+def _compute(model=None) -> str:
+    """'cpu (BLAS ...)', 'metal' or 'cuda' as MLX sees it on this (the worker) thread, and the LLM's runner."""
     try:
-        from asr import backend
+        from asr import backend, cpu_llm
 
         b = backend.info()
     except Exception:  # noqa: BLE001 - informational only
         return "unknown"
-    return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']})"
+    llm = getattr(getattr(model, "net", None), "llm", None)  # test doubles have none
+    runner = "; LLM: NumPy BLAS (asr/cpu_llm.py)" if llm is not None and cpu_llm.applies(llm) else ""
+    return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']}{runner})"
 
 
 class EngineUnavailable(Exception):
@@ -243,7 +245,7 @@ class Engine:
             model = self._loader()
             info = ModelInfo(
                 name=str(model.name), variant=str(model.variant), dtype=str(model.dtype),
-                quantization=model.quantization, languages=tuple(model.languages), compute=_compute(),
+                quantization=model.quantization, languages=tuple(model.languages), compute=_compute(model),
             )
             self.info = info
             if self._warmup:

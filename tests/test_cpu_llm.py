@@ -101,3 +101,12 @@ def test_device_specific_paths_stay_off_here(monkeypatch):
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "7")
     _mlx_env.apply_defaults()
     assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "7"
+
+
+def test_server_status_names_the_runner(tiny_model, tiny_checkpoint):
+    import asr
+    from server.worker import _compute
+
+    assert _compute(tiny_model).startswith("cpu (") and "LLM: NumPy BLAS" in _compute(tiny_model)
+    assert "NumPy" not in _compute(asr.load_model(str(tiny_checkpoint), dtype="bfloat16"))
+    assert "NumPy" not in _compute(object())
