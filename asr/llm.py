@@ -314,32 +314,28 @@ class FastDecoder:
         self._step = mx.compile(self._forward) if compile_ else self._forward
 
     def start(self, cache: list, prompt_slots: int, left_pad: list[int]):
-        """Copy an mlx-lm prefill cache into fixed-size buffers; return a step function tokens [B] -> [B]."""
+        """Copy an mlx-lm prefill cache into growable buffers; return a step function tokens [B] -> [B]."""
+        kv = [[_grow(c.keys[..., :prompt_slots, :], prompt_slots + 1),
+               _grow(c.values[..., :prompt_slots, :], prompt_slots + 1)] for c in cache]
         if left_pad == [0]:
-            return self._start_single(cache, prompt_slots)
-        return self._start_masked(cache, prompt_slots, left_pad)
+            return self._start_single(kv, prompt_slots)
+        return self._start_masked(kv, prompt_slots, left_pad)
 
-    def _start_masked(self, cache: list, prompt_slots: int, left_pad: list[int]):
+    def _start_masked(self, kv: list, prompt_slots: int, left_pad: list[int]):
         """Rows of different prompt lengths: fixed-size caches under a mask, one compiled step (on GPUs)."""
-        kv = []
-        for c in cache:
-            keys, values = c.keys[..., :prompt_slots, :], c.values[..., :prompt_slots, :]
-            kv.append([_grow(keys, _round_up(prompt_slots + 1)), _grow(values, _round_up(prompt_slots + 1))])
         # the position lives on the device and is advanced by the step itself (no host->device copy per token)
         state = {"kv": kv, "slot": prompt_slots, "at": mx.array(prompt_slots, dtype=mx.int32)}
         pad = mx.array(left_pad, dtype=mx.int32)
 
         def step(tok: mx.array) -> mx.array:
             slot = state["slot"]
-            if slot >= state["kv"][0][0].shape[2]:
-                state["kv"] = [[_grow(k, slot + CACHE_STEP), _grow(v, slot + CACHE_STEP)] for k, v in state["kv"]]
-            nxt, state["kv"], state["at"] = self._step(tok, state["at"], pad, state["kv"])
+            nxt, state["kv"], state["at"] = self._step(tok, state["at"], pad, _with_room(state["kv"], slot))
             state["slot"] = slot + 1
             return nxt
 
         return step
 
-    def _start_single(self, cache: list, prompt_slots: int):
+    def _start_single(self, kv: list, prompt_slots: int):
         """The step for a batch of one: nothing is padded, so attention needs no mask.
 
         Attention reads the cache up to the current position (a slice), which lets MLX use its single-query
@@ -347,16 +343,14 @@ class FastDecoder:
         a softmax, a matmul and their copies in every layer): 4.5 of 8 ms a step on an H100
         (tools/gpu/probe_step.py). The shapes grow by one position a step, so this step is not compiled.
         """
-        kv = []
-        for c in cache:
-            keys, values = c.keys[..., :prompt_slots, :], c.values[..., :prompt_slots, :]
-            kv.append([_grow(keys, _round_up(prompt_slots + 1)), _grow(values, _round_up(prompt_slots + 1))])
+        if self._plans is None:
+            self._plans = [_LayerPlan.of(layer, qkv, gate_up) for layer, (qkv, gate_up)
+                           in zip(self.model.model.layers, self.fused, strict=True)]
         state = {"kv": kv, "slot": prompt_slots}
 
         def step(tok: mx.array) -> mx.array:
             slot = state["slot"]
-            if slot >= state["kv"][0][0].shape[2]:
-                state["kv"] = [[_grow(k, slot + CACHE_STEP), _grow(v, slot + CACHE_STEP)] for k, v in state["kv"]]
+            state["kv"] = _with_room(state["kv"], slot)
             state["slot"] = slot + 1
             return self._forward_single(tok, slot, state["kv"])
 
@@ -365,13 +359,10 @@ class FastDecoder:
     def _forward_single(self, tok: mx.array, slot: int, kv: list) -> mx.array:
         """One step of a batch of one at cache position `slot` (a Python int); writes the caches in place.
 
-        Built op by op in Python every step, so it calls MLX's functions directly on prepared arrays (`_plan`)
-        rather than through the modules: 1.6 -> ~1 ms of Python a step."""
+        Built op by op in Python every step, so it calls MLX's functions directly on prepared arrays
+        (`_LayerPlan`) rather than through the modules: 1.6 -> 1.3 ms of Python a step on the 2-core VM."""
         from mlx_lm.models.activations import swiglu
 
-        if self._plans is None:
-            self._plans = [_LayerPlan.of(layer, qkv, gate_up) for layer, (qkv, gate_up)
-                           in zip(self.model.model.layers, self.fused, strict=True)]
         rms_norm, rope, sdpa = mx.fast.rms_norm, mx.fast.rope, mx.fast.scaled_dot_product_attention
         m = self.model.model
         x = m.embed_tokens(tok)  # [1, D]
@@ -487,6 +478,13 @@ def _product(layer):
 
 def _round_up(n: int) -> int:
     return -(-n // CACHE_STEP) * CACHE_STEP
+
+
+def _with_room(kv: list, slot: int) -> list:
+    """The [k, v] caches of every layer, grown by CACHE_STEP positions when position `slot` does not fit."""
+    if slot < kv[0][0].shape[2]:
+        return kv
+    return [[_grow(k, slot + CACHE_STEP), _grow(v, slot + CACHE_STEP)] for k, v in kv]
 
 
 def _grow(a: mx.array, size: int) -> mx.array:

@@ -27,8 +27,8 @@ CONFIG = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, interm
 class Masked(L.FastDecoder):
     """FastDecoder's masked, compiled step even for a batch of one (what it did before the mask-free path)."""
 
-    def start(self, cache, prompt_slots, left_pad):
-        return self._start_masked(cache, prompt_slots, left_pad)
+    def _start_single(self, kv, prompt_slots):
+        return self._start_masked(kv, prompt_slots, [0])
 
 
 class MaskedSdpa(Masked):
