@@ -27,7 +27,7 @@ from mcp.server.mcpserver import Context, ListRoots, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from asr.errors import ASRError, AudioTooLargeError, EmptyAudioError
 from asr.languages import resolve as resolve_language
@@ -238,9 +238,13 @@ def _render(out: TranscriptionOutput) -> str:
     return "\n".join(lines)
 
 
+def _tool_result(text: str, out: BaseModel) -> CallToolResult:
+    """A tool answer: `text` for the model to read, `out` as the structured result."""
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=out.model_dump(mode="json"))
+
+
 def _result(out: TranscriptionOutput) -> CallToolResult:
-    return CallToolResult(content=[TextContent(type="text", text=_render(out))],
-                          structured_content=out.model_dump(mode="json"))
+    return _tool_result(_render(out), out)
 
 
 async def _follow(ctx: Context, state: AppState, job: Job, *, deadline: float, include_segments: bool) -> CallToolResult:
@@ -605,8 +609,7 @@ def create_server(
         else:
             message = f"Job {job.id} is stopping; it will be cancelled within moments."
         out = CancelOutput(job_id=job.id, status=job.state, message=message)
-        return CallToolResult(content=[TextContent(type="text", text=message)],
-                              structured_content=out.model_dump(mode="json"))
+        return _tool_result(message, out)
 
     # ---- information tools -------------------------------------------------------------------
     @mcp.tool(
@@ -641,8 +644,7 @@ def create_server(
                 "pass language='auto' to detect:\n"
                 + "\n".join(f"{lg.code}: {lg.name} [{lg.prompt_name}]" + (f" - {lg.note}" if lg.note else "")
                             for lg in langs))
-        return CallToolResult(content=[TextContent(type="text", text=text)],
-                              structured_content=out.model_dump(mode="json"))
+        return _tool_result(text, out)
 
     @mcp.tool(
         title="Server status",
@@ -675,7 +677,6 @@ def create_server(
         text = (f"Model {engine.state}: {model}" + (f" - {engine.error}" if engine.error else "")
                 + f"; {running} running, {queued} queued, {len(jobs)} job(s) known. "
                 f"Allowed folders: {', '.join(out.allowed_roots)}. URL policy: {settings.url_policy}.")
-        return CallToolResult(content=[TextContent(type="text", text=text)],
-                              structured_content=out.model_dump(mode="json"))
+        return _tool_result(text, out)
 
     return mcp
