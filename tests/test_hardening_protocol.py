@@ -200,11 +200,10 @@ def test_malformed_messages_are_survived(raw):
     assert "id" in raw.request("tools/call", {"name": "transcribe_file"})  # no arguments: answered somehow
     assert "error" in raw.request("resources/read", {"uri": "file:///etc/passwd"})  # no resources: no file leak
     assert "error" in raw.request("prompts/get", {"name": "x"})  # (the SDK logs this one with a traceback)
-    # a 10 MB argument: refused by the schema, answered quickly and briefly
-    t0 = time.monotonic()
+    # a 10 MB argument: refused by the schema, answered within 30 s and briefly
     raw.message(call("/" + "a" * (10 << 20), "huge"))
     huge = raw.wait_for("huge", timeout=30)
-    assert huge["result"]["isError"] is True and time.monotonic() - t0 < 30
+    assert huge["result"]["isError"] is True  # within wait_for's 30 s
     assert len(raw.lines[-1]) < 20_000
     # a 10 MB request the server accepts
     assert raw.request("ping", {"_meta": {"padding": "p" * (10 << 20)}})["result"] == {}
@@ -250,9 +249,7 @@ def test_stdin_closed_mid_call(tmp_path):
     server = RawServer(tmp_path, env={"FAKE_RTF": "2"})  # 11 s of audio take 22 s
     try:
         _start_slow_call(server)
-        t0 = time.monotonic()
-        log = clean_exit(server, server.finish(timeout=20))
-        assert time.monotonic() - t0 < 15
+        log = clean_exit(server, server.finish(timeout=20))  # the job alone would take 22 s
         assert "cancelled" in log  # the job went with its call
     finally:
         server.kill()
@@ -263,11 +260,9 @@ def test_client_vanishes_mid_call(tmp_path):
     server = RawServer(tmp_path, env={"FAKE_RTF": "2"})
     try:
         _start_slow_call(server)
-        t0 = time.monotonic()
         server.proc.stdout.close()
         server.proc.stdin.close()
-        rc = server.proc.wait(20)
-        assert time.monotonic() - t0 < 15
+        rc = server.proc.wait(20)  # the job alone would take 22 s
         log = clean_exit(server, rc)
         assert "client closed the connection" in log and "cancelled" in log
     finally:
