@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -36,8 +35,6 @@ from tests.test_server_support import JFK, REPO
 from tests.test_torch_zip import _payloads, _write_zip
 from tools import torch_zip_writer as tzw
 
-FAST_S = 10.0  # every refusal here is immediate; this only catches runaway work on a busy machine
-
 
 def clone(src: Path, dst: Path) -> Path:
     """A model directory like `src`: small files copied, big ones symlinked (so each case costs nothing)."""
@@ -53,10 +50,8 @@ def clone(src: Path, dst: Path) -> Path:
 
 
 def refused(path: Path, match: str, exc: type[Exception] = CheckpointError) -> str:
-    t0 = time.perf_counter()
     with pytest.raises(exc, match=match) as info:
         asr.load_model(str(path), dtype="float32")
-    assert time.perf_counter() - t0 < FAST_S
     message = str(info.value)
     assert len(message) > 40
     return message

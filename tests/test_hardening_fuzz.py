@@ -14,7 +14,6 @@ Example counts are modest (the suite shares 2 cores); the stdio wire is fuzzed i
 from __future__ import annotations
 
 import io
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -41,7 +40,6 @@ from tests.test_hardening_corpus import riff
 from tests.test_server_support import FakeModel, fake_loader, write_wav
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-PER_INPUT_S = 5.0
 
 
 # --- audio bytes ------------------------------------------------------------------------------------------------
@@ -66,7 +64,6 @@ SEEDS = {fmt: _encoded(fmt) for fmt in ("wav16", "wavf", "flac", "mp3", "ogg", "
 
 
 def sane_or_audio_error(data: bytes) -> None:
-    t0 = time.perf_counter()
     try:
         audio = load_audio(data)
     except AudioError as exc:
@@ -75,7 +72,6 @@ def sane_or_audio_error(data: bytes) -> None:
         x = audio.samples
         assert x.dtype == np.float32 and x.ndim == 1 and len(x) >= 400 and np.isfinite(x).all()
         assert audio.sample_rate == SAMPLE_RATE and audio.channels >= 1
-    assert time.perf_counter() - t0 < PER_INPUT_S
 
 
 @FUZZ

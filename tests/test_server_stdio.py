@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -105,13 +104,11 @@ async def test_stdio_with_fake_model(tmp_path, mode):
     params = _params(sys.executable, args, {"FAKE_LOAD_S": "1.0", "FUNASR_NANO_MCP_LOG_LEVEL": "INFO"})
     with http_server({"/jfk.wav": send_body(JFK.read_bytes())}) as (port, _), errlog.open("w") as err:
         with anyio.fail_after(60):
-            start = time.monotonic()
             async with Client(stdio_client(params, errlog=err), mode=mode) as client:
                 await client.list_tools()
                 status = StatusOutput.model_validate(
                     (await client.call_tool("server_status", {})).structured_content)
                 assert status.model_state in ("starting", "loading")  # the handshake did not wait for it
-                assert time.monotonic() - start < 10
                 await call_every_tool(client, port, expect_text="fake transcript of 11.00 seconds",
                                       expect_dtype="bfloat16")
     logged = errlog.read_text()
