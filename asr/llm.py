@@ -231,10 +231,11 @@ def _stepper(model, cache: list, prompt_slots: int, left_pad: list[int]):
 
 # --- fixed-shape decode steps ----------------------------------------------------------------------------
 class _FusedLinear:
-    """Several bias-free linear layers on the same input as one matmul (q|k|v, gate|up).
+    """One or several bias-free linear layers on the same input as one product (q|k|v, gate|up, o, down).
 
-    The fused weights are built once; the original layers' parameters are replaced by row slices of them
-    (views: no extra memory), so the mlx-lm modules (prefill, teacher forcing) keep working unchanged.
+    Several layers' weights are concatenated once; the original layers' parameters are replaced by row slices of
+    them (views: no extra memory), so the mlx-lm modules (prefill, teacher forcing) keep working unchanged. The
+    transposed weight is prepared once, so a step adds no transpose per product.
     """
 
     def __init__(self, layers: list[nn.Module]):
@@ -245,41 +246,34 @@ class _FusedLinear:
         names = [k for k in ("weight", "scales", "biases") if k in first]
         if self.quantized:
             self.group_size, self.bits, self.mode = first.group_size, first.bits, first.mode
-        self.params = {k: mx.concatenate([m[k] for m in layers], axis=0) for k in names}
-        mx.eval(self.params)
         self.sizes = [int(m["weight"].shape[0]) for m in layers]
-        offset = 0
-        for m, n in zip(layers, self.sizes, strict=True):
-            for k in names:
-                setattr(m, k, self.params[k][offset: offset + n])
-            offset += n
-        mx.eval([m.parameters() for m in layers])
+        if len(layers) == 1:
+            self.params = {k: first[k] for k in names}
+        else:
+            self.params = {k: mx.concatenate([m[k] for m in layers], axis=0) for k in names}
+            mx.eval(self.params)
+            offset = 0
+            for m, n in zip(layers, self.sizes, strict=True):
+                for k in names:
+                    setattr(m, k, self.params[k][offset: offset + n])
+                offset += n
+            mx.eval([m.parameters() for m in layers])
+        self._w_t = None if self.quantized else self.params["weight"].T
 
     def __call__(self, x: mx.array) -> mx.array:
+        """x [B, K] -> [B, N].
+
+        On the CPU, MLX hands every product to cblas_sgemm; with OpenBLAS, sgemm with one row (M=1) is 2-3x slower
+        than the same product with the weight as the left operand (w @ x.T, M=N rows, one column): 5.6 -> 3.0 ms
+        per Qwen3 layer on the project's 2-core machine. On GPUs the plain form is kept.
+        """
         p = self.params
         if self.quantized:
             return mx.quantized_matmul(x, p["weight"], scales=p["scales"], biases=p.get("biases"), transpose=True,
                                        group_size=self.group_size, bits=self.bits, mode=self.mode)
-        return _matvec(x, p["weight"])
-
-
-def _matvec(x: mx.array, w: mx.array) -> mx.array:
-    """x [B, K] @ w[N, K].T for a few rows B.
-
-    On the CPU, MLX hands every product to cblas_sgemm; with OpenBLAS, sgemm with one row (M=1) is 2-3x slower
-    than the same product with the weight as the left operand (w @ x.T, M=N rows, one column): 5.6 -> 3.0 ms per
-    Qwen3 layer on the project's 2-core machine. On GPUs the plain form is kept.
-    """
-    if x.shape[0] <= 8 and mx.default_device() == mx.cpu:
-        return (w @ x.T).T
-    return x @ w.T
-
-
-def _linear(layer: nn.Module, x: mx.array) -> mx.array:
-    """A bias-free mlx Linear through `_matvec`; anything else (quantized layers) through its own call."""
-    if type(layer) is nn.Linear and "bias" not in layer:
-        return _matvec(x, layer.weight)
-    return layer(x)
+        if x.shape[0] <= 8 and mx.default_device() == mx.cpu:
+            return (p["weight"] @ x.T).T
+        return x @ self._w_t
 
 
 class FastDecoder:
@@ -307,8 +301,11 @@ class FastDecoder:
 
     def __init__(self, model: qwen3.Model):
         self.model = model
+        # per layer: q|k|v, gate|up, o, down
         self.fused = [(_FusedLinear([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                       _FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in model.model.layers]
+                       _FusedLinear([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                       _FusedLinear([layer.self_attn.o_proj]), _FusedLinear([layer.mlp.down_proj]))
+                      for layer in model.model.layers]
         self._plans: list[_LayerPlan] | None = None
         compile_ = COMPILE_DECODE if COMPILE_DECODE is not None else mx.default_device().type == mx.gpu
         self._step = mx.compile(self._forward) if compile_ else self._forward
@@ -344,8 +341,8 @@ class FastDecoder:
         (tools/gpu/probe_step.py). The shapes grow by one position a step, so this step is not compiled.
         """
         if self._plans is None:
-            self._plans = [_LayerPlan.of(layer, qkv, gate_up) for layer, (qkv, gate_up)
-                           in zip(self.model.model.layers, self.fused, strict=True)]
+            self._plans = [_LayerPlan.of(layer, *products)
+                           for layer, products in zip(self.model.model.layers, self.fused, strict=True)]
         state = {"kv": kv, "slot": prompt_slots}
 
         def step(tok: mx.array) -> mx.array:
@@ -404,7 +401,7 @@ class FastDecoder:
         rope_pos = slot - left_pad
         at = slot.reshape(1)
         new_kv = []
-        for layer, (qkv, gate_up), (k_cache, v_cache) in zip(m.layers, self.fused, kv, strict=True):
+        for layer, (qkv, gate_up, o_proj, down), (k_cache, v_cache) in zip(m.layers, self.fused, kv, strict=True):
             a = layer.self_attn
             nq, nk = qkv.sizes[0], qkv.sizes[1]
             q, k, v = mx.split(qkv(layer.input_layernorm(x)), [nq, nq + nk], axis=-1)
@@ -418,9 +415,9 @@ class FastDecoder:
                 o = cuda_attention.attention(q, k_cache, v_cache, left_pad, slot, a.scale)
             else:
                 o = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=a.scale, mask=mask)
-            x = x + _linear(a.o_proj, o.reshape(B, -1))
+            x = x + o_proj(o.reshape(B, -1))
             gate, up = mx.split(gate_up(layer.post_attention_layernorm(x)), 2, axis=-1)
-            x = x + _linear(layer.mlp.down_proj, swiglu(gate, up))
+            x = x + down(swiglu(gate, up))
             new_kv.append([k_cache, v_cache])
         h = m.norm(x)
         logits = m.embed_tokens.as_linear(h) if self.model.args.tie_word_embeddings else self.model.lm_head(h)
@@ -442,13 +439,13 @@ class _LayerPlan:
     split: list[int]
     q_shape: tuple[int, ...]
     kv_shape: tuple[int, ...]
-    qkv: object
-    o: object
-    gate_up: object
-    down: object
+    qkv: _FusedLinear
+    o: _FusedLinear
+    gate_up: _FusedLinear
+    down: _FusedLinear
 
     @classmethod
-    def of(cls, layer, qkv: _FusedLinear, gate_up: _FusedLinear) -> _LayerPlan:
+    def of(cls, layer, qkv: _FusedLinear, gate_up: _FusedLinear, o: _FusedLinear, down: _FusedLinear) -> _LayerPlan:
         a = layer.self_attn
         head_dim = a.q_norm.weight.shape[0]
         if not isinstance(a.rope, HFRoPE):
@@ -459,21 +456,8 @@ class _LayerPlan:
             freqs=a.rope._freqs, rope_dims=a.rope.dims, scale=a.scale,
             split=[qkv.sizes[0], qkv.sizes[0] + qkv.sizes[1]],
             q_shape=(1, a.n_heads, 1, head_dim), kv_shape=(1, a.n_kv_heads, 1, head_dim),
-            qkv=_product(qkv), o=_product(a.o_proj), gate_up=_product(gate_up), down=_product(layer.mlp.down_proj),
+            qkv=qkv, o=o, gate_up=gate_up, down=down,
         )
-
-
-def _product(layer):
-    """x [B, K] -> x @ W.T for a bias-free linear layer: the transposed weight is prepared once (on the CPU the
-    `_matvec` form); quantized layers keep their own call."""
-    w = layer.params["weight"] if isinstance(layer, _FusedLinear) and not layer.quantized else (
-        layer.weight if type(layer) is nn.Linear and "bias" not in layer else None)
-    if w is None:
-        return layer
-    if mx.default_device() == mx.cpu:
-        return lambda x: _matvec(x, w)
-    w_t = w.T
-    return lambda x: x @ w_t
 
 
 def _round_up(n: int) -> int:
