@@ -89,10 +89,14 @@ class NumpyQwen3:
         self.inv_freq = np.asarray(inv, dtype=np.float32)
 
     # --- one forward pass over T new positions of every row ----------------------------------------------
-    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x [B, T, H, hd] rotated by positions [B, T] (rotate-half convention)."""
-        theta = positions.astype(np.float32)[..., None] * self.inv_freq  # [B, T, hd/2], fp32 like HF
-        cos, sin = np.cos(theta)[:, :, None, :], np.sin(theta)[:, :, None, :]
+    def _rotation(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [B, T, 1, hd/2] of positions [B, T] (fp32 like HF): once per pass, for every layer."""
+        theta = positions.astype(np.float32)[..., None] * self.inv_freq
+        return np.cos(theta)[:, :, None, :], np.sin(theta)[:, :, None, :]
+
+    def _rope(self, x: np.ndarray, rotation: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """x [B, T, H, hd] rotated (rotate-half convention)."""
+        cos, sin = rotation
         half = self.head_dim // 2
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -110,9 +114,9 @@ class NumpyQwen3:
         valid = ((k_pos[None, None, :] >= state.left_pad[:, None, None]) & (k_pos[None, None, :] <= q_pos[None, :, None])
                  | (k_pos[None, None, :] == q_pos[None, :, None]))                                    # [B, T, end]
         bias = np.where(valid, np.float32(0.0), np.float32(-np.inf))[:, None, None]               # [B, 1, 1, T, end]
-        positions = q_pos[None, :] - state.left_pad[:, None]                                          # [B, T]
+        rotation = self._rotation(q_pos[None, :] - state.left_pad[:, None])  # RoPE positions [B, T]
         for layer, k_cache, v_cache in zip(self.layers, state.k, state.v, strict=True):
-            x = x + self._attention(layer, layer.norm1(x), positions, bias, k_cache, v_cache, start)
+            x = x + self._attention(layer, layer.norm1(x), rotation, bias, k_cache, v_cache, start)
             h = layer.norm2(x)
             gate, up = _mm(h, layer.w_gate), _mm(h, layer.w_up)
             with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0.0, as in fp32 elsewhere
@@ -120,13 +124,13 @@ class NumpyQwen3:
         state.slot = end
         return self.norm(x[:, -1])
 
-    def _attention(self, layer: _Layer, h: np.ndarray, positions: np.ndarray, bias: np.ndarray,
+    def _attention(self, layer: _Layer, h: np.ndarray, rotation: tuple[np.ndarray, np.ndarray], bias: np.ndarray,
                    k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
         B, T, _ = h.shape
         hd, H, KV = self.head_dim, layer.n_heads, layer.n_kv
         G = H // KV
-        q = self._rope(layer.q_norm(_mm(h, layer.wq).reshape(B, T, H, hd)), positions)
-        k = self._rope(layer.k_norm(_mm(h, layer.wk).reshape(B, T, KV, hd)), positions)
+        q = self._rope(layer.q_norm(_mm(h, layer.wq).reshape(B, T, H, hd)), rotation)
+        k = self._rope(layer.k_norm(_mm(h, layer.wk).reshape(B, T, KV, hd)), rotation)
         v = _mm(h, layer.wv).reshape(B, T, KV, hd)
         end = start + T
         k_cache[:, :, start:end] = k.transpose(0, 2, 1, 3)
