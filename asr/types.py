@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 class Language(BaseModel):
     """A language the loaded model variant accepts."""
 
-    code: str = Field(description="ISO 639 code, e.g. 'zh', 'en', 'ja', 'yue'")
-    name: str = Field(description="English name")
-    prompt_name: str = Field(description="The name the model's prompt expects, e.g. '中文'")
+    code: str = Field(description="ISO 639 code, e.g. 'zh', 'en', 'ja', 'yue' (accepted as language=)")
+    name: str = Field(description="English name (also accepted as language=)")
+    prompt_name: str = Field(description="The name the model's prompt expects, e.g. '中文' (also accepted as language=)")
     note: str | None = Field(default=None, description="How this language is handled, when not obvious")
 
 

@@ -39,7 +39,6 @@ from .paths import PathPolicy, PathRefused, roots_from_uris
 from .schemas import (
     CancelOutput,
     JobSummary,
-    LanguageInfo,
     LanguagesOutput,
     Limits,
     ModelInfo,
@@ -633,8 +632,7 @@ def create_server(
         if engine.info is None:
             raise ToolError(f"The model is still loading ({engine.load_elapsed_s:.0f} s so far); call again shortly.")
         info = engine.info
-        langs = [LanguageInfo(code=lg.code, name=lg.name, prompt_name=lg.prompt_name, note=lg.note)
-                 for lg in info.languages]
+        langs = list(info.languages)
         out = LanguagesOutput(
             model=_model_info(engine), languages=langs,
             auto="language='auto' (the default) lets the model choose; the result then says which language was "

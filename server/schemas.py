@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from asr.types import Language
+
 
 class ModelInfo(BaseModel):
     name: str = Field(description="checkpoint name, e.g. 'Fun-ASR-Nano-2512'")
@@ -76,16 +78,10 @@ class TranscriptionOutput(BaseModel):
     next_step: str | None = Field(default=None, description="what to do next when the transcript is not ready")
 
 
-class LanguageInfo(BaseModel):
-    code: str = Field(description="ISO 639 code to pass as language=")
-    name: str = Field(description="English name (also accepted as language=)")
-    prompt_name: str = Field(description="the name the model's prompt uses (also accepted as language=)")
-    note: str | None = None
-
 
 class LanguagesOutput(BaseModel):
     model: ModelInfo
-    languages: list[LanguageInfo]
+    languages: list[Language]  # the library's own model
     auto: str = Field(description="how automatic detection works")
 
 
