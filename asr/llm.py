@@ -94,10 +94,12 @@ def last_logits(model, dummy: mx.array, cache, embeds: mx.array) -> mx.array:
     """
     if not isinstance(model, qwen3.Model):  # a wrapped model (tests) keeps its own call
         return model(dummy, cache=cache, input_embeddings=embeds)[:, -1:, :]
-    h = model.model(dummy, cache, embeds)[:, -1:, :]
-    if model.args.tie_word_embeddings:
-        return model.model.embed_tokens.as_linear(h)
-    return model.lm_head(h)
+    return _lm_head(model, model.model(dummy, cache, embeds)[:, -1:, :])
+
+
+def _lm_head(model: qwen3.Model, h: mx.array) -> mx.array:
+    """Logits of hidden states h: the tied embedding or the separate head."""
+    return model.model.embed_tokens.as_linear(h) if model.args.tie_word_embeddings else model.lm_head(h)
 
 
 def teacher_forced_logits(model: qwen3.Model, embeds: mx.array, token_ids: list[int]) -> mx.array:
@@ -376,8 +378,7 @@ class FastDecoder:
             x = x + p.o(o.reshape(1, -1))
             gate, up = mx.split(p.gate_up(rms_norm(x, p.ln2, p.eps)), 2, axis=-1)
             x = x + p.down(swiglu(gate, up))
-        h = m.norm(x)
-        logits = m.embed_tokens.as_linear(h) if self.model.args.tie_word_embeddings else self.model.lm_head(h)
+        logits = _lm_head(self.model, m.norm(x))
         return mx.argmax(logits, axis=-1).astype(mx.int32)
 
     def _forward(self, tok: mx.array, slot: mx.array, left_pad: mx.array, kv: list) -> tuple[mx.array, list, mx.array]:
@@ -419,8 +420,7 @@ class FastDecoder:
             gate, up = mx.split(gate_up(layer.post_attention_layernorm(x)), 2, axis=-1)
             x = x + down(swiglu(gate, up))
             new_kv.append([k_cache, v_cache])
-        h = m.norm(x)
-        logits = m.embed_tokens.as_linear(h) if self.model.args.tie_word_embeddings else self.model.lm_head(h)
+        logits = _lm_head(self.model, m.norm(x))
         return mx.argmax(logits, axis=-1).astype(mx.int32), new_kv, slot + 1
 
 
