@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
 
-from . import cpu_llm, cuda_attention
+from . import cpu_llm, cuda_attention, cuda_decode
 from .errors import ModelLoadError, TranscriptionCancelled
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
@@ -282,7 +282,8 @@ class FastDecoder:
     """Greedy decode steps for an mlx-lm Qwen3 on MLX (GPUs; on a CPU only for non-fp32 LLMs, see cpu_llm).
 
     - q/k/v and gate/up are fused into one matmul each (4 matmuls a layer instead of 7);
-    - a batch of one (`_start_single`) needs no attention mask: it attends over the cache up to the current
+    - a batch of one on CUDA runs `asr.cuda_decode.FusedStep` (five custom kernels a layer, one compiled step);
+    - elsewhere a batch of one (`_start_single`) needs no attention mask: it attends over the cache up to the current
       position (a slice), so MLX uses its single-query attention kernel; built op by op on prepared arrays;
     - batches of several prompt lengths (`_start_masked`) keep a fixed-size KV cache (CACHE_STEP positions at a
       time) written with `slice_update` at a position held in an array and read under a mask, so shapes do not
@@ -309,6 +310,7 @@ class FastDecoder:
                        _FusedLinear([layer.self_attn.o_proj]), _FusedLinear([layer.mlp.down_proj]))
                       for layer in model.model.layers]
         self._plans: list[_LayerPlan] | None = None
+        self._fused_step: cuda_decode.FusedStep | None = None
         compile_ = COMPILE_DECODE if COMPILE_DECODE is not None else mx.default_device().type == mx.gpu
         self._step = mx.compile(self._forward) if compile_ else self._forward
 
@@ -317,6 +319,10 @@ class FastDecoder:
         kv = [[_grow(c.keys[..., :prompt_slots, :], prompt_slots + 1),
                _grow(c.values[..., :prompt_slots, :], prompt_slots + 1)] for c in cache]
         if left_pad == [0]:
+            if cuda_decode.available(self.model, 1):
+                if self._fused_step is None:
+                    self._fused_step = cuda_decode.FusedStep(self.model, self.fused)
+                return self._fused_step.start(kv, prompt_slots)
             return self._start_single(kv, prompt_slots)
         return self._start_masked(kv, prompt_slots, left_pad)
 

@@ -1,0 +1,391 @@
+"""The greedy decode step for a batch of one on CUDA, as five custom kernels a layer.
+
+A decode step built from MLX operations is ~450 kernels, and on MLX's CUDA backend each costs 2.6-4.5 us of host
+time, so the step is bound by the host, not by the GPU (tools/gpu/probe_step.py). This step does the same math in
+five kernels a layer, and the whole step is one `mx.compile`d function (no Python per operation):
+
+1. `norm_gemv`: the input RMSNorm, then the q|k|v product (matrix-vector: a batch of one reads each weight once);
+2. `attend`: q/k RMSNorm and RoPE, the new k and v written into the KV cache at the current position, and
+   single-query attention over positions 0..pos (8 warps per head share the positions);
+3. `gemv` with the residual add: x + o_proj(attention);
+4. `norm_gemv` for gate|up with SwiGLU: the post-attention RMSNorm, both products and silu(gate) * up;
+5. `gemv` with the residual add: x + down_proj(...).
+
+The head is `norm_gemv` with the final norm over the tied embedding; the token is `argmax`. Rounding follows the
+MLX operations it replaces (each op's result is rounded to the model dtype where MLX rounds it), with float32
+accumulation; products sum in a different order than cuBLAS, so logits agree to rounding, not bit for bit.
+
+The KV cache is written in place: `attend` receives the cache arrays as inputs and writes position `pos` through
+them. That is safe here because the caches belong to the decoder alone, nothing else reads them, and every later
+reader (the next step's `attend` of the same layer) depends on this one through the hidden state.
+
+Used only where `available()`: MLX's CUDA backend, a batch of one, unquantized weights. Metal, the CPU, batches
+and quantized models keep `asr.llm.FastDecoder`'s MLX step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+ENABLED = True  # A/B switch (benchmarks, tools/gpu/probe_step.py)
+COMPILE = True  # False: build the step kernel by kernel every time (A/B switch for tools/gpu/probe_step.py)
+
+_HEADER = """
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  // 16 bytes of T as floats, through the read-only cache (weights only)
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 16 / (int)sizeof(T); ++i) out[i] = static_cast<float>(v[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, off));
+  return v;
+}
+"""
+
+# One block = WARPS warps; each warp computes ROWS outputs. MODE 0: out = W x; 1: out = res + W x;
+# 2 (SwiGLU): W holds gate rows [0, N) then up rows [N, 2N); out[j] = silu(gate_j x) * (up_j x).
+# NORM: x is first RMS-normalised with weight nw (as mx.fast.rms_norm rounds it).
+_GEMV = """
+  constexpr int VEC = 16 / (int)sizeof(T);
+  constexpr int CHUNKS = K / (32 * VEC);
+  constexpr int NR = MODE == 2 ? 2 : 1;
+  __shared__ float xs[K];
+  __shared__ float red[WARPS];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float ss = 0.f;
+  for (int i = tid; i < K; i += 32 * WARPS) {
+    const float v = static_cast<float>(x[i]);
+    xs[i] = v;
+    ss += v * v;
+  }
+  if (NORM) {
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) tot += red[i];
+    const float r = rsqrtf(tot / K + EPS);
+    for (int i = tid; i < K; i += 32 * WARPS) xs[i] = static_cast<float>(nw[i] * static_cast<T>(xs[i] * r));
+  }
+  __syncthreads();
+  const int first = (blockIdx.x * WARPS + warp) * ROWS;
+  float acc[ROWS][NR];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+    for (int s = 0; s < NR; ++s) {
+      acc[r][s] = 0.f;
+      const int row = first + r;
+      if (row < N) {
+        const T* wr = w + (size_t)(row + s * N) * K + lane * VEC;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+          float wv[VEC];
+          load_vec<T>(wr + c * 32 * VEC, wv);
+          const float* xp = xs + (c * 32 + lane) * VEC;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[r][s] += wv[i] * xp[i];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int row = first + r;
+    float a0 = warp_sum(acc[r][0]);
+    float a1 = NR == 2 ? warp_sum(acc[r][NR - 1]) : 0.f;
+    if (lane == 0 && row < N) {
+      if (MODE == 0) {
+        out[row] = static_cast<T>(a0);
+      } else if (MODE == 1) {
+        out[row] = static_cast<T>(static_cast<float>(res[row]) + static_cast<float>(static_cast<T>(a0)));
+      } else {
+        const float g = static_cast<float>(static_cast<T>(a0));
+        const float u = static_cast<float>(static_cast<T>(a1));
+        const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-g))));
+        const float silu = static_cast<float>(static_cast<T>(g * sg));
+        out[row] = static_cast<T>(silu * u);
+      }
+    }
+  }
+"""
+
+# grid: H blocks (one per query head), NW warps each. qkv = [q (H*HD) | k (KV*HD) | v (KV*HD)] before the norms.
+# Warp 0 normalises and rotates q into shared memory; warp 1 does k and writes it to k_cache[pos]; warp 2 writes v.
+# (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes positions
+# t = warp, warp + NW, ... with an online softmax, and the block merges the warps' partial results.
+_ATTEND = """
+  constexpr int R = HD / 32;
+  constexpr int HALF = R / 2;
+  const int h = blockIdx.x;
+  const int g = h / (H / KV);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int pos = slot[0];
+  __shared__ float qs[HD];
+  __shared__ float ms[NW], ls[NW];
+  __shared__ float accs[NW][HD];
+  T* kc = const_cast<T*>(k_cache) + (size_t)g * CAP * HD;
+  T* vc = const_cast<T*>(v_cache) + (size_t)g * CAP * HD;
+  if (warp < 2) {
+    const T* src = qkv + (warp == 0 ? h * HD : H * HD + g * HD);
+    const T* nw = warp == 0 ? q_norm : k_norm;
+    float e[R];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      e[j] = static_cast<float>(src[lane + 32 * j]);
+      ss += e[j] * e[j];
+    }
+    const float r = rsqrtf(warp_sum(ss) / HD + EPS);
+#pragma unroll
+    for (int j = 0; j < R; ++j) e[j] = static_cast<float>(nw[lane + 32 * j] * static_cast<T>(e[j] * r));
+#pragma unroll
+    for (int j = 0; j < HALF; ++j) {
+      const float inv_freq = 1.0 / freqs[lane + 32 * j];
+      const float theta = static_cast<float>(pos) * inv_freq;
+      const float c = cosf(theta), s = sinf(theta);
+      const float x1 = e[j], x2 = e[j + HALF];
+      e[j] = static_cast<float>(static_cast<T>(x1 * c - x2 * s));
+      e[j + HALF] = static_cast<float>(static_cast<T>(x1 * s + x2 * c));
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if (warp == 0) {
+        qs[lane + 32 * j] = e[j];
+      } else {
+        kc[(size_t)pos * HD + lane + 32 * j] = static_cast<T>(e[j]);
+      }
+    }
+  } else if (warp == 2) {
+    const T* src = qkv + H * HD + KV * HD + g * HD;
+#pragma unroll
+    for (int j = 0; j < R; ++j) vc[(size_t)pos * HD + lane + 32 * j] = src[lane + 32 * j];
+  }
+  __syncthreads();
+  float q[R], acc[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    q[j] = qs[lane + 32 * j] * SCALE;
+    acc[j] = 0.f;
+  }
+  float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.f;
+  for (int t = warp; t <= pos; t += NW) {
+    const T* kt = kc + (size_t)t * HD;
+    float d = 0.f;
+#pragma unroll
+    for (int j = 0; j < R; ++j) d += q[j] * static_cast<float>(kt[lane + 32 * j]);
+    d = warp_sum(d);
+    const float m_new = fmaxf(m, d);
+    const float corr = expf(m - m_new);
+    const float p = expf(d - m_new);
+    l = l * corr + p;
+    const T* vt = vc + (size_t)t * HD;
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]);
+    m = m_new;
+  }
+  if (lane == 0) {
+    ms[warp] = m;
+    ls[warp] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < R; ++j) accs[warp][lane + 32 * j] = acc[j];
+  __syncthreads();
+  if (tid < HD) {
+    float mx_ = -cuda::std::numeric_limits<float>::infinity();
+#pragma unroll
+    for (int w = 0; w < NW; ++w) mx_ = fmaxf(mx_, ms[w]);
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      if (ls[w] > 0.f) {
+        const float f = expf(ms[w] - mx_);
+        num += accs[w][tid] * f;
+        den += ls[w] * f;
+      }
+    }
+    out[h * HD + tid] = static_cast<T>(num / den);
+  }
+"""
+
+NW = 8  # warps per attention block
+GEMV_WARPS = 4
+
+_kernels: dict[tuple, object] = {}
+
+
+def _kernel(kind: str, source: str, inputs: list[str], **constants: float) -> object:
+    """The mx.fast.cuda_kernel for `kind`, with float constants written into the source (one kernel per value)."""
+    key = (kind, *sorted(constants.items()))
+    kernel = _kernels.get(key)
+    if kernel is None:
+        for name, value in constants.items():
+            source = source.replace(name, f"{float(value)!r}f")
+        kernel = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs, output_names=["out"],
+                                     source=source, header=_HEADER)
+        _kernels[key] = kernel
+    return kernel
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """A kernel with everything but its inputs decided: a step launches the same few shapes in every layer, so
+    they are prepared once (Python time per launch is most of a step's host time)."""
+
+    kernel: object
+    options: dict
+
+    def __call__(self, *inputs: mx.array) -> mx.array:
+        return self.kernel(inputs=list(inputs), **self.options)[0]
+
+
+def gemv_launch(shape: tuple[int, int], dtype, *, norm: bool = False, eps: float = 0.0, res: bool = False,
+                swiglu: bool = False, rows: int = 2) -> _Launch:
+    """W [N', K] x [K] -> [N] (N = N' / 2 with swiglu); inputs (x, norm weight, W, residual), unused ones any array."""
+    n_out, k = shape[0] // (2 if swiglu else 1), shape[1]
+    per_block = GEMV_WARPS * rows
+    return _Launch(_kernel("gemv", _GEMV, ["x", "nw", "w", "res"], EPS=eps), dict(
+        template=[("T", dtype), ("K", k), ("N", n_out), ("ROWS", rows), ("WARPS", GEMV_WARPS),
+                  ("MODE", 2 if swiglu else (1 if res else 0)), ("NORM", norm)],
+        grid=(32 * GEMV_WARPS * (-(-n_out // per_block)), 1, 1), threadgroup=(32 * GEMV_WARPS, 1, 1),
+        output_shapes=[(n_out,)], output_dtypes=[dtype]))
+
+
+def attend_launch(dtype, *, heads: int, kv_heads: int, head_dim: int, capacity: int, eps: float,
+                  scale: float) -> _Launch:
+    """Inputs (qkv, q_norm, k_norm, freqs, slot [1], k_cache, v_cache [1, kv_heads, capacity, head_dim])."""
+    return _Launch(_kernel("attend", _ATTEND, ["qkv", "q_norm", "k_norm", "freqs", "slot", "k_cache", "v_cache"],
+                           EPS=eps, SCALE=scale), dict(
+        template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("CAP", capacity), ("NW", NW)],
+        grid=(32 * NW * heads, 1, 1), threadgroup=(32 * NW, 1, 1),
+        output_shapes=[(heads * head_dim,)], output_dtypes=[dtype]))
+
+
+def gemv(w: mx.array, x: mx.array, *, norm: mx.array | None = None, eps: float = 0.0, res: mx.array | None = None,
+         swiglu: bool = False, rows: int = 2) -> mx.array:
+    """One matrix-vector product with the fusions above (a convenience over gemv_launch)."""
+    launch = gemv_launch(w.shape, w.dtype, norm=norm is not None, eps=eps, res=res is not None, swiglu=swiglu,
+                         rows=rows)
+    return launch(x, norm if norm is not None else x, w, res if res is not None else x)
+
+
+def attend(qkv: mx.array, q_norm: mx.array, k_norm: mx.array, freqs: mx.array, slot: mx.array, k_cache: mx.array,
+           v_cache: mx.array, *, heads: int, kv_heads: int, eps: float, scale: float) -> mx.array:
+    """q/k norm + RoPE at position slot[0], the cache write there (in place) and attention: -> [heads * head_dim]."""
+    launch = attend_launch(qkv.dtype, heads=heads, kv_heads=kv_heads, head_dim=k_cache.shape[-1],
+                           capacity=k_cache.shape[-2], eps=eps, scale=scale)
+    return launch(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache)
+
+
+@dataclass
+class _Layer:
+    ln1: mx.array
+    qkv: mx.array
+    q_norm: mx.array
+    k_norm: mx.array
+    o: mx.array
+    ln2: mx.array
+    gate_up: mx.array
+    down: mx.array
+
+
+class FusedStep:
+    """The batch-of-one step of an mlx-lm Qwen3 whose q|k|v and gate|up weights asr.llm.FastDecoder has fused."""
+
+    def __init__(self, model, fused: list) -> None:
+        m = model.model
+        a = m.layers[0].self_attn
+        self.heads, self.kv_heads = a.n_heads, a.n_kv_heads
+        self.head_dim = a.q_norm.weight.shape[0]
+        self.eps = m.layers[0].input_layernorm.eps
+        self.scale = a.scale
+        self.freqs = a.rope._freqs.astype(mx.float32)
+        self.layers = [_Layer(ln1=layer.input_layernorm.weight, qkv=qkv.params["weight"],
+                              q_norm=layer.self_attn.q_norm.weight, k_norm=layer.self_attn.k_norm.weight,
+                              o=o.params["weight"], ln2=layer.post_attention_layernorm.weight,
+                              gate_up=gate_up.params["weight"], down=down.params["weight"])
+                       for layer, (qkv, gate_up, o, down) in zip(m.layers, fused, strict=True)]
+        self.embed = m.embed_tokens.weight
+        self.norm = m.norm.weight
+        self.head = self.embed if model.args.tie_word_embeddings else model.lm_head.weight
+        p, dtype = self.layers[0], self.embed.dtype
+        self._qkv = gemv_launch(p.qkv.shape, dtype, norm=True, eps=self.eps)
+        self._o = gemv_launch(p.o.shape, dtype, res=True, rows=1)
+        self._gate_up = gemv_launch(p.gate_up.shape, dtype, norm=True, eps=self.eps, swiglu=True)
+        self._down = gemv_launch(p.down.shape, dtype, res=True, rows=1)
+        self._head = gemv_launch(self.head.shape, dtype, norm=True, eps=self.eps, rows=4)
+        self._attend: dict[int, _Launch] = {}  # by cache capacity
+        # compiled: 1.76 ms a step on an H100 against 2.1 ms built kernel by kernel (tools/gpu/probe_step.py)
+        self._step = mx.compile(self._forward) if COMPILE else self._forward
+        mx.eval(self.freqs)
+
+    def start(self, kv: list, prompt_slots: int):
+        """A step function tokens [1] -> [1] continuing after `prompt_slots` cached positions in `kv`."""
+        from .llm import _with_room  # noqa: PLC0415 (llm imports this module)
+
+        kv = [[mx.contiguous(k), mx.contiguous(v)] for k, v in kv]  # written through raw pointers: no views
+        mx.eval(kv)
+        state = {"kv": kv, "slot": prompt_slots, "at": mx.array([prompt_slots], dtype=mx.int32)}
+
+        def step(tok: mx.array) -> mx.array:
+            slot = state["slot"]
+            grown = _with_room(state["kv"], slot)
+            if grown is not state["kv"]:
+                mx.eval(grown)  # the kernels write into these buffers: they must exist before the first write
+                state["kv"] = grown
+            nxt, state["at"] = self._step(tok, state["at"], grown)
+            state["slot"] = slot + 1
+            return nxt
+
+        return step
+
+    def _forward(self, tok: mx.array, at: mx.array, kv: list) -> tuple[mx.array, mx.array]:
+        capacity = kv[0][0].shape[2]
+        attend_ = self._attend.get(capacity)
+        if attend_ is None:
+            attend_ = self._attend[capacity] = attend_launch(
+                self.embed.dtype, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                capacity=capacity, eps=self.eps, scale=self.scale)
+        qkv_, o_, gate_up_, down_, freqs = self._qkv, self._o, self._gate_up, self._down, self.freqs
+        x = mx.take(self.embed, tok, axis=0)  # [1, D]
+        for p, (k_cache, v_cache) in zip(self.layers, kv, strict=True):
+            qkv = qkv_(x, p.ln1, p.qkv, x)
+            o = attend_(qkv, p.q_norm, p.k_norm, freqs, at, k_cache, v_cache)
+            x = o_(o, o, p.o, x)
+            h = gate_up_(x, p.ln2, p.gate_up, x)
+            x = down_(h, h, p.down, x)
+        logits = self._head(x, self.norm, self.head, x)
+        return mx.argmax(logits.reshape(1, -1), axis=-1).astype(mx.int32), at + 1
+
+
+def available(model, batch: int) -> bool:
+    """Whether FusedStep can run `model` here: CUDA, a batch of one, unquantized float weights, supported shapes."""
+    cuda = getattr(mx, "cuda", None)
+    if not (ENABLED and batch == 1 and cuda and cuda.is_available() and mx.default_device() == mx.gpu):
+        return False
+    m = model.model
+    layer = m.layers[0]
+    a = layer.self_attn
+    w = a.q_proj.weight
+    if w.dtype not in (mx.bfloat16, mx.float16, mx.float32) or "scales" in a.q_proj:
+        return False
+    head_dim = a.q_norm.weight.shape[0]
+    vec = 16 // w.dtype.size
+    dims = (m.embed_tokens.weight.shape[1], a.n_heads * head_dim, layer.mlp.down_proj.weight.shape[1])
+    rope = getattr(a.rope, "_freqs", None)
+    return (head_dim % 64 == 0 and head_dim <= 256 and all(d % (32 * vec) == 0 and d <= 8192 for d in dims)
+            and rope is not None and getattr(a.rope, "dims", 0) == head_dim and a.n_heads % a.n_kv_heads == 0)
