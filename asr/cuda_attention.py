@@ -6,7 +6,7 @@ two batched products, the mask, a softmax, reshapes for grouped queries) in ever
 H100 that was about half of a decode step (tools/gpu/probe_step.py). This kernel reads each row's valid cache
 positions [left_pad[b], slot] directly: no mask array, one launch a layer.
 
-One warp per (row, query head); grouped-query attention maps query head h to kv head h // (H // KV). Online
+NW warps per (row, query head), each taking every NW-th position, merged at the end; grouped-query attention maps query head h to kv head h // (H // KV). Online
 softmax in float32 over the keys, like MLX's and PyTorch's fused kernels. Used only where `available()`:
 MLX's CUDA backend; Metal and the CPU keep `mx.fast.scaled_dot_product_attention` with the mask.
 """
@@ -22,7 +22,9 @@ _SOURCE = """
     const int bh = blockIdx.x;
     const int b = bh / H;
     const int g = (bh % H) / (H / KV);
-    const int lane = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ float ms[NW], ls[NW];
+    __shared__ float accs[NW][HD];
     const T* qp = q + (size_t)bh * HD;
     const T* kp = k + (size_t)(b * KV + g) * CAP * HD;
     const T* vp = v + (size_t)(b * KV + g) * CAP * HD;
@@ -30,7 +32,7 @@ _SOURCE = """
     for (int j = 0; j < R; ++j) { qr[j] = static_cast<float>(qp[lane + 32 * j]) * SCALE; acc[j] = 0.0f; }
     float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.0f;
     const int end = slot[0];
-    for (int t = left_pad[b]; t <= end; ++t) {
+    for (int t = left_pad[b] + warp; t <= end; t += NW) {
         const T* kt = kp + (size_t)t * HD;
         float d = 0.0f;
         for (int j = 0; j < R; ++j) d += qr[j] * static_cast<float>(kt[lane + 32 * j]);
@@ -43,9 +45,25 @@ _SOURCE = """
         for (int j = 0; j < R; ++j) acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]);
         m = m_new;
     }
-    T* op = out + (size_t)bh * HD;
-    for (int j = 0; j < R; ++j) op[lane + 32 * j] = static_cast<T>(acc[j] / l);
+    if (lane == 0) { ms[warp] = m; ls[warp] = l; }
+    for (int j = 0; j < R; ++j) accs[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
+    for (int e = tid; e < HD; e += 32 * NW) {
+        float top = -cuda::std::numeric_limits<float>::infinity();
+        for (int w = 0; w < NW; ++w) top = fmaxf(top, ms[w]);
+        float num = 0.0f, den = 0.0f;
+        for (int w = 0; w < NW; ++w) {
+            if (ls[w] > 0.0f) {
+                const float f = expf(ms[w] - top);
+                num += accs[w][e] * f;
+                den += ls[w] * f;
+            }
+        }
+        out[(size_t)bh * HD + e] = static_cast<T>(num / den);
+    }
 """
+
+NW = 4  # warps per (row, head): they share the positions and merge their partial softmax sums
 
 _kernels: dict[float, object] = {}
 
@@ -66,6 +84,6 @@ def attention(q: mx.array, k_cache: mx.array, v_cache: mx.array, left_pad: mx.ar
                                      output_names=["out"], source=_SOURCE.replace("SCALE", f"{float(scale)!r}f"))
         _kernels[scale] = kernel
     return kernel(inputs=[q, k_cache, v_cache, left_pad.astype(mx.int32), slot.reshape(1).astype(mx.int32)],
-                  template=[("T", q.dtype), ("H", H), ("KV", KV), ("HD", hd), ("CAP", cap)],
-                  grid=(32 * B * H, 1, 1), threadgroup=(32, 1, 1),
+                  template=[("T", q.dtype), ("H", H), ("KV", KV), ("HD", hd), ("CAP", cap), ("NW", NW)],
+                  grid=(32 * NW * B * H, 1, 1), threadgroup=(32 * NW, 1, 1),
                   output_shapes=[(B, H, 1, hd)], output_dtypes=[q.dtype])[0]
