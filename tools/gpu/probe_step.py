@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--variants", type=int, default=3, help="how many of the step variants to time")
+    ap.add_argument("--names", nargs="*", default=[], help="time these variants (by name) instead")
     ap.add_argument("--knockouts", nargs="*", default=[],
                     help="FastDecoder without parts: attention, rope, norm; join with +")
     a = ap.parse_args()
@@ -195,7 +196,8 @@ def main() -> None:
     for n in (100, 400):
         print(f"chain of {n} rms_norm kernels: {tiny_chain(n, 20, True):.3f} ms ({tiny_chain(n, 20, True) / n * 1e3:.1f} us each)")
     variants = [("FastDecoder", L.FastDecoder), ("unfused", Unfused), ("fused-eager", FusedEager), ("masked", Masked),
-                ("masked-sdpa", MaskedSdpa)][: a.variants]
+                ("masked-sdpa", MaskedSdpa)]
+    variants = [v for v in variants if v[0] in a.names] if a.names else variants[: a.variants]
     if a.knockouts:
         variants = [("FastDecoder", L.FastDecoder)] + [(k, knockout(*k.split("+"))) for k in a.knockouts]
     for b in a.batch:
