@@ -57,13 +57,17 @@ class ModelInfo:
 def _compute(model=None) -> str:
     """'cpu (BLAS ...)', 'metal' or 'cuda' as MLX sees it on this (the worker) thread, and the LLM's runner."""
     try:
-        from asr import backend, cpu_llm
+        from asr import backend, cpu_llm, cuda_decode
 
         b = backend.info()
     except Exception:  # noqa: BLE001 - informational only
         return "unknown"
     llm = getattr(getattr(model, "net", None), "llm", None)  # test doubles have none
-    runner = "; LLM: NumPy BLAS (asr/cpu_llm.py)" if llm is not None and cpu_llm.applies(llm) else ""
+    runner = ""
+    if llm is not None and cpu_llm.applies(llm):
+        runner = "; LLM: NumPy BLAS (asr/cpu_llm.py)"
+    elif llm is not None and cuda_decode.available(llm, 1):
+        runner = "; LLM batch of one: fused CUDA step (asr/cuda_decode.py)"
     return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']}{runner})"
 
 

@@ -121,6 +121,16 @@ def test_used_on_cuda_only_for_what_it_supports(tiny_checkpoint):
     assert not cuda_decode.available(q4, 1)
 
 
+def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
+    import asr
+    from server.worker import _compute
+
+    model = asr.load_model(str(tiny_checkpoint), dtype="bfloat16")
+    assert "fused CUDA step" not in _compute(model)
+    monkeypatch.setattr(cuda_decode, "available", lambda llm, batch: batch == 1)
+    assert "LLM batch of one: fused CUDA step" in _compute(model)
+
+
 def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch):
     """FusedStep with its kernels emulated gives FastDecoder's tokens for 150 steps (the cache grows past 128)."""
     import asr
