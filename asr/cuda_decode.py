@@ -4,14 +4,14 @@ A decode step built from MLX operations is ~450 kernels, and on MLX's CUDA backe
 time, so the step is bound by the host, not by the GPU (tools/gpu/probe_step.py). This step does the same math in
 five kernels a layer, and the whole step is one `mx.compile`d function (no Python per operation):
 
-1. `norm_gemv`: the input RMSNorm, then the q|k|v product (matrix-vector: a batch of one reads each weight once);
+1. `gemv` (matrix-vector: a batch of one reads each weight once) after the input RMSNorm: q|k|v;
 2. `attend`: q/k RMSNorm and RoPE, the new k and v written into the KV cache at the current position, and
    single-query attention over positions 0..pos (8 warps per head share the positions);
 3. `gemv` with the residual add: x + o_proj(attention);
-4. `norm_gemv` for gate|up with SwiGLU: the post-attention RMSNorm, both products and silu(gate) * up;
+4. `gemv` for gate|up after the post-attention RMSNorm, with SwiGLU: silu(gate) * up;
 5. `gemv` with the residual add: x + down_proj(...).
 
-The head is `norm_gemv` with the final norm over the tied embedding; the token is `argmax`. Rounding follows the
+The head is `gemv` after the final norm over the (tied) embedding; the token is `argmax`. Rounding follows the
 MLX operations it replaces (each op's result is rounded to the model dtype where MLX rounds it), with float32
 accumulation; products sum in a different order than cuBLAS, so logits agree to rounding, not bit for bit.
 
@@ -373,15 +373,25 @@ class FusedStep:
 
 
 def available(model, batch: int) -> bool:
-    """Whether FusedStep can run `model` here: CUDA, a batch of one, unquantized float weights, supported shapes."""
+    """Whether FusedStep runs `model` here: CUDA, a batch of one, and a model it `supports`."""
     cuda = getattr(mx, "cuda", None)
-    if not (ENABLED and batch == 1 and cuda and cuda.is_available() and mx.default_device() == mx.gpu):
-        return False
+    return bool(ENABLED and batch == 1 and cuda and cuda.is_available() and mx.default_device() == mx.gpu
+                and supports(model))
+
+
+def supports(model) -> bool:
+    """Whether the kernels fit `model` (on any device): unquantized float weights of one dtype, widths that are
+    multiples of 32 16-byte vectors, head_dim a multiple of 64 (the RoPE halves split evenly across a warp)."""
     m = model.model
     layer = m.layers[0]
     a = layer.self_attn
     w = a.q_proj.weight
     if w.dtype not in (mx.bfloat16, mx.float16, mx.float32) or "scales" in a.q_proj:
+        return False
+    # every kernel reads all its inputs as one type
+    head = m.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+    others = (m.embed_tokens.weight, layer.input_layernorm.weight, a.q_norm.weight, m.norm.weight, head.weight)
+    if "scales" in head or any(x.dtype != w.dtype for x in others):
         return False
     head_dim = a.q_norm.weight.shape[0]
     vec = 16 // w.dtype.size

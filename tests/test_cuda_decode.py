@@ -115,10 +115,13 @@ def test_used_on_cuda_only_for_what_it_supports(tiny_checkpoint):
     small = _small(mx.bfloat16)
     assert cuda_decode.available(small, 1) == CUDA
     assert not cuda_decode.available(small, 2)
+    assert cuda_decode.supports(small) and cuda_decode.supports(_small(mx.float32))
     tiny = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm  # hidden size 64: not a multiple of 256
-    assert not cuda_decode.available(tiny, 1)
+    assert not cuda_decode.supports(tiny) and not cuda_decode.available(tiny, 1)
     q4 = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", quantize=4).net.llm
-    assert not cuda_decode.available(q4, 1)
+    assert not cuda_decode.supports(q4)
+    small.model.norm.weight = small.model.norm.weight.astype(mx.float32)  # the kernels read one dtype
+    assert not cuda_decode.supports(small)
 
 
 def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
