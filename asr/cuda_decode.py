@@ -223,6 +223,12 @@ _ATTEND = """
 """
 
 NW = 8  # warps per attention block
+# KV positions a step starts with. `attend` is compiled per cache capacity (a template constant), and each new
+# capacity is compiled and loaded the first time a process meets it: ~2 s on an H100 (the CUDA tests spend ~2-3 s
+# per kernel variant; a probe whose cache grew from 128 to 256 positions mid-run lost ~2 s once). Starting at 512
+# positions, which `warmup()` already compiles, covers a prompt and its transcript in one capacity in practice;
+# longer ones grow by asr.llm.CACHE_STEP. Cost: 59 MB of bf16 KV cache for Qwen3-0.6B (15 MB at 128).
+CAPACITY = 512
 GEMV_WARPS = 4
 
 _kernels: dict[tuple, object] = {}
@@ -335,9 +341,10 @@ class FusedStep:
 
     def start(self, kv: list, prompt_slots: int):
         """A step function tokens [1] -> [1] continuing after `prompt_slots` cached positions in `kv`."""
-        from .llm import _with_room  # noqa: PLC0415 (llm imports this module)
+        from .llm import _grow, _with_room  # noqa: PLC0415 (llm imports this module)
 
-        kv = [[mx.contiguous(k), mx.contiguous(v)] for k, v in kv]  # written through raw pointers: no views
+        # room for CAPACITY positions from the start (raw pointers write into these buffers: no views)
+        kv = [[mx.contiguous(_grow(k, CAPACITY)), mx.contiguous(_grow(v, CAPACITY))] for k, v in kv]
         mx.eval(kv)
         state = {"kv": kv, "slot": prompt_slots, "at": mx.array([prompt_slots], dtype=mx.int32)}
 

@@ -51,8 +51,9 @@ def _mlx_attend(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache, *, heads, kv
     return o.reshape(-1)
 
 
-def _emulated(monkeypatch):
-    """Replace FusedStep's kernel launches by the MLX operations they stand for (same input order)."""
+def _emulated(monkeypatch) -> set[int]:
+    """Replace FusedStep's kernel launches by the MLX operations they stand for (same input order); returns the
+    set that collects the cache capacities `attend` is prepared for."""
 
     def gemv_launch(shape, dtype, *, norm=False, eps=0.0, res=False, swiglu=False, rows=2):
         def run(x, nw, w, r):
@@ -61,7 +62,11 @@ def _emulated(monkeypatch):
 
         return run
 
+    capacities = set()
+
     def attend_launch(dtype, *, heads, kv_heads, head_dim, capacity, eps, scale):
+        capacities.add(capacity)
+
         def run(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache):
             assert k_cache.shape[2] == capacity
             return _mlx_attend(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache, heads=heads, kv_heads=kv_heads,
@@ -71,6 +76,7 @@ def _emulated(monkeypatch):
 
     monkeypatch.setattr(cuda_decode, "gemv_launch", gemv_launch)
     monkeypatch.setattr(cuda_decode, "attend_launch", attend_launch)
+    return capacities
 
 
 def _prefill(llm, n: int, seed: int = 5):
@@ -134,8 +140,10 @@ def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
     assert "LLM batch of one: fused CUDA step" in _compute(model)
 
 
-def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch):
-    """FusedStep with its kernels emulated gives FastDecoder's tokens for 150 steps (the cache grows past 128)."""
+@pytest.mark.parametrize("capacity,seen", [(512, {512}), (128, {128, 256})])
+def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch, capacity, seen):
+    """FusedStep with its kernels emulated gives FastDecoder's tokens for 150 steps after a 21-token prompt: in one
+    cache of the starting capacity, or (a small start) growing past it."""
     import asr
 
     llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm
@@ -144,13 +152,15 @@ def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch):
     first, _, cache = _prefill(llm, 21)
     theirs = _run(dec.start(cache, 21, [0]), first, 150)
 
-    _emulated(monkeypatch)
+    capacities = _emulated(monkeypatch)
     monkeypatch.setattr(cuda_decode, "COMPILE", False)  # the emulation writes the cache through Python objects
+    monkeypatch.setattr(cuda_decode, "CAPACITY", capacity)
     fused = cuda_decode.FusedStep(llm, dec.fused)
     first, kv, _ = _prefill(llm, 21)
     ours = _run(fused.start(kv, 21), first, 150)
     assert len(set(theirs)) > 10, "degenerate tokens make this comparison meaningless"
     assert ours == theirs
+    assert capacities == seen
 
 
 # --- the kernels themselves (CUDA only) ---------------------------------------------------------------------------
