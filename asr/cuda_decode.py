@@ -19,7 +19,7 @@ The KV cache is written in place: `attend` receives the cache arrays as inputs a
 them. That is safe here because the caches belong to the decoder alone, nothing else reads them, and every later
 reader (the next step's `attend` of the same layer) depends on this one through the hidden state.
 
-Used only where `available()`: MLX's CUDA backend, a batch of one, unquantized weights. Metal, the CPU, batches
+Used only where `available()`: MLX's CUDA backend, a batch of one, unquantized bf16 or fp32 weights. Metal, the CPU, batches
 and quantized models keep `asr.llm.FastDecoder`'s MLX step.
 """
 
@@ -387,13 +387,13 @@ def available(model, batch: int) -> bool:
 
 
 def supports(model) -> bool:
-    """Whether the kernels fit `model` (on any device): unquantized float weights of one dtype, widths that are
+    """Whether the kernels fit `model` (on any device): unquantized bf16 or fp32 weights of one dtype, widths that are
     multiples of 32 16-byte vectors, head_dim a multiple of 64 (the RoPE halves split evenly across a warp)."""
     m = model.model
     layer = m.layers[0]
     a = layer.self_attn
     w = a.q_proj.weight
-    if w.dtype not in (mx.bfloat16, mx.float16, mx.float32) or "scales" in a.q_proj:
+    if w.dtype not in (mx.bfloat16, mx.float32) or "scales" in a.q_proj:  # the dtypes run on a GPU (fp16: not yet)
         return False
     # every kernel reads all its inputs as one type
     head = m.embed_tokens if model.args.tie_word_embeddings else model.lm_head

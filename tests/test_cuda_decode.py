@@ -122,6 +122,7 @@ def test_used_on_cuda_only_for_what_it_supports(tiny_checkpoint):
     assert cuda_decode.available(small, 1) == CUDA
     assert not cuda_decode.available(small, 2)
     assert cuda_decode.supports(small) and cuda_decode.supports(_small(mx.float32))
+    assert not cuda_decode.supports(_small(mx.float16))  # compiles, but never run on a GPU
     tiny = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm  # hidden size 64: not a multiple of 256
     assert not cuda_decode.supports(tiny) and not cuda_decode.available(tiny, 1)
     q4 = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", quantize=4).net.llm
