@@ -19,8 +19,8 @@ The KV cache is written in place: `attend` receives the cache arrays as inputs a
 them. That is safe here because the caches belong to the decoder alone, nothing else reads them, and every later
 reader (the next step's `attend` of the same layer) depends on this one through the hidden state.
 
-Used only where `available()`: MLX's CUDA backend, a batch of one, unquantized bf16 or fp32 weights. Metal, the CPU, batches
-and quantized models keep `asr.llm.FastDecoder`'s MLX step.
+Used only where `available()`: MLX's CUDA backend, a batch of one, unquantized bf16 or fp32 weights. Metal, the
+CPU, batches, fp16 and quantized models keep `asr.llm.FastDecoder`'s MLX step.
 """
 
 from __future__ import annotations
