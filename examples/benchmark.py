@@ -69,6 +69,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     import numpy as np
 
     from asr import _blas
+    from asr import cuda_decode
     from asr import llm as llm_mod
     from asr.audio import load_audio
     from asr.checkpoint import MLX_CONFIG, converted_dir_for, resolve
@@ -79,6 +80,8 @@ def worker_ours(a: argparse.Namespace) -> dict:
     llm_mod.FAST_DECODE = a.decode != "stock"
     llm_mod.NUMPY_ON_CPU = a.decode == "fast"
     llm_mod.COMPILE_DECODE = False if a.decode == "fast-nocompile" else None
+    cuda_decode.ENABLED = a.decode in ("fast", "fast-nocompile")
+    cuda_decode.COMPILE = a.decode != "fast-nocompile"
     res: dict = {"side": "ours", "mode": a.mode + ("" if a.decode == "fast" else f"/{a.decode}"), **mode,
                  "device": str(mx.default_device()), "mlx": mx.__version__, "blas": _blas.loaded, "decode": a.decode,
                  "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "FUNASR_NANO_BLAS"))}}
@@ -437,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="*", default=[], help="batched throughput over N segments")
     ap.add_argument("--load-twice", action="store_true", help="also time a second (cached) load in each mode")
     ap.add_argument("--decode", default="fast", choices=["fast", "mlx", "fast-nocompile", "stock"],
-                    help="LLM steps: the default (NumPy/BLAS on the CPU for fp32, else our fixed-shape MLX step, "
-                         "compiled on GPUs), our MLX step even on the CPU, uncompiled, or mlx-lm's own model")
+                    help="LLM steps: the default (NumPy/BLAS on the CPU for fp32; on CUDA the fused batch-of-one "
+                         "step of asr/cuda_decode.py; else our fixed-shape MLX step, compiled on GPUs), our MLX-op "
+                         "step everywhere (no NumPy runner, no fused CUDA step), the default uncompiled, or mlx-lm's "
+                         "own model")
     ap.add_argument("--official", action="store_true", help="also run the official funasr code (side by side)")
     ap.add_argument("--official-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     ap.add_argument("--official-device", default="cpu")
