@@ -24,47 +24,8 @@ CONFIG = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, interm
               rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=40960)
 
 
-class Unfused(L.FastDecoder):
-    """FastDecoder without asr.cuda_decode's fused step: the batch-of-one step built from MLX operations."""
-
-    def start(self, *args):
-        cuda_decode.ENABLED = False
-        try:
-            return super().start(*args)
-        finally:
-            cuda_decode.ENABLED = True
-
-
-class FusedEager(L.FastDecoder):
-    """FastDecoder with asr.cuda_decode's fused step built kernel by kernel every step (not compiled)."""
-
-    def start(self, *args):
-        cuda_decode.COMPILE = False
-        try:
-            return super().start(*args)
-        finally:
-            cuda_decode.COMPILE = True
-
-
-class Masked(L.FastDecoder):
-    """FastDecoder's masked, compiled step even for a batch of one (what it did before the mask-free path)."""
-
-    def _start_single(self, kv, prompt_slots):
-        return self._start_masked(kv, prompt_slots, [0])
-
-
-class MaskedSdpa(Masked):
-    """The masked step with MLX's masked sdpa instead of asr.cuda_attention's kernel."""
-
-    def _forward(self, *args):
-        cuda_attention.ENABLED = False
-        try:
-            return super()._forward(*args)
-        finally:
-            cuda_attention.ENABLED = True
-
-
-# parts of a step replaced by the identity while it is built (wrong tokens; for timing only)
+# parts of a step replaced by the identity while it is built (wrong tokens; for timing only). They act on MLX
+# operations, so they change the MLX-op steps, not asr.cuda_decode's custom kernels.
 _KNOCKOUTS = {
     "attention": [(mx.fast, "scaled_dot_product_attention", lambda q, *a, **k: q),
                   (cuda_attention, "attention", lambda q, *a, **k: q)],
@@ -74,37 +35,59 @@ _KNOCKOUTS = {
 
 
 @contextlib.contextmanager
-def _without(parts):
-    saved = [(obj, name, getattr(obj, name)) for part in parts for obj, name, _ in _KNOCKOUTS[part]]
-    for part in parts:
-        for obj, name, fake in _KNOCKOUTS[part]:
-            setattr(obj, name, fake)
+def _patched(settings):
+    """Attributes (obj, name, value) set for the duration of the block."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in settings]
+    for obj, name, value in settings:
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        for obj, name, real in saved:
-            setattr(obj, name, real)
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+class _MaskedAtOne(L.FastDecoder):
+    def _start_single(self, kv, prompt_slots):
+        return self._start_masked(kv, prompt_slots, [0])
+
+
+def variant(*settings, base=L.FastDecoder):
+    """`base` with `settings` (see _patched) applied while a decode starts and while each step is built (a compiled
+    step is traced on its first call)."""
+
+    class Variant(base):
+        def start(self, *args):
+            with _patched(settings):
+                step = super().start(*args)
+
+            def patched_step(tok):
+                with _patched(settings):
+                    return step(tok)
+
+            return patched_step
+
+    return Variant
+
+
+# FastDecoder without asr.cuda_decode's fused step: the batch-of-one step built from MLX operations
+Unfused = variant((cuda_decode, "ENABLED", False))
+# the fused step built kernel by kernel every step (not compiled)
+FusedEager = variant((cuda_decode, "COMPILE", False))
+# the masked, compiled batch step even for a batch of one (what it did before the mask-free path)
+Masked = variant((cuda_decode, "ENABLED", False), base=_MaskedAtOne)
+# the same with MLX's masked sdpa instead of asr.cuda_attention's kernel
+MaskedSdpa = variant((cuda_decode, "ENABLED", False), (cuda_attention, "ENABLED", False), base=_MaskedAtOne)
 
 
 def knockout(*parts: str):
-    """FastDecoder whose steps are built without `parts` (see _KNOCKOUTS)."""
-
-    class Knockout(L.FastDecoder):
-        def start(self, *args):
-            step = super().start(*args)
-
-            def reduced(tok):
-                with _without(parts):
-                    return step(tok)
-
-            return reduced
-
-    return Knockout
+    """The MLX-op step built without `parts` (see _KNOCKOUTS)."""
+    return variant((cuda_decode, "ENABLED", False), *(s for part in parts for s in _KNOCKOUTS[part]))
 
 
 def time_decoder(dec, model, batch: int, steps: int, prompt: int = 46) -> tuple[float, float, list]:
     cache = [BatchKVCache([0] * batch) for _ in model.layers]
-    emb = (mx.random.normal((batch, prompt, 1024), key=mx.random.key(batch)) * 0.05).astype(mx.bfloat16)
+    emb = (mx.random.normal((batch, prompt, model.args.hidden_size), key=mx.random.key(batch)) * 0.05).astype(mx.bfloat16)
     logits = L.last_logits(model, mx.zeros((batch, prompt), dtype=mx.int32), cache, emb)
     cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
     mx.eval(cur)
