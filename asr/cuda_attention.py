@@ -65,7 +65,21 @@ _SOURCE = """
 
 NW = 4  # warps per (row, head): they share the positions and merge their partial softmax sums
 
-_kernels: dict[float, object] = {}
+_kernels: dict[tuple, object] = {}
+
+
+def kernel(kind: str, source: str, inputs: list[str], header: str = "", **constants: float) -> object:
+    """The project's mx.fast.cuda_kernel for `kind` (made once), with float constants written into the source as
+    literals (one kernel per value); the one output is `out`. Shared with asr.cuda_decode."""
+    key = (kind, *sorted(constants.items()))
+    found = _kernels.get(key)
+    if found is None:
+        for name, value in constants.items():
+            source = source.replace(name, f"{float(value)!r}f")
+        found = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs, output_names=["out"],
+                                    source=source, header=header)
+        _kernels[key] = found
+    return found
 
 
 def available(head_dim: int) -> bool:
@@ -78,12 +92,8 @@ def attention(q: mx.array, k_cache: mx.array, v_cache: mx.array, left_pad: mx.ar
     """q [B, H, 1, hd]; caches [B, KV, cap, hd]; row b attends to positions left_pad[b]..slot (inclusive)."""
     B, H, _, hd = q.shape
     KV, cap = k_cache.shape[1], k_cache.shape[2]
-    kernel = _kernels.get(scale)
-    if kernel is None:
-        kernel = mx.fast.cuda_kernel(name=f"funasr_decode_attention_{len(_kernels)}", input_names=["q", "k", "v", "left_pad", "slot"],
-                                     output_names=["out"], source=_SOURCE.replace("SCALE", f"{float(scale)!r}f"))
-        _kernels[scale] = kernel
-    return kernel(inputs=[q, k_cache, v_cache, left_pad.astype(mx.int32), slot.reshape(1).astype(mx.int32)],
+    run = kernel("decode_attention", _SOURCE, ["q", "k", "v", "left_pad", "slot"], SCALE=scale)
+    return run(inputs=[q, k_cache, v_cache, left_pad.astype(mx.int32), slot.reshape(1).astype(mx.int32)],
                   template=[("T", q.dtype), ("H", H), ("KV", KV), ("HD", hd), ("CAP", cap), ("NW", NW)],
                   grid=(32 * NW * B * H, 1, 1), threadgroup=(32 * NW, 1, 1),
                   output_shapes=[(B, H, 1, hd)], output_dtypes=[q.dtype])[0]

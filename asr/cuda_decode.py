@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .cuda_attention import kernel
+
 ENABLED = True  # A/B switch (benchmarks, tools/gpu/probe_step.py)
 COMPILE = True  # False: build the step kernel by kernel every time (A/B switch for tools/gpu/probe_step.py)
 
@@ -231,22 +233,6 @@ NW = 8  # warps per attention block
 CAPACITY = 512
 GEMV_WARPS = 4
 
-_kernels: dict[tuple, object] = {}
-
-
-def _kernel(kind: str, source: str, inputs: list[str], **constants: float) -> object:
-    """The mx.fast.cuda_kernel for `kind`, with float constants written into the source (one kernel per value)."""
-    key = (kind, *sorted(constants.items()))
-    kernel = _kernels.get(key)
-    if kernel is None:
-        for name, value in constants.items():
-            source = source.replace(name, f"{float(value)!r}f")
-        kernel = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs, output_names=["out"],
-                                     source=source, header=_HEADER)
-        _kernels[key] = kernel
-    return kernel
-
-
 @dataclass(frozen=True)
 class _Launch:
     """A kernel with everything but its inputs decided: a step launches the same few shapes in every layer, so
@@ -264,7 +250,7 @@ def gemv_launch(shape: tuple[int, int], dtype, *, norm: bool = False, eps: float
     """W [N', K] x [K] -> [N] (N = N' / 2 with swiglu); inputs (x, norm weight, W, residual), unused ones any array."""
     n_out, k = shape[0] // (2 if swiglu else 1), shape[1]
     per_block = GEMV_WARPS * rows
-    return _Launch(_kernel("gemv", _GEMV, ["x", "nw", "w", "res"], EPS=eps), dict(
+    return _Launch(kernel("gemv", _GEMV, ["x", "nw", "w", "res"], _HEADER, EPS=eps), dict(
         template=[("T", dtype), ("K", k), ("N", n_out), ("ROWS", rows), ("WARPS", GEMV_WARPS),
                   ("MODE", 2 if swiglu else (1 if res else 0)), ("NORM", norm)],
         grid=(32 * GEMV_WARPS * (-(-n_out // per_block)), 1, 1), threadgroup=(32 * GEMV_WARPS, 1, 1),
@@ -274,8 +260,8 @@ def gemv_launch(shape: tuple[int, int], dtype, *, norm: bool = False, eps: float
 def attend_launch(dtype, *, heads: int, kv_heads: int, head_dim: int, capacity: int, eps: float,
                   scale: float) -> _Launch:
     """Inputs (qkv, q_norm, k_norm, freqs, slot [1], k_cache, v_cache [1, kv_heads, capacity, head_dim])."""
-    return _Launch(_kernel("attend", _ATTEND, ["qkv", "q_norm", "k_norm", "freqs", "slot", "k_cache", "v_cache"],
-                           EPS=eps, SCALE=scale), dict(
+    return _Launch(kernel("attend", _ATTEND, ["qkv", "q_norm", "k_norm", "freqs", "slot", "k_cache", "v_cache"],
+                          _HEADER, EPS=eps, SCALE=scale), dict(
         template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("CAP", capacity), ("NW", NW)],
         grid=(32 * NW * heads, 1, 1), threadgroup=(32 * NW, 1, 1),
         output_shapes=[(heads * head_dim,)], output_dtypes=[dtype]))
@@ -297,47 +283,28 @@ def attend(qkv: mx.array, q_norm: mx.array, k_norm: mx.array, freqs: mx.array, s
     return launch(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache)
 
 
-@dataclass
-class _Layer:
-    ln1: mx.array
-    qkv: mx.array
-    q_norm: mx.array
-    k_norm: mx.array
-    o: mx.array
-    ln2: mx.array
-    gate_up: mx.array
-    down: mx.array
-
-
 class FusedStep:
-    """The batch-of-one step of an mlx-lm Qwen3 whose q|k|v and gate|up weights asr.llm.FastDecoder has fused."""
+    """The batch-of-one step of an mlx-lm Qwen3, on the layer plans (`asr.llm._LayerPlan`: the prepared arrays and
+    the fused q|k|v and gate|up weights) of its asr.llm.FastDecoder."""
 
-    def __init__(self, model, fused: list) -> None:
+    def __init__(self, model, plans: list) -> None:
+        p = plans[0]
+        self.layers = plans
+        self.heads, self.kv_heads, self.head_dim = p.q_shape[1], p.kv_shape[1], p.q_shape[3]
+        self.eps, self.scale, self.freqs = p.eps, p.scale, p.freqs
         m = model.model
-        a = m.layers[0].self_attn
-        self.heads, self.kv_heads = a.n_heads, a.n_kv_heads
-        self.head_dim = a.q_norm.weight.shape[0]
-        self.eps = m.layers[0].input_layernorm.eps
-        self.scale = a.scale
-        self.freqs = a.rope._freqs.astype(mx.float32)
-        self.layers = [_Layer(ln1=layer.input_layernorm.weight, qkv=qkv.params["weight"],
-                              q_norm=layer.self_attn.q_norm.weight, k_norm=layer.self_attn.k_norm.weight,
-                              o=o.params["weight"], ln2=layer.post_attention_layernorm.weight,
-                              gate_up=gate_up.params["weight"], down=down.params["weight"])
-                       for layer, (qkv, gate_up, o, down) in zip(m.layers, fused, strict=True)]
         self.embed = m.embed_tokens.weight
         self.norm = m.norm.weight
         self.head = self.embed if model.args.tie_word_embeddings else model.lm_head.weight
-        p, dtype = self.layers[0], self.embed.dtype
-        self._qkv = gemv_launch(p.qkv.shape, dtype, norm=True, eps=self.eps)
-        self._o = gemv_launch(p.o.shape, dtype, res=True, rows=1)
-        self._gate_up = gemv_launch(p.gate_up.shape, dtype, norm=True, eps=self.eps, swiglu=True)
-        self._down = gemv_launch(p.down.shape, dtype, res=True, rows=1)
+        dtype = self.embed.dtype
+        self._qkv = gemv_launch(p.qkv.weight.shape, dtype, norm=True, eps=self.eps)
+        self._o = gemv_launch(p.o.weight.shape, dtype, res=True, rows=1)
+        self._gate_up = gemv_launch(p.gate_up.weight.shape, dtype, norm=True, eps=self.eps, swiglu=True)
+        self._down = gemv_launch(p.down.weight.shape, dtype, res=True, rows=1)
         self._head = gemv_launch(self.head.shape, dtype, norm=True, eps=self.eps, rows=4)
         self._attend: dict[int, _Launch] = {}  # by cache capacity
-        # compiled: 1.76 ms a step on an H100 against 2.1 ms built kernel by kernel (tools/gpu/probe_step.py)
+        # compiled: 1.59-1.76 ms a step on an H100 against 2.1-2.4 ms built kernel by kernel (tools/gpu/probe_step.py)
         self._step = mx.compile(self._forward) if COMPILE else self._forward
-        mx.eval(self.freqs)
 
     def start(self, kv: list, prompt_slots: int):
         """A step function tokens [1] -> [1] continuing after `prompt_slots` cached positions in `kv`."""
@@ -370,11 +337,11 @@ class FusedStep:
         qkv_, o_, gate_up_, down_, freqs = self._qkv, self._o, self._gate_up, self._down, self.freqs
         x = mx.take(self.embed, tok, axis=0)  # [1, D]
         for p, (k_cache, v_cache) in zip(self.layers, kv, strict=True):
-            qkv = qkv_(x, p.ln1, p.qkv, x)
+            qkv = qkv_(x, p.ln1, p.qkv.weight, x)
             o = attend_(qkv, p.q_norm, p.k_norm, freqs, at, k_cache, v_cache)
-            x = o_(o, o, p.o, x)
-            h = gate_up_(x, p.ln2, p.gate_up, x)
-            x = down_(h, h, p.down, x)
+            x = o_(o, o, p.o.weight, x)
+            h = gate_up_(x, p.ln2, p.gate_up.weight, x)
+            x = down_(h, h, p.down.weight, x)
         logits = self._head(x, self.norm, self.head, x)
         return mx.argmax(logits.reshape(1, -1), axis=-1).astype(mx.int32), at + 1
 
@@ -403,6 +370,7 @@ def supports(model) -> bool:
     head_dim = a.q_norm.weight.shape[0]
     vec = 16 // w.dtype.size
     dims = (m.embed_tokens.weight.shape[1], a.n_heads * head_dim, layer.mlp.down_proj.weight.shape[1])
-    rope = getattr(a.rope, "_freqs", None)
+    from .llm import HFRoPE  # noqa: PLC0415 (llm imports this module); its float32 periods feed `attend`
+
     return (head_dim % 64 == 0 and head_dim <= 256 and all(d % (32 * vec) == 0 and d <= 8192 for d in dims)
-            and rope is not None and getattr(a.rope, "dims", 0) == head_dim and a.n_heads % a.n_kv_heads == 0)
+            and isinstance(a.rope, HFRoPE) and a.rope.dims == head_dim and a.n_heads % a.n_kv_heads == 0)

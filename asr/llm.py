@@ -262,6 +262,11 @@ class _FusedLinear:
             mx.eval([m.parameters() for m in layers])
         self._w_t = None if self.quantized else self.params["weight"].T
 
+    @property
+    def weight(self) -> mx.array:
+        """The (fused) weight [N, K]."""
+        return self.params["weight"]
+
     def __call__(self, x: mx.array) -> mx.array:
         """x [B, K] -> [B, N].
 
@@ -321,7 +326,7 @@ class FastDecoder:
         if left_pad == [0]:
             if cuda_decode.available(self.model, 1):
                 if self._fused_step is None:
-                    self._fused_step = cuda_decode.FusedStep(self.model, self.fused)
+                    self._fused_step = cuda_decode.FusedStep(self.model, self._layer_plans())
                 return self._fused_step.start(kv, prompt_slots)
             return self._start_single(kv, prompt_slots)
         return self._start_masked(kv, prompt_slots, left_pad)
@@ -348,20 +353,24 @@ class FastDecoder:
         a softmax, a matmul and their copies in every layer): 4.5 of 8 ms a step on an H100
         (tools/gpu/probe_step.py). The shapes grow by one position a step, so this step is not compiled.
         """
-        if self._plans is None:
-            self._plans = [_LayerPlan.of(layer, *products)
-                           for layer, products in zip(self.model.model.layers, self.fused, strict=True)]
+        plans = self._layer_plans()
         state = {"kv": kv, "slot": prompt_slots}
 
         def step(tok: mx.array) -> mx.array:
             slot = state["slot"]
             state["kv"] = _with_room(state["kv"], slot)
             state["slot"] = slot + 1
-            return self._forward_single(tok, slot, state["kv"])
+            return self._forward_single(plans, tok, slot, state["kv"])
 
         return step
 
-    def _forward_single(self, tok: mx.array, slot: int, kv: list) -> mx.array:
+    def _layer_plans(self) -> list[_LayerPlan]:
+        if self._plans is None:
+            self._plans = [_LayerPlan.of(layer, *products)
+                           for layer, products in zip(self.model.model.layers, self.fused, strict=True)]
+        return self._plans
+
+    def _forward_single(self, plans: list[_LayerPlan], tok: mx.array, slot: int, kv: list) -> mx.array:
         """One step of a batch of one at cache position `slot` (a Python int); writes the caches in place.
 
         Built op by op in Python every step, so it calls MLX's functions directly on prepared arrays
@@ -372,7 +381,7 @@ class FastDecoder:
         m = self.model.model
         x = m.embed_tokens(tok)  # [1, D]
         end = slot + 1
-        for p, (k_cache, v_cache) in zip(self._plans, kv, strict=True):
+        for p, (k_cache, v_cache) in zip(plans, kv, strict=True):
             q, k, v = mx.split(p.qkv(rms_norm(x, p.ln1, p.eps)), p.split, axis=-1)
             q = rope(rms_norm(q.reshape(p.q_shape), p.q_norm, p.eps), p.rope_dims, traditional=False, base=None,
                      scale=1.0, offset=slot, freqs=p.freqs)

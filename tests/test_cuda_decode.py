@@ -156,7 +156,7 @@ def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch, capacity
     capacities = _emulated(monkeypatch)
     monkeypatch.setattr(cuda_decode, "COMPILE", False)  # the emulation writes the cache through Python objects
     monkeypatch.setattr(cuda_decode, "CAPACITY", capacity)
-    fused = cuda_decode.FusedStep(llm, dec.fused)
+    fused = cuda_decode.FusedStep(llm, dec._layer_plans())
     first, kv, _ = _prefill(llm, 21)
     ours = _run(fused.start(kv, 21), first, 150)
     assert len(set(theirs)) > 10, "degenerate tokens make this comparison meaningless"

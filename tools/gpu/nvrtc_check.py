@@ -105,8 +105,7 @@ def main() -> None:
     from asr import llm as L
 
     mx.fast.cuda_kernel = Recorder
-    cuda_decode._kernels.clear()
-    cuda_attention._kernels.clear()
+    cuda_attention._kernels.clear()  # the one kernel cache, asr.cuda_decode's too
     config = dict(model_type="qwen3", hidden_size=256, num_hidden_layers=2, intermediate_size=768,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-6, vocab_size=1000,
                   rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=4096)
@@ -114,7 +113,7 @@ def main() -> None:
         model = L.build_llm(config)
         model.set_dtype(getattr(mx, dtype))
         dec = L.FastDecoder(model)
-        step = cuda_decode.FusedStep(model, dec.fused)
+        step = cuda_decode.FusedStep(model, dec._layer_plans())
         cache = [KVCache() for _ in model.layers]
         emb = mx.zeros((1, 5, 256), dtype=getattr(mx, dtype))
         L.last_logits(model, mx.zeros((1, 5), dtype=mx.int32), cache, emb)
