@@ -264,7 +264,8 @@ class FunASRNano:
                 progress(min(batch[-1].end, duration), duration, f"{len(pieces)}/{len(plan)} segment(s) transcribed")
 
         # 4. result
-        segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens, timestamps=p.ctc.timestamps if p.ctc else None) for p in pieces]
+        segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens,
+                            timestamps=p.ctc.timestamps if p.ctc else None) for p in pieces]
         if timestamps and self.timestamps_available:
             all_ts, note = [ts for s in segments for ts in (s.timestamps or [])], ""
         else:

@@ -78,7 +78,6 @@ class TranscriptionOutput(BaseModel):
     next_step: str | None = Field(default=None, description="what to do next when the transcript is not ready")
 
 
-
 class LanguagesOutput(BaseModel):
     model: ModelInfo
     languages: list[Language]  # the library's own model
