@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
+from mlx_lm.models.activations import swiglu
 
 from . import cpu_llm, cuda_attention, cuda_decode
 from .errors import ModelLoadError, TranscriptionCancelled
@@ -375,8 +376,6 @@ class FastDecoder:
 
         Built op by op in Python every step, so it calls MLX's functions directly on prepared arrays
         (`_LayerPlan`) rather than through the modules: 1.6 -> 1.3 ms of Python a step on the 2-core VM."""
-        from mlx_lm.models.activations import swiglu
-
         rms_norm, rope, sdpa = mx.fast.rms_norm, mx.fast.rope, mx.fast.scaled_dot_product_attention
         m = self.model.model
         x = m.embed_tokens(tok)  # [1, D]
@@ -405,8 +404,6 @@ class FastDecoder:
         input makes MLX run B separate M=1 products (slow for quantized weights on CUDA at small B, and a weight
         copy per call on the CPU).
         """
-        from mlx_lm.models.activations import swiglu
-
         m = self.model.model
         x = m.embed_tokens(tok)  # [B, D]
         B = x.shape[0]
