@@ -267,22 +267,6 @@ def attend_launch(dtype, *, heads: int, kv_heads: int, head_dim: int, capacity: 
         output_shapes=[(heads * head_dim,)], output_dtypes=[dtype]))
 
 
-def gemv(w: mx.array, x: mx.array, *, norm: mx.array | None = None, eps: float = 0.0, res: mx.array | None = None,
-         swiglu: bool = False, rows: int = 2) -> mx.array:
-    """One matrix-vector product with the fusions above (a convenience over gemv_launch)."""
-    launch = gemv_launch(w.shape, w.dtype, norm=norm is not None, eps=eps, res=res is not None, swiglu=swiglu,
-                         rows=rows)
-    return launch(x, norm if norm is not None else x, w, res if res is not None else x)
-
-
-def attend(qkv: mx.array, q_norm: mx.array, k_norm: mx.array, freqs: mx.array, slot: mx.array, k_cache: mx.array,
-           v_cache: mx.array, *, heads: int, kv_heads: int, eps: float, scale: float) -> mx.array:
-    """q/k norm + RoPE at position slot[0], the cache write there (in place) and attention: -> [heads * head_dim]."""
-    launch = attend_launch(qkv.dtype, heads=heads, kv_heads=kv_heads, head_dim=k_cache.shape[-1],
-                           capacity=k_cache.shape[-2], eps=eps, scale=scale)
-    return launch(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache)
-
-
 class FusedStep:
     """The batch-of-one step of an mlx-lm Qwen3, on the layer plans (`asr.llm._LayerPlan`: the prepared arrays and
     the fused q|k|v and gate|up weights) of its asr.llm.FastDecoder."""

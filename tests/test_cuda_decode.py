@@ -23,7 +23,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="MLX's CUDA backend is not avai
 
 
 def _mlx_gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu_=False, rows=2):
-    """What cuda_decode.gemv computes, in MLX operations."""
+    """What a cuda_decode gemv launch computes, in MLX operations."""
     if norm is not None:
         x = mx.fast.rms_norm(x, norm, eps)
     y = (w @ x[:, None])[:, 0]
@@ -34,7 +34,7 @@ def _mlx_gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu_=False, rows=2):
 
 
 def _mlx_attend(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache, *, heads, kv_heads, eps, scale, write=True):
-    """What cuda_decode.attend computes, in MLX operations; the cache write goes to the same Python objects."""
+    """What a cuda_decode attend launch computes, in MLX operations; the cache write goes to the same Python objects."""
     hd = k_cache.shape[-1]
     pos = int(slot[0].item())
     q, k, v = mx.split(qkv, [heads * hd, (heads + kv_heads) * hd])
@@ -165,6 +165,20 @@ def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch, capacity
 
 
 # --- the kernels themselves (CUDA only) ---------------------------------------------------------------------------
+def _gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu=False, rows=2):
+    """One cuda_decode gemv launch on these arrays (unused inputs: any array)."""
+    launch = cuda_decode.gemv_launch(w.shape, w.dtype, norm=norm is not None, eps=eps, res=res is not None,
+                                     swiglu=swiglu, rows=rows)
+    return launch(x, norm if norm is not None else x, w, res if res is not None else x)
+
+
+def _attend(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache, *, heads, kv_heads, eps, scale):
+    """One cuda_decode attend launch (writes k_cache/v_cache at slot[0] in place)."""
+    launch = cuda_decode.attend_launch(qkv.dtype, heads=heads, kv_heads=kv_heads, head_dim=k_cache.shape[-1],
+                                       capacity=k_cache.shape[-2], eps=eps, scale=scale)
+    return launch(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache)
+
+
 def _close(ours: mx.array, ref: mx.array, dtype) -> None:
     a, b = np.array(ours.astype(mx.float32)), np.array(ref.astype(mx.float32))
     tol = 1e-4 if dtype == mx.float32 else 2e-2
@@ -181,10 +195,10 @@ def test_gemv_matches_mlx(dtype, n, k, rows):
     x = mx.random.normal((k,), key=keys[1]).astype(dtype)
     nw = (1 + 0.1 * mx.random.normal((k,), key=keys[2])).astype(dtype)
     res = mx.random.normal((n,), key=keys[3]).astype(dtype)
-    _close(cuda_decode.gemv(w[:n], x, rows=rows), _mlx_gemv(w[:n], x), dtype)
-    _close(cuda_decode.gemv(w[:n], x, norm=nw, eps=1e-6, rows=rows), _mlx_gemv(w[:n], x, norm=nw, eps=1e-6), dtype)
-    _close(cuda_decode.gemv(w[:n], x, res=res, rows=rows), _mlx_gemv(w[:n], x, res=res), dtype)
-    _close(cuda_decode.gemv(w, x, norm=nw, eps=1e-6, swiglu=True, rows=rows),
+    _close(_gemv(w[:n], x, rows=rows), _mlx_gemv(w[:n], x), dtype)
+    _close(_gemv(w[:n], x, norm=nw, eps=1e-6, rows=rows), _mlx_gemv(w[:n], x, norm=nw, eps=1e-6), dtype)
+    _close(_gemv(w[:n], x, res=res, rows=rows), _mlx_gemv(w[:n], x, res=res), dtype)
+    _close(_gemv(w, x, norm=nw, eps=1e-6, swiglu=True, rows=rows),
            _mlx_gemv(w, x, norm=nw, eps=1e-6, swiglu_=True), dtype)
 
 
@@ -205,7 +219,7 @@ def test_attend_matches_mlx(dtype, pos):
     slot = mx.array([pos], dtype=mx.int32)
     kw = dict(heads=heads, kv_heads=kv_heads, eps=1e-6, scale=hd**-0.5)
     ref = _mlx_attend(qkv, q_norm, k_norm, freqs, slot, k_ref, v_ref, **kw)
-    ours = cuda_decode.attend(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache, **kw)
+    ours = _attend(qkv, q_norm, k_norm, freqs, slot, k_cache, v_cache, **kw)
     mx.eval(ours)
     _close(ours, ref, dtype)
     # written in place at `pos` (as the MLX ops round it), untouched elsewhere
