@@ -68,15 +68,16 @@ NW = 4  # warps per (row, head): they share the positions and merge their partia
 _kernels: dict[tuple, object] = {}
 
 
-def kernel(kind: str, source: str, inputs: list[str], header: str = "", **constants: float) -> object:
+def kernel(kind: str, source: str, inputs: list[str], header: str = "", outputs: tuple[str, ...] = ("out",),
+           **constants: float) -> object:
     """The project's mx.fast.cuda_kernel for `kind` (made once), with float constants written into the source as
-    literals (one kernel per value); the one output is `out`. Shared with asr.cuda_decode."""
+    literals (one kernel per value). Shared with asr.cuda_decode."""
     key = (kind, *sorted(constants.items()))
     found = _kernels.get(key)
     if found is None:
         for name, value in constants.items():
             source = source.replace(name, f"{float(value)!r}f")
-        found = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs, output_names=["out"],
+        found = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs, output_names=list(outputs),
                                     source=source, header=header)
         _kernels[key] = found
     return found

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx_lm.models.activations import swiglu
 
 from .cuda_attention import kernel
 
@@ -126,24 +127,31 @@ _GEMV = """
   }
 """
 
-# grid: H blocks (one per query head), NW warps each. qkv = [q (H*HD) | k (KV*HD) | v (KV*HD)] before the norms.
-# Warp 0 normalises and rotates q into shared memory; warp 1 does k and writes it to k_cache[pos]; warp 2 writes v.
+# grid: B * H blocks (row b, query head h), NW warps each. Row b of qkv = [q (H*HD) | k (KV*HD) | v (KV*HD)] before
+# the norms. Row b's cache holds its tokens at positions left_pad[b]..slot (a batch's prompts are left-padded to
+# one length); its new token goes to position `slot` with RoPE position slot - left_pad[b]. The cache capacity is
+# read at run time (k_cache_shape), so one compiled kernel serves every cache size.
+# Warp 0 normalises and rotates q into shared memory; warp 1 does k and writes it to the cache; warp 2 writes v.
 # (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes positions
-# t = warp, warp + NW, ... with an online softmax, and the block merges the warps' partial results.
+# t = left_pad[b] + warp, ... + NW, ... with an online softmax, and the block merges the warps' partial results.
 _ATTEND = """
   constexpr int R = HD / 32;
   constexpr int HALF = R / 2;
-  const int h = blockIdx.x;
+  const int b = blockIdx.x / H, h = blockIdx.x % H;
   const int g = h / (H / KV);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int pos = slot[0];
+  const int cap = k_cache_shape[2];
+  const int last = slot[0];
+  const int first = left_pad[b];
+  const int pos = last - first;
   __shared__ float qs[HD];
   __shared__ float ms[NW], ls[NW];
   __shared__ float accs[NW][HD];
-  T* kc = const_cast<T*>(k_cache) + (size_t)g * CAP * HD;
-  T* vc = const_cast<T*>(v_cache) + (size_t)g * CAP * HD;
+  const T* row = qkv + (size_t)b * (H + 2 * KV) * HD;
+  T* kc = const_cast<T*>(k_cache) + ((size_t)b * KV + g) * cap * HD;
+  T* vc = const_cast<T*>(v_cache) + ((size_t)b * KV + g) * cap * HD;
   if (warp < 2) {
-    const T* src = qkv + (warp == 0 ? h * HD : H * HD + g * HD);
+    const T* src = row + (warp == 0 ? h * HD : H * HD + g * HD);
     const T* nw = warp == 0 ? q_norm : k_norm;
     float e[R];
     float ss = 0.f;
@@ -169,13 +177,13 @@ _ATTEND = """
       if (warp == 0) {
         qs[lane + 32 * j] = e[j];
       } else {
-        kc[(size_t)pos * HD + lane + 32 * j] = static_cast<T>(e[j]);
+        kc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(e[j]);
       }
     }
   } else if (warp == 2) {
-    const T* src = qkv + H * HD + KV * HD + g * HD;
+    const T* src = row + H * HD + KV * HD + g * HD;
 #pragma unroll
-    for (int j = 0; j < R; ++j) vc[(size_t)pos * HD + lane + 32 * j] = src[lane + 32 * j];
+    for (int j = 0; j < R; ++j) vc[(size_t)last * HD + lane + 32 * j] = src[lane + 32 * j];
   }
   __syncthreads();
   float q[R], acc[R];
@@ -185,7 +193,7 @@ _ATTEND = """
     acc[j] = 0.f;
   }
   float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.f;
-  for (int t = warp; t <= pos; t += NW) {
+  for (int t = first + warp; t <= last; t += NW) {
     const T* kt = kc + (size_t)t * HD;
     float d = 0.f;
 #pragma unroll
@@ -207,7 +215,7 @@ _ATTEND = """
 #pragma unroll
   for (int j = 0; j < R; ++j) accs[warp][lane + 32 * j] = acc[j];
   __syncthreads();
-  if (tid < HD) {
+  for (int e = tid; e < HD; e += 32 * NW) {
     float mx_ = -cuda::std::numeric_limits<float>::infinity();
 #pragma unroll
     for (int w = 0; w < NW; ++w) mx_ = fmaxf(mx_, ms[w]);
@@ -216,22 +224,51 @@ _ATTEND = """
     for (int w = 0; w < NW; ++w) {
       if (ls[w] > 0.f) {
         const float f = expf(ms[w] - mx_);
-        num += accs[w][tid] * f;
+        num += accs[w][e] * f;
         den += ls[w] * f;
       }
     }
-    out[h * HD + tid] = static_cast<T>(num / den);
+    out[((size_t)b * H + h) * HD + e] = static_cast<T>(num / den);
   }
 """
 
-NW = 8  # warps per attention block
-# KV positions a step starts with. `attend` is compiled per cache capacity (a template constant), and each new
-# capacity is compiled and loaded the first time a process meets it: ~2 s on an H100 (the CUDA tests spend ~2-3 s
-# per kernel variant; a probe whose cache grew from 128 to 256 positions mid-run lost ~2 s once). Starting at 512
-# positions, which `warmup()` already compiles, covers a prompt and its transcript in one capacity in practice;
-# longer ones grow by asr.llm.CACHE_STEP. Cost: 59 MB of bf16 KV cache for Qwen3-0.6B (15 MB at 128).
-CAPACITY = 512
+# grid: B blocks (rows) of 32 * WARPS threads. The residual add and the RMSNorm after it, rounded as MLX rounds
+# `x + y` and mx.fast.rms_norm: h = x + y; n = w * (h * rsqrt(mean(h^2) + eps)).
+_ADD_NORM = """
+  constexpr int PER = (D + 32 * WARPS - 1) / (32 * WARPS);
+  __shared__ float red[WARPS];
+  const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const size_t base = (size_t)b * D;
+  float hv[PER];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int i = tid + j * 32 * WARPS;
+    hv[j] = 0.f;
+    if (i < D) {
+      const T s = static_cast<T>(static_cast<float>(x[base + i]) + static_cast<float>(y[base + i]));
+      h_out[base + i] = s;
+      hv[j] = static_cast<float>(s);
+      ss += hv[j] * hv[j];
+    }
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) red[warp] = ss;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) tot += red[w];
+  const float r = rsqrtf(tot / D + EPS);
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int i = tid + j * 32 * WARPS;
+    if (i < D) n_out[base + i] = nw[i] * static_cast<T>(hv[j] * r);
+  }
+"""
+
 GEMV_WARPS = 4
+NORM_WARPS = 4
+
 
 @dataclass(frozen=True)
 class _Launch:
@@ -243,6 +280,14 @@ class _Launch:
 
     def __call__(self, *inputs: mx.array) -> mx.array:
         return self.kernel(inputs=list(inputs), **self.options)[0]
+
+
+@dataclass(frozen=True)
+class _Launch2(_Launch):
+    """A _Launch whose kernel has two outputs."""
+
+    def __call__(self, *inputs: mx.array) -> list[mx.array]:
+        return self.kernel(inputs=list(inputs), **self.options)
 
 
 def gemv_launch(shape: tuple[int, int], dtype, *, norm: bool = False, eps: float = 0.0, res: bool = False,
@@ -257,14 +302,53 @@ def gemv_launch(shape: tuple[int, int], dtype, *, norm: bool = False, eps: float
         output_shapes=[(n_out,)], output_dtypes=[dtype]))
 
 
-def attend_launch(dtype, *, heads: int, kv_heads: int, head_dim: int, capacity: int, eps: float,
-                  scale: float) -> _Launch:
-    """Inputs (qkv, q_norm, k_norm, freqs, slot [1], k_cache, v_cache [1, kv_heads, capacity, head_dim])."""
-    return _Launch(kernel("attend", _ATTEND, ["qkv", "q_norm", "k_norm", "freqs", "slot", "k_cache", "v_cache"],
-                          _HEADER, EPS=eps, SCALE=scale), dict(
-        template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("CAP", capacity), ("NW", NW)],
-        grid=(32 * NW * heads, 1, 1), threadgroup=(32 * NW, 1, 1),
-        output_shapes=[(heads * head_dim,)], output_dtypes=[dtype]))
+def attend_launch(dtype, *, batch: int, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float,
+                  warps: int) -> _Launch:
+    """Inputs (qkv [batch, (heads + 2 kv_heads) head_dim], q_norm, k_norm, freqs, slot [1], left_pad [batch],
+    k_cache, v_cache [batch, kv_heads, capacity, head_dim]) -> [batch, heads * head_dim]."""
+    inputs = ["qkv", "q_norm", "k_norm", "freqs", "slot", "left_pad", "k_cache", "v_cache"]
+    return _Launch(kernel("attend", _ATTEND, inputs, _HEADER, EPS=eps, SCALE=scale), dict(
+        template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("NW", warps)],
+        grid=(32 * warps * batch * heads, 1, 1), threadgroup=(32 * warps, 1, 1),
+        output_shapes=[(batch, heads * head_dim)], output_dtypes=[dtype]))
+
+
+def add_norm_launch(dtype, *, batch: int, dim: int, eps: float) -> _Launch2:
+    """Inputs (x, y [batch, dim], norm weight [dim]) -> (x + y, rms_norm(x + y))."""
+    return _Launch2(kernel("add_norm", _ADD_NORM, ["x", "y", "nw"], _HEADER, ("h_out", "n_out"), EPS=eps), dict(
+        template=[("T", dtype), ("D", dim), ("WARPS", NORM_WARPS)],
+        grid=(32 * NORM_WARPS * batch, 1, 1), threadgroup=(32 * NORM_WARPS, 1, 1),
+        output_shapes=[(batch, dim), (batch, dim)], output_dtypes=[dtype, dtype]))
+
+
+def _prepare_caches(kv: list, prompt_slots: int) -> list:
+    """The caches as evaluated, row-contiguous buffers with room for the next position (the kernels write into
+    them through raw pointers: no views, and they must exist before the first write)."""
+    from .llm import _grow  # noqa: PLC0415 (llm imports this module)
+
+    kv = [[mx.contiguous(_grow(k, prompt_slots + 1)), mx.contiguous(_grow(v, prompt_slots + 1))] for k, v in kv]
+    mx.eval(kv)
+    return kv
+
+
+def _stepper(run, kv: list, prompt_slots: int, *extra: mx.array):
+    """A step function tokens -> next tokens over `run(tok, at, *extra, kv)` (a compiled step returning the next
+    tokens and at + 1), growing the caches by asr.llm.CACHE_STEP positions when full."""
+    from .llm import _with_room  # noqa: PLC0415 (llm imports this module)
+
+    state = {"kv": kv, "slot": prompt_slots, "at": mx.array([prompt_slots], dtype=mx.int32)}
+
+    def step(tok: mx.array) -> mx.array:
+        slot = state["slot"]
+        grown = _with_room(state["kv"], slot)
+        if grown is not state["kv"]:
+            mx.eval(grown)  # the kernels write into these buffers: they must exist before the first write
+            state["kv"] = grown
+        nxt, state["at"] = run(tok, state["at"], *extra, grown)
+        state["slot"] = slot + 1
+        return nxt
+
+    return step
 
 
 class FusedStep:
@@ -274,55 +358,34 @@ class FusedStep:
     def __init__(self, model, plans: list) -> None:
         p = plans[0]
         self.layers = plans
-        self.heads, self.kv_heads, self.head_dim = p.q_shape[1], p.kv_shape[1], p.q_shape[3]
-        self.eps, self.scale, self.freqs = p.eps, p.scale, p.freqs
+        self.freqs = p.freqs
         m = model.model
         self.embed = m.embed_tokens.weight
         self.norm = m.norm.weight
         self.head = self.embed if model.args.tie_word_embeddings else model.lm_head.weight
         dtype = self.embed.dtype
-        self._qkv = gemv_launch(p.qkv.weight.shape, dtype, norm=True, eps=self.eps)
+        self._qkv = gemv_launch(p.qkv.weight.shape, dtype, norm=True, eps=p.eps)
+        self._attend = attend_launch(dtype, batch=1, heads=p.q_shape[1], kv_heads=p.kv_shape[1],
+                                     head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=8)
         self._o = gemv_launch(p.o.weight.shape, dtype, res=True, rows=1)
-        self._gate_up = gemv_launch(p.gate_up.weight.shape, dtype, norm=True, eps=self.eps, swiglu=True)
+        self._gate_up = gemv_launch(p.gate_up.weight.shape, dtype, norm=True, eps=p.eps, swiglu=True)
         self._down = gemv_launch(p.down.weight.shape, dtype, res=True, rows=1)
-        self._head = gemv_launch(self.head.shape, dtype, norm=True, eps=self.eps, rows=4)
-        self._attend: dict[int, _Launch] = {}  # by cache capacity
+        self._head = gemv_launch(self.head.shape, dtype, norm=True, eps=p.eps, rows=4)
+        self._left_pad = mx.zeros((1,), dtype=mx.int32)
         # compiled: 1.59-1.76 ms a step on an H100 against 2.1-2.4 ms built kernel by kernel (tools/gpu/probe_step.py)
         self._step = mx.compile(self._forward) if COMPILE else self._forward
 
     def start(self, kv: list, prompt_slots: int):
         """A step function tokens [1] -> [1] continuing after `prompt_slots` cached positions in `kv`."""
-        from .llm import _grow, _with_room  # noqa: PLC0415 (llm imports this module)
-
-        # room for CAPACITY positions from the start (raw pointers write into these buffers: no views)
-        kv = [[mx.contiguous(_grow(k, CAPACITY)), mx.contiguous(_grow(v, CAPACITY))] for k, v in kv]
-        mx.eval(kv)
-        state = {"kv": kv, "slot": prompt_slots, "at": mx.array([prompt_slots], dtype=mx.int32)}
-
-        def step(tok: mx.array) -> mx.array:
-            slot = state["slot"]
-            grown = _with_room(state["kv"], slot)
-            if grown is not state["kv"]:
-                mx.eval(grown)  # the kernels write into these buffers: they must exist before the first write
-                state["kv"] = grown
-            nxt, state["at"] = self._step(tok, state["at"], grown)
-            state["slot"] = slot + 1
-            return nxt
-
-        return step
+        return _stepper(self._step, _prepare_caches(kv, prompt_slots), prompt_slots)
 
     def _forward(self, tok: mx.array, at: mx.array, kv: list) -> tuple[mx.array, mx.array]:
-        capacity = kv[0][0].shape[2]
-        attend_ = self._attend.get(capacity)
-        if attend_ is None:
-            attend_ = self._attend[capacity] = attend_launch(
-                self.embed.dtype, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
-                capacity=capacity, eps=self.eps, scale=self.scale)
-        qkv_, o_, gate_up_, down_, freqs = self._qkv, self._o, self._gate_up, self._down, self.freqs
+        qkv_, attend_, o_, gate_up_, down_ = self._qkv, self._attend, self._o, self._gate_up, self._down
+        freqs, left_pad = self.freqs, self._left_pad
         x = mx.take(self.embed, tok, axis=0)  # [1, D]
         for p, (k_cache, v_cache) in zip(self.layers, kv, strict=True):
             qkv = qkv_(x, p.ln1, p.qkv.weight, x)
-            o = attend_(qkv, p.q_norm, p.k_norm, freqs, at, k_cache, v_cache)
+            o = attend_(qkv, p.q_norm, p.k_norm, freqs, at, left_pad, k_cache, v_cache)
             x = o_(o, o, p.o.weight, x)
             h = gate_up_(x, p.ln2, p.gate_up.weight, x)
             x = down_(h, h, p.down.weight, x)
@@ -330,16 +393,73 @@ class FusedStep:
         return mx.argmax(logits.reshape(1, -1), axis=-1).astype(mx.int32), at + 1
 
 
+class RowsStep:
+    """The step for batches (rows left-padded to one prompt length) and for quantized models: MLX's products
+    (cuBLAS, or MLX's quantized kernels) with two custom kernels in between, one compiled step.
+
+    Per layer: q|k|v product; `attend` (q/k RMSNorm, RoPE at each row's own position, the cache write in place,
+    attention over each row's valid positions); o product; `add_norm` (residual add + RMSNorm); gate|up product;
+    SwiGLU; down product; `add_norm` (with the next layer's input norm, or the final norm). Eight kernels a layer,
+    against ~17 for the same step from MLX operations.
+    """
+
+    def __init__(self, model, plans: list) -> None:
+        self.model = model
+        self.layers = plans
+        p = plans[0]
+        self.p0 = p
+        self.norms = [q.ln1 for q in plans[1:]] + [model.model.norm.weight]
+        self.dtype = p.ln1.dtype
+        self._launches: dict[int, tuple[_Launch, _Launch2]] = {}  # by batch size
+        self._step = mx.compile(self._forward) if COMPILE else self._forward
+
+    def start(self, kv: list, prompt_slots: int, left_pad: list[int]):
+        """A step function tokens [B] -> [B] continuing after `prompt_slots` cached positions in `kv`."""
+        pad = mx.array(left_pad, dtype=mx.int32)
+        return _stepper(self._step, _prepare_caches(kv, prompt_slots), prompt_slots, pad)
+
+    def _kernels(self, batch: int) -> tuple[_Launch, _Launch2]:
+        found = self._launches.get(batch)
+        if found is None:
+            p = self.p0
+            found = self._launches[batch] = (
+                attend_launch(self.dtype, batch=batch, heads=p.q_shape[1], kv_heads=p.kv_shape[1],
+                              head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=4),
+                add_norm_launch(self.dtype, batch=batch, dim=p.ln1.shape[0], eps=p.eps))
+        return found
+
+    def _forward(self, tok: mx.array, at: mx.array, left_pad: mx.array, kv: list) -> tuple[mx.array, mx.array]:
+        from .llm import _lm_head  # noqa: PLC0415 (llm imports this module)
+
+        attend_, add_norm_ = self._kernels(tok.shape[0])
+        x = self.model.model.embed_tokens(tok)  # [B, D]
+        n = mx.fast.rms_norm(x, self.p0.ln1, self.p0.eps)
+        for p, next_norm, (k_cache, v_cache) in zip(self.layers, self.norms, kv, strict=True):
+            o = attend_(p.qkv(n), p.q_norm, p.k_norm, p.freqs, at, left_pad, k_cache, v_cache)
+            x, n = add_norm_(x, p.o(o), p.ln2)
+            gate, up = mx.split(p.gate_up(n), 2, axis=-1)
+            x, n = add_norm_(x, p.down(swiglu(gate, up)), next_norm)
+        return mx.argmax(_lm_head(self.model, n), axis=-1).astype(mx.int32), at + 1
+
+
+def _on_cuda() -> bool:
+    cuda = getattr(mx, "cuda", None)
+    return bool(cuda and cuda.is_available() and mx.default_device() == mx.gpu)
+
+
 def available(model, batch: int) -> bool:
     """Whether FusedStep runs `model` here: CUDA, a batch of one, and a model it `supports`."""
-    cuda = getattr(mx, "cuda", None)
-    return bool(ENABLED and batch == 1 and cuda and cuda.is_available() and mx.default_device() == mx.gpu
-                and supports(model))
+    return ENABLED and batch == 1 and _on_cuda() and supports(model)
+
+
+def rows_available(model) -> bool:
+    """Whether RowsStep runs `model` here (any batch): CUDA and a model it `supports_rows`."""
+    return ENABLED and _on_cuda() and supports_rows(model)
 
 
 def supports(model) -> bool:
-    """Whether the kernels fit `model` (on any device): unquantized bf16 or fp32 weights of one dtype, widths that are
-    multiples of 32 16-byte vectors, head_dim a multiple of 64 (the RoPE halves split evenly across a warp)."""
+    """Whether FusedStep's kernels fit `model` (on any device): unquantized bf16 or fp32 weights of one dtype,
+    widths that are multiples of 32 16-byte vectors, and an `attend` that fits (`_attend_fits`)."""
     m = model.model
     layer = m.layers[0]
     a = layer.self_attn
@@ -351,10 +471,34 @@ def supports(model) -> bool:
     others = (m.embed_tokens.weight, layer.input_layernorm.weight, a.q_norm.weight, m.norm.weight, head.weight)
     if "scales" in head or any(x.dtype != w.dtype for x in others):
         return False
-    head_dim = a.q_norm.weight.shape[0]
     vec = 16 // w.dtype.size
-    dims = (m.embed_tokens.weight.shape[1], a.n_heads * head_dim, layer.mlp.down_proj.weight.shape[1])
-    from .llm import HFRoPE  # noqa: PLC0415 (llm imports this module); its float32 periods feed `attend`
+    dims = (m.embed_tokens.weight.shape[1], a.n_heads * a.q_norm.weight.shape[0], layer.mlp.down_proj.weight.shape[1])
+    return all(d % (32 * vec) == 0 and d <= 8192 for d in dims) and _attend_fits(model)
 
-    return (head_dim % 64 == 0 and head_dim <= 256 and all(d % (32 * vec) == 0 and d <= 8192 for d in dims)
-            and isinstance(a.rope, HFRoPE) and a.rope.dims == head_dim and a.n_heads % a.n_kv_heads == 0)
+
+def supports_rows(model) -> bool:
+    """Whether RowsStep fits `model` (on any device): activations, norms and products of one dtype, bf16 or fp32
+    (quantized products included: they compute in their scales' dtype), and an `attend` that fits."""
+    m = model.model
+    layer = m.layers[0]
+    a = layer.self_attn
+    dtype = layer.input_layernorm.weight.dtype
+    if dtype not in (mx.bfloat16, mx.float32):  # the dtypes run on a GPU (fp16: not yet)
+        return False
+    head = m.embed_tokens if model.args.tie_word_embeddings else model.lm_head
+    modules = (m.embed_tokens, head, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.gate_proj,
+               layer.mlp.up_proj, layer.mlp.down_proj)
+    computes_in = [(x["scales"] if "scales" in x else x["weight"]).dtype for x in modules]
+    norms = (layer.post_attention_layernorm.weight, a.q_norm.weight, a.k_norm.weight, m.norm.weight)
+    return all(d == dtype for d in computes_in + [x.dtype for x in norms]) and _attend_fits(model)
+
+
+def _attend_fits(model) -> bool:
+    """head_dim a multiple of 64 up to 256 (the RoPE halves split evenly across a warp), grouped heads, and
+    asr.llm.HFRoPE, whose float32 periods `attend` reads."""
+    from .llm import HFRoPE  # noqa: PLC0415 (llm imports this module)
+
+    a = model.model.layers[0].self_attn
+    head_dim = a.q_norm.weight.shape[0]
+    return (head_dim % 64 == 0 and head_dim <= 256 and isinstance(a.rope, HFRoPE) and a.rope.dims == head_dim
+            and a.n_heads % a.n_kv_heads == 0)

@@ -289,12 +289,15 @@ class FastDecoder:
 
     - q/k/v and gate/up are fused into one matmul each (4 matmuls a layer instead of 7);
     - a batch of one on CUDA runs `asr.cuda_decode.FusedStep` (five custom kernels a layer, one compiled step);
+      batches and quantized models on CUDA run `asr.cuda_decode.RowsStep` (MLX's products with two custom kernels
+      in between, eight kernels a layer, one compiled step);
     - elsewhere a batch of one (`_start_single`) needs no attention mask: it attends over the cache up to the current
       position (a slice), so MLX uses its single-query attention kernel; built op by op on prepared arrays;
     - batches of several prompt lengths (`_start_masked`) keep a fixed-size KV cache (CACHE_STEP positions at a
       time) written with `slice_update` at a position held in an array and read under a mask, so shapes do not
       change from one step to the next and the step is `mx.compile`d on GPUs (traced once per (batch, cache
-      size)); on CUDA the masked attention is one custom kernel (asr/cuda_attention.py). The CPU does not compile
+      size)); on CUDA (models RowsStep does not take) the masked attention is one custom kernel
+      (asr/cuda_attention.py). The CPU does not compile
       (MLX compiles CPU kernels with the system C++ compiler, which may be absent).
     Tokens equal mlx-lm's own step (same layers, same cache contents; masked positions add exact zeros).
     """
@@ -317,6 +320,7 @@ class FastDecoder:
                       for layer in model.model.layers]
         self._plans: list[_LayerPlan] | None = None
         self._fused_step: cuda_decode.FusedStep | None = None
+        self._rows_step: cuda_decode.RowsStep | None = None
         compile_ = COMPILE_DECODE if COMPILE_DECODE is not None else mx.default_device().type == mx.gpu
         self._step = mx.compile(self._forward) if compile_ else self._forward
 
@@ -324,11 +328,15 @@ class FastDecoder:
         """Copy an mlx-lm prefill cache into growable buffers; return a step function tokens [B] -> [B]."""
         kv = [[_grow(c.keys[..., :prompt_slots, :], prompt_slots + 1),
                _grow(c.values[..., :prompt_slots, :], prompt_slots + 1)] for c in cache]
+        if cuda_decode.available(self.model, len(left_pad)):
+            if self._fused_step is None:
+                self._fused_step = cuda_decode.FusedStep(self.model, self._layer_plans())
+            return self._fused_step.start(kv, prompt_slots)
+        if cuda_decode.rows_available(self.model):
+            if self._rows_step is None:
+                self._rows_step = cuda_decode.RowsStep(self.model, self._layer_plans())
+            return self._rows_step.start(kv, prompt_slots, left_pad)
         if left_pad == [0]:
-            if cuda_decode.available(self.model, 1):
-                if self._fused_step is None:
-                    self._fused_step = cuda_decode.FusedStep(self.model, self._layer_plans())
-                return self._fused_step.start(kv, prompt_slots)
             return self._start_single(kv, prompt_slots)
         return self._start_masked(kv, prompt_slots, left_pad)
 

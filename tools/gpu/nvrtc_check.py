@@ -35,7 +35,12 @@ def build_source(name: str, header: str, source: str, input_names: list[str], in
     """The text MLX 0.32's custom_kernel.cpp (build_kernel) compiles for these arguments."""
     text = _DEFAULT_HEADER + header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     text += f"__global__ void {name}(\n"
-    text += "".join(f"    const {_CUDA_TYPES[a.dtype]}* {n},\n" for n, a in zip(input_names, inputs, strict=True))
+    for n, a in zip(input_names, inputs, strict=True):
+        text += f"    const {_CUDA_TYPES[a.dtype]}* {n},\n"
+        if a.ndim > 0:  # MLX passes shape / strides / ndim where the source names them
+            text += f"    const __grid_constant__ Shape {n}_shape,\n" if f"{n}_shape" in source else ""
+            text += f"    const __grid_constant__ Strides {n}_strides,\n" if f"{n}_strides" in source else ""
+            text += f"    const __grid_constant__ int {n}_ndim,\n" if f"{n}_ndim" in source else ""
     text += ",\n".join(f"    {_CUDA_TYPES[d]}* {n}" for n, d in zip(output_names, output_dtypes, strict=True)) + ") {\n"
     for key, value in template:
         if isinstance(value, bool):
@@ -121,6 +126,10 @@ def main() -> None:
         step._step = step._forward  # trace eagerly: the recorder runs on the CPU
         tok = step.start(kv, 5)(mx.array([1], dtype=mx.int32))
         mx.eval(tok)
+        rows = cuda_decode.RowsStep(model, dec._layer_plans())
+        rows._step = rows._forward
+        kv3 = [[mx.repeat(k, 3, axis=0), mx.repeat(v, 3, axis=0)] for k, v in kv]
+        mx.eval(rows.start(kv3, 5, [0, 2, 4])(mx.array([1, 2, 3], dtype=mx.int32)))
         q = mx.zeros((3, 4, 1, 128), dtype=getattr(mx, dtype))
         cache_k = mx.zeros((3, 2, 128, 128), dtype=getattr(mx, dtype))
         cuda_attention.attention(q, cache_k, cache_k, mx.zeros((3,), dtype=mx.int32), mx.array(7), 0.088)

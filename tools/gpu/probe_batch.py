@@ -1,0 +1,121 @@
+"""Where a batch of segments spends its time on a GPU: each stage of the batched path timed on its own (synced).
+
+For a checkpoint and clips repeated to --segments rows: features, padding, encoder, adaptor, prompt building,
+prefill and decode, median of --repeats after a warm-up, for variants of the encoder (eager / compiled layers;
+fp32 / bf16 weights) and of the decode step (asr.cuda_decode.RowsStep / the masked MLX step). Then the whole batch
+end to end, as examples/benchmark.py times it. Usage:
+  python3 tools/gpu/probe_batch.py --model /root/ck/full --clips a.wav b.wav [--segments 64] [--tokens 32]
+"""
+
+from __future__ import annotations  # noqa: I001  (asr before mlx: it picks the BLAS before MLX loads)
+
+import argparse
+import statistics
+import time
+
+import asr
+import mlx.core as mx
+
+from asr import cuda_decode, encoder
+from asr.audio import load_audio
+from asr.frontend import audio_token_count, features_batch
+from asr.llm import greedy_decode_batch
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    out = fn()  # warm-up (traces, compiles)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        mx.eval(out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--clips", nargs="+", required=True)
+    ap.add_argument("--segments", type=int, nargs="+", default=[64])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--encoder-dtypes", nargs="+", default=["float32", "bfloat16"])
+    a = ap.parse_args()
+    print("device", mx.default_device(), "mlx", mx.__version__)
+    models = {d: asr.load_model(a.model, dtype="bfloat16", encoder_dtype=d) for d in a.encoder_dtypes}
+    model = models[a.encoder_dtypes[0]]
+    ids = model.prompt_ids("auto")
+    audios = [load_audio(p) for p in a.clips]
+    for n in a.segments:
+        segs = [audios[i % len(audios)] for i in range(n)]
+        audio_s = sum(s.duration_s for s in segs)
+        print(f"\n== {n} segments, {audio_s:.1f} s of audio")
+        ms, feats = timed(lambda segs=segs: features_batch([mx.array(s.samples) for s in segs], model.cfg.frontend),
+                          a.repeats)
+        print(f"features_batch        {ms:8.2f} ms")
+        L = max(f.shape[0] for f in feats)
+        lengths = mx.array([f.shape[0] for f in feats])
+        ms, x = timed(lambda feats=feats, L=L: mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in feats]),
+                      a.repeats)
+        print(f"pad + stack           {ms:8.2f} ms   (L={L})")
+        enc = None
+        for dtype, m in models.items():
+            for compiled in (False, True):
+                encoder.COMPILE = compiled
+                try:
+                    ms, out = timed(lambda m=m, x=x, lengths=lengths: m.encode(x, lengths), a.repeats)
+                except Exception as exc:  # noqa: BLE001 (a probe: report and go on)
+                    print(f"encoder {dtype} compiled={compiled} failed: {exc!r}")
+                    continue
+                enc = out if enc is None else enc
+                print(f"encoder {dtype:9s} {'compiled' if compiled else 'eager   '} {ms:8.2f} ms")
+        encoder.COMPILE = None
+        ms, rows = timed(lambda enc=enc, lengths=lengths: model.adapt(enc, lengths), a.repeats)
+        print(f"adaptor               {ms:8.2f} ms")
+        ms, prompts = timed(lambda rows=rows, feats=feats: [
+            model.prompt_embeddings(rows[i, : audio_token_count(f.shape[0])], ids)[0] for i, f in enumerate(feats)],
+            a.repeats)
+        print(f"prompt embeddings     {ms:8.2f} ms")
+        llm = model.net.llm
+        for name, enabled in (("RowsStep", True), ("masked MLX step", False)):
+            cuda_decode.ENABLED = enabled
+            llm._fast_decoder = None
+            runs = [greedy_decode_batch(llm, prompts, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
+                    for _ in range(a.repeats + 1)][1:]
+            pre = statistics.median(r[0].prefill_s for r in runs) * 1e3
+            dec = statistics.median(r[0].decode_s for r in runs) * 1e3
+            print(f"decode {name:16s} prefill {pre:7.2f} ms, decode {dec:8.2f} ms "
+                  f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step)")
+        cuda_decode.ENABLED = True
+        llm._fast_decoder = None
+        for dtype, m in models.items():
+            for compiled in (False, True):
+                encoder.COMPILE = compiled
+
+                def whole(m=m, segs=segs):
+                    t0 = time.perf_counter()
+                    fs = features_batch([mx.array(s.samples) for s in segs], m.cfg.frontend)
+                    L = max(f.shape[0] for f in fs)
+                    ls = mx.array([f.shape[0] for f in fs])
+                    e = m.encode(mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in fs]), ls)
+                    r = m.adapt(e, ls)
+                    ps = [m.prompt_embeddings(r[i, : audio_token_count(f.shape[0])], ids)[0] for i, f in enumerate(fs)]
+                    mx.eval(ps)
+                    front = time.perf_counter() - t0
+                    greedy_decode_batch(m.net.llm, ps, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
+                    return time.perf_counter() - t0, front
+
+                try:
+                    whole()
+                except Exception as exc:  # noqa: BLE001 (a probe: report and go on)
+                    print(f"whole batch, encoder {dtype} compiled={compiled} failed: {exc!r}")
+                    continue
+                best = min((whole() for _ in range(a.repeats)), key=lambda t: t[0])
+                print(f"whole batch, encoder {dtype} {'compiled' if compiled else 'eager'}: {best[0] * 1e3:.1f} ms "
+                      f"(front {best[1] * 1e3:.1f} ms), RTFx {audio_s / best[0]:.0f}")
+        encoder.COMPILE = None
+
+
+if __name__ == "__main__":
+    main()
