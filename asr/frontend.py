@@ -134,19 +134,32 @@ def features(samples: mx.array, cfg: FrontendConfig = FrontendConfig()) -> mx.ar
     return lfr(fbank(samples, cfg), cfg.lfr_m, cfg.lfr_n)
 
 
-def features_batch(samples: list[mx.array], cfg: FrontendConfig = FrontendConfig()) -> list[mx.array]:
-    """`features` of several utterances in one pass (one set of kernels instead of one per utterance).
+def features_padded(samples: list[np.ndarray], cfg: FrontendConfig = FrontendConfig()) -> tuple[mx.array, list[int]]:
+    """`features` of several utterances in one pass: [B, L, feature_dim] with zero rows past each utterance's own
+    length, and those lengths (L = the longest).
 
-    The waveforms are zero-padded to a common length: every fbank frame depends only on its own 400 samples, so
-    the first T_i frames of row i equal `fbank` of utterance i alone; LFR then runs on each utterance's frames.
+    The waveforms are zero-padded to a common length in NumPy (one copy to the device): every fbank frame depends
+    only on its own 400 samples, so the first T_i frames of row i equal `fbank` of utterance i alone. LFR then
+    gathers every utterance's rows at once, each clamped at its own last frame as `lfr` does: row for row the
+    same values as `features` of each utterance, with a fixed number of kernels whatever the batch size.
     """
-    lengths = [int(s.shape[0]) for s in samples]
-    if any(num_frames(n, cfg) == 0 for n in lengths):
+    counts = [int(s.shape[0]) for s in samples]
+    frames = [num_frames(n, cfg) for n in counts]
+    if any(t == 0 for t in frames):
         raise ValueError(f"an utterance is shorter than one {cfg.frame_length_ms} ms frame")
-    longest = max(lengths)
-    batch = mx.stack([mx.pad(s.astype(mx.float32), (0, longest - n)) for s, n in zip(samples, lengths, strict=True)])
-    fb = fbank(batch, cfg)
-    return [lfr(fb[i, : num_frames(n, cfg)], cfg.lfr_m, cfg.lfr_n) for i, n in enumerate(lengths)]
+    batch = np.zeros((len(samples), max(counts)), dtype=np.float32)
+    for row, s, n in zip(batch, samples, counts, strict=True):
+        row[:n] = s
+    fb = fbank(mx.array(batch), cfg)  # [B, T, n_mels]
+    B, T, D = fb.shape
+    m, n = cfg.lfr_m, cfg.lfr_n
+    lengths = [-(-t // n) for t in frames]
+    L = max(lengths)
+    idx = np.arange(L)[:, None] * n + np.arange(m)[None, :] - (m - 1) // 2  # [L, m]
+    idx = np.clip(idx[None], 0, np.array(frames)[:, None, None] - 1) + (np.arange(B) * T)[:, None, None]
+    rows = mx.take(fb.reshape(B * T, D), mx.array(idx.reshape(-1).astype(np.int32)), axis=0).reshape(B, L, m * D)
+    valid = np.arange(L)[None, :] < np.array(lengths)[:, None]
+    return rows * mx.array(valid[:, :, None].astype(np.float32)), lengths
 
 
 def audio_token_count(num_lfr_frames: int) -> int:

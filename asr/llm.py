@@ -150,12 +150,28 @@ def greedy_decode_batch(
     Each row gets the same positions (0..P_i-1) and the same causal attention as when decoded alone, so the
     tokens equal one-by-one decoding (up to float summation order).
     """
-    from mlx_lm.models.cache import BatchKVCache
-
-    B = len(prompts)
     lengths = [int(p.shape[0]) for p in prompts]
     P = max(lengths)
     padded = mx.stack([mx.pad(p, [(P - n, 0), (0, 0)]) for p, n in zip(prompts, lengths, strict=True)])
+    return greedy_decode_padded(model, padded, lengths, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
+                                cancel=cancel, repetition_guard=repetition_guard)
+
+
+def greedy_decode_padded(
+    model: qwen3.Model,
+    padded: mx.array,
+    lengths: list[int],
+    *,
+    eos_ids: set[int],
+    max_new_tokens: int,
+    cancel: threading.Event | None = None,
+    repetition_guard: bool = True,
+) -> list[DecodeResult]:
+    """greedy_decode_batch on prompts already left-padded into one array [B, P, D] (zeros before each prompt's
+    `lengths[b]` rows)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    B, P = padded.shape[:2]
     left_pad = [P - n for n in lengths]
     t0 = time.perf_counter()
     if NUMPY_ON_CPU and cpu_llm.applies(model):

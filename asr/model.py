@@ -20,8 +20,8 @@ import numpy as np
 from . import languages as langs
 from .audio import SAMPLE_RATE
 from .errors import InvalidOptionError, TranscriptionCancelled
-from .frontend import audio_token_count, features, features_batch
-from .llm import greedy_decode_batch
+from .frontend import audio_token_count, features, features_padded
+from .llm import greedy_decode_padded
 from .network import DTYPES, FunASRNanoNet, ModelConfig
 from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .types import Language, Segment, Timings, TranscriptionResult
@@ -135,28 +135,48 @@ class FunASRNano:
                  emb(mx.array(ids.suffix, dtype=mx.int32)).astype(dt)]
         return mx.concatenate(parts, axis=0)[None]
 
+    def prompt_batch(self, rows: mx.array, counts: list[int], ids: PromptIds) -> tuple[mx.array, list[int]]:
+        """Several prompts at once, left-padded with zeros into [B, P, D]: row b is prefix | its first counts[b]
+        audio rows of `rows` [B, R, D] | suffix, as `prompt_embeddings` builds it; and each prompt's length.
+
+        One gather from a table of [zero row | prefix and suffix embeddings | every audio row], whatever B is."""
+        emb = self.net.llm.model.embed_tokens
+        dt = DTYPES[self.dtype]
+        B, R, D = rows.shape
+        n_pre, n_suf = len(ids.prefix), len(ids.suffix)
+        text = emb(mx.array(ids.prefix + ids.suffix, dtype=mx.int32)).astype(dt)
+        table = mx.concatenate([mx.zeros((1, D), dtype=dt), text, rows.reshape(B * R, D).astype(dt)], axis=0)
+        lengths = [n_pre + c + n_suf for c in counts]
+        P = max(lengths)
+        idx = np.zeros((B, P), dtype=np.int32)  # 0: the zero row (left padding)
+        for b, c in enumerate(counts):
+            start = P - lengths[b]
+            idx[b, start: start + n_pre] = 1 + np.arange(n_pre)
+            idx[b, start + n_pre: start + n_pre + c] = 1 + n_pre + n_suf + b * R + np.arange(c)
+            idx[b, start + n_pre + c:] = 1 + n_pre + np.arange(n_suf)
+        return mx.take(table, mx.array(idx), axis=0), lengths
+
     # ---- a batch of segments
     def _decode_batch(self, pieces: list[_Piece], ids: PromptIds, max_new_tokens: int, repetition_guard: bool,
                       cancel: threading.Event | None, t: dict, timestamps: bool = False) -> None:
         t0 = time.perf_counter()
-        feats = features_batch([mx.array(p.samples) for p in pieces], self.cfg.frontend)
+        feats, lengths = features_padded([p.samples for p in pieces], self.cfg.frontend)
         mx.eval(feats)
         t["features_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        L = max(f.shape[0] for f in feats)
-        lengths = mx.array([f.shape[0] for f in feats]) if len(feats) > 1 else None  # one utterance: no padding
-        enc = self.encode(mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in feats]), lengths)
+        valid = mx.array(lengths) if len(pieces) > 1 else None  # one utterance: no padding
+        enc = self.encode(feats, valid)
         mx.eval(enc)
         t["encoder_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows = self.adapt(enc, lengths)
-        prompts = [self.prompt_embeddings(rows[i, : audio_token_count(f.shape[0])], ids)[0] for i, f in enumerate(feats)]
+        prompts, prompt_lengths = self.prompt_batch(self.adapt(enc, valid), [audio_token_count(n) for n in lengths],
+                                                    ids)
         mx.eval(prompts)
         t["adaptor_s"] += time.perf_counter() - t0
         if cancel is not None and cancel.is_set():
             raise TranscriptionCancelled("transcription cancelled")
-        outs = greedy_decode_batch(self.net.llm, prompts, eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
-                                   cancel=cancel, repetition_guard=repetition_guard)
+        outs = greedy_decode_padded(self.net.llm, prompts, prompt_lengths, eos_ids=self.eos_ids,
+                                    max_new_tokens=max_new_tokens, cancel=cancel, repetition_guard=repetition_guard)
         t["prefill_s"] += outs[0].prefill_s
         t["decode_s"] += outs[0].decode_s
         t["prompt_tokens"] += sum(o.prompt_tokens for o in outs)
@@ -167,8 +187,8 @@ class FunASRNano:
             from .ctc import ctc_result
 
             t0 = time.perf_counter()
-            for i, (p, f) in enumerate(zip(pieces, feats, strict=True)):
-                p.ctc = ctc_result(self.net, enc[i, : f.shape[0]], p.text, self._ctc_tokenizer(), offset_s=p.start)
+            for i, (p, n) in enumerate(zip(pieces, lengths, strict=True)):
+                p.ctc = ctc_result(self.net, enc[i, :n], p.text, self._ctc_tokenizer(), offset_s=p.start)
             t["timestamps_s"] += time.perf_counter() - t0
 
     def transcribe(

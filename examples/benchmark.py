@@ -73,8 +73,8 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from asr import llm as llm_mod
     from asr.audio import load_audio
     from asr.checkpoint import MLX_CONFIG, converted_dir_for, resolve
-    from asr.frontend import audio_token_count, features_batch
-    from asr.llm import greedy_decode, greedy_decode_batch, teacher_forced_logits
+    from asr.frontend import audio_token_count, features_padded
+    from asr.llm import greedy_decode, greedy_decode_padded, teacher_forced_logits
 
     mode = MODES[a.mode]
     llm_mod.FAST_DECODE = a.decode != "stock"
@@ -166,19 +166,16 @@ def worker_ours(a: argparse.Namespace) -> dict:
             audios = [load_audio(p) for p in a.clips]
             segs = [audios[i % len(audios)] for i in range(n)]
 
-            def run_batch(segs=segs, n=n):
+            def run_batch(segs=segs, n=n):  # what ASRModel._decode_batch does for a batch of segments
                 t0 = time.perf_counter()
-                feats = features_batch([mx.array(s.samples) for s in segs], model.cfg.frontend)
-                L = max(f.shape[0] for f in feats)
-                lengths = mx.array([f.shape[0] for f in feats])
-                enc = model.encode(mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in feats]), lengths)
-                rows = model.adapt(enc, lengths)
-                prompts = [model.prompt_embeddings(rows[i, : audio_token_count(f.shape[0])], ids)[0]
-                           for i, f in enumerate(feats)]
+                feats, lengths = features_padded([s.samples for s in segs], model.cfg.frontend)
+                valid = mx.array(lengths)
+                rows = model.adapt(model.encode(feats, valid), valid)
+                prompts, prompt_lengths = model.prompt_batch(rows, [audio_token_count(x) for x in lengths], ids)
                 mx.eval(prompts)
                 t_front = time.perf_counter() - t0
-                outs = greedy_decode_batch(llm, prompts, eos_ids=eos, max_new_tokens=a.max_new_tokens,
-                                           repetition_guard=not a.ignore_eos)
+                outs = greedy_decode_padded(llm, prompts, prompt_lengths, eos_ids=eos, max_new_tokens=a.max_new_tokens,
+                                            repetition_guard=not a.ignore_eos)
                 wall = time.perf_counter() - t0
                 return {"segments": n, "audio_s": sum(s.duration_s for s in segs), "wall_s": wall,
                         "frontend_encoder_adaptor_s": t_front, "prefill_s": outs[0].prefill_s,

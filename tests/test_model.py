@@ -282,8 +282,8 @@ def test_repetition_guard_on_a_looping_model(tiny_model, monkeypatch):
 
     import asr.model as model_module
 
-    real = model_module.greedy_decode_batch
-    monkeypatch.setattr(model_module, "greedy_decode_batch", lambda llm, *a, **k: real(Looper(llm), *a, **k))
+    real = model_module.greedy_decode_padded
+    monkeypatch.setattr(model_module, "greedy_decode_padded", lambda llm, *a, **k: real(Looper(llm), *a, **k))
     samples = np.random.default_rng(3).standard_normal(16000 * 2).astype(np.float32) * 0.1
     on = tiny_model.transcribe(samples, max_new_tokens=100, vad=False)
     off = tiny_model.transcribe(samples, max_new_tokens=100, vad=False, repetition_guard=False)
@@ -342,3 +342,31 @@ def test_hub_id_resolves_from_the_hf_cache_offline(monkeypatch, tmp_path, tiny_c
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     m = asr.load_model("FunAudioLLM/Fun-ASR-MLT-Nano-2512", dtype="float32")
     assert m.name == "FunAudioLLM/Fun-ASR-MLT-Nano-2512" and m.variant == "mlt"  # variant from the repo name
+
+
+def test_batched_features_and_prompts_match_one_by_one(tiny_model, testdata):
+    """features_padded and prompt_batch (one pass for a whole batch) give, row for row, what features and
+    prompt_embeddings give for each utterance alone, with zeros in the padding."""
+    import mlx.core as mx
+
+    from asr.audio import load_audio
+    from asr.frontend import audio_token_count, features, features_padded
+
+    clips = [load_audio(testdata / "audio" / "en" / "jfk.wav").samples,
+             load_audio(testdata / "audio" / "zh" / "example_zh.wav").samples,
+             np.random.default_rng(0).standard_normal(999).astype(np.float32) * 0.1]
+    feats, lengths = features_padded(clips)
+    assert feats.shape[0] == 3 and feats.shape[1] == max(lengths) and lengths[2] == 1
+    for i, s in enumerate(clips):
+        assert np.array_equal(np.array(feats[i, : lengths[i]]), np.array(features(mx.array(s))))
+        assert not np.array(feats[i, lengths[i]:]).any()
+    ids = tiny_model.prompt_ids("en")
+    rows = mx.random.normal((3, 40, tiny_model.net.llm.args.hidden_size), key=mx.random.key(1))
+    counts = [audio_token_count(n) for n in lengths]
+    prompts, plens = tiny_model.prompt_batch(rows, counts, ids)
+    assert prompts.shape[:2] == (3, max(plens))
+    for i, c in enumerate(counts):
+        alone = np.array(tiny_model.prompt_embeddings(rows[i, :c], ids)[0])
+        assert plens[i] == alone.shape[0]
+        got = np.array(prompts[i])
+        assert np.array_equal(got[prompts.shape[1] - plens[i]:], alone) and not got[: prompts.shape[1] - plens[i]].any()

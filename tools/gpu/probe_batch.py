@@ -1,9 +1,9 @@
 """Where a batch of segments spends its time on a GPU: each stage of the batched path timed on its own (synced).
 
-For a checkpoint and clips repeated to --segments rows: features, padding, encoder, adaptor, prompt building,
-prefill and decode, median of --repeats after a warm-up, for variants of the encoder (eager / compiled layers;
-fp32 / bf16 weights) and of the decode step (asr.cuda_decode.RowsStep / the masked MLX step). Then the whole batch
-end to end, as examples/benchmark.py times it. Usage:
+For a checkpoint and clips repeated to --segments rows: features, encoder, adaptor, prompt building, prefill and
+decode, median of --repeats after a warm-up, for the encoder in fp32 and in bf16 and for two decode steps
+(asr.cuda_decode.RowsStep, the masked MLX step). Then the whole batch end to end, as examples/benchmark.py times it.
+Usage:
   python3 tools/gpu/probe_batch.py --model /root/ck/full --clips a.wav b.wav [--segments 64] [--tokens 32]
 """
 
@@ -16,10 +16,10 @@ import time
 import asr
 import mlx.core as mx
 
-from asr import cuda_decode, encoder
+from asr import cuda_decode
 from asr.audio import load_audio
-from asr.frontend import audio_token_count, features_batch
-from asr.llm import greedy_decode_batch
+from asr.frontend import audio_token_count, features_padded
+from asr.llm import greedy_decode_padded
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -51,38 +51,26 @@ def main() -> None:
         segs = [audios[i % len(audios)] for i in range(n)]
         audio_s = sum(s.duration_s for s in segs)
         print(f"\n== {n} segments, {audio_s:.1f} s of audio")
-        ms, feats = timed(lambda segs=segs: features_batch([mx.array(s.samples) for s in segs], model.cfg.frontend),
-                          a.repeats)
-        print(f"features_batch        {ms:8.2f} ms")
-        L = max(f.shape[0] for f in feats)
-        lengths = mx.array([f.shape[0] for f in feats])
-        ms, x = timed(lambda feats=feats, L=L: mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in feats]),
-                      a.repeats)
-        print(f"pad + stack           {ms:8.2f} ms   (L={L})")
+        ms, (feats, lengths) = timed(lambda segs=segs: features_padded([s.samples for s in segs], model.cfg.frontend),
+                                     a.repeats)
+        print(f"features_padded       {ms:8.2f} ms   (L={feats.shape[1]})")
+        valid = mx.array(lengths)
         enc = None
         for dtype, m in models.items():
-            for compiled in (False, True):
-                encoder.COMPILE = compiled
-                try:
-                    ms, out = timed(lambda m=m, x=x, lengths=lengths: m.encode(x, lengths), a.repeats)
-                except Exception as exc:  # noqa: BLE001 (a probe: report and go on)
-                    print(f"encoder {dtype} compiled={compiled} failed: {exc!r}")
-                    continue
-                enc = out if enc is None else enc
-                print(f"encoder {dtype:9s} {'compiled' if compiled else 'eager   '} {ms:8.2f} ms")
-        encoder.COMPILE = None
-        ms, rows = timed(lambda enc=enc, lengths=lengths: model.adapt(enc, lengths), a.repeats)
+            ms, out = timed(lambda m=m, f=feats, v=valid: m.encode(f, v), a.repeats)
+            enc = out if enc is None else enc
+            print(f"encoder {dtype:9s}     {ms:8.2f} ms")
+        ms, rows = timed(lambda e=enc, v=valid: model.adapt(e, v), a.repeats)
         print(f"adaptor               {ms:8.2f} ms")
-        ms, prompts = timed(lambda rows=rows, feats=feats: [
-            model.prompt_embeddings(rows[i, : audio_token_count(f.shape[0])], ids)[0] for i, f in enumerate(feats)],
-            a.repeats)
-        print(f"prompt embeddings     {ms:8.2f} ms")
+        counts = [audio_token_count(x) for x in lengths]
+        ms, (prompts, plens) = timed(lambda r=rows, c=counts: model.prompt_batch(r, c, ids), a.repeats)
+        print(f"prompt_batch          {ms:8.2f} ms")
         llm = model.net.llm
         for name, enabled in (("RowsStep", True), ("masked MLX step", False)):
             cuda_decode.ENABLED = enabled
             llm._fast_decoder = None
-            runs = [greedy_decode_batch(llm, prompts, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
-                    for _ in range(a.repeats + 1)][1:]
+            runs = [greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens,
+                                         repetition_guard=False) for _ in range(a.repeats + 1)][1:]
             pre = statistics.median(r[0].prefill_s for r in runs) * 1e3
             dec = statistics.median(r[0].decode_s for r in runs) * 1e3
             print(f"decode {name:16s} prefill {pre:7.2f} ms, decode {dec:8.2f} ms "
@@ -90,31 +78,21 @@ def main() -> None:
         cuda_decode.ENABLED = True
         llm._fast_decoder = None
         for dtype, m in models.items():
-            for compiled in (False, True):
-                encoder.COMPILE = compiled
 
-                def whole(m=m, segs=segs):
-                    t0 = time.perf_counter()
-                    fs = features_batch([mx.array(s.samples) for s in segs], m.cfg.frontend)
-                    L = max(f.shape[0] for f in fs)
-                    ls = mx.array([f.shape[0] for f in fs])
-                    e = m.encode(mx.stack([mx.pad(f, [(0, L - f.shape[0]), (0, 0)]) for f in fs]), ls)
-                    r = m.adapt(e, ls)
-                    ps = [m.prompt_embeddings(r[i, : audio_token_count(f.shape[0])], ids)[0] for i, f in enumerate(fs)]
-                    mx.eval(ps)
-                    front = time.perf_counter() - t0
-                    greedy_decode_batch(m.net.llm, ps, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
-                    return time.perf_counter() - t0, front
+            def whole(m=m, segs=segs):
+                t0 = time.perf_counter()
+                fs, ls = features_padded([s.samples for s in segs], m.cfg.frontend)
+                v = mx.array(ls)
+                ps, pl = m.prompt_batch(m.adapt(m.encode(fs, v), v), [audio_token_count(x) for x in ls], ids)
+                mx.eval(ps)
+                front = time.perf_counter() - t0
+                greedy_decode_padded(m.net.llm, ps, pl, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
+                return time.perf_counter() - t0, front
 
-                try:
-                    whole()
-                except Exception as exc:  # noqa: BLE001 (a probe: report and go on)
-                    print(f"whole batch, encoder {dtype} compiled={compiled} failed: {exc!r}")
-                    continue
-                best = min((whole() for _ in range(a.repeats)), key=lambda t: t[0])
-                print(f"whole batch, encoder {dtype} {'compiled' if compiled else 'eager'}: {best[0] * 1e3:.1f} ms "
-                      f"(front {best[1] * 1e3:.1f} ms), RTFx {audio_s / best[0]:.0f}")
-        encoder.COMPILE = None
+            whole()
+            best = min((whole() for _ in range(a.repeats)), key=lambda t: t[0])
+            print(f"whole batch, encoder {dtype}: {best[0] * 1e3:.1f} ms (front {best[1] * 1e3:.1f} ms), "
+                  f"RTFx {audio_s / best[0]:.0f}")
 
 
 if __name__ == "__main__":

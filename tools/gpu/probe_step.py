@@ -14,6 +14,7 @@ import time
 
 import asr  # noqa: F401
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from asr import cuda_attention, cuda_decode
@@ -74,6 +75,8 @@ def variant(*settings, base=L.FastDecoder):
 Unfused = variant((cuda_decode, "ENABLED", False))
 # the fused step built kernel by kernel every step (not compiled)
 FusedEager = variant((cuda_decode, "COMPILE", False))
+# without asr.cuda_decode.RowsStep (batches, quantized LLMs): the MLX-op steps
+NoRows = variant((cuda_decode, "rows_available", lambda model: False))
 # the masked, compiled batch step even for a batch of one (what it did before the mask-free path)
 Masked = variant((cuda_decode, "ENABLED", False), base=_MaskedAtOne)
 # the same with MLX's masked sdpa instead of asr.cuda_attention's kernel
@@ -171,20 +174,24 @@ def main() -> None:
     ap.add_argument("--names", nargs="*", default=[], help="time these variants (by name) instead")
     ap.add_argument("--knockouts", nargs="*", default=[],
                     help="FastDecoder without parts: attention, rope, norm; join with +")
+    ap.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the LLM (mlx-lm's affine, group 64)")
     a = ap.parse_args()
     print("device", mx.default_device(), "mlx", mx.__version__)
     model = L.build_llm(CONFIG)
     model.set_dtype(mx.bfloat16)
+    if a.quantize:
+        nn.quantize(model, group_size=64, bits=a.quantize)
     mx.eval(model.parameters())
     for n in (100, 400):
         print(f"chain of {n} rms_norm kernels: {tiny_chain(n, 20, True):.3f} ms ({tiny_chain(n, 20, True) / n * 1e3:.1f} us each)")
     variants = [("FastDecoder", L.FastDecoder), ("unfused", Unfused), ("fused-eager", FusedEager), ("masked", Masked),
-                ("masked-sdpa", MaskedSdpa)]
+                ("masked-sdpa", MaskedSdpa), ("no-rows", NoRows)]
     variants = [v for v in variants if v[0] in a.names] if a.names else variants[: a.variants]
     if a.knockouts:
         variants = [("FastDecoder", L.FastDecoder)] + [(k, knockout(*k.split("+"))) for k in a.knockouts]
     for b in a.batch:
-        print(f"B={b} matmul chain (113 products + LM head): {matmul_chain(model, b, a.steps):.3f} ms/step")
+        if not a.quantize:
+            print(f"B={b} matmul chain (113 products + LM head): {matmul_chain(model, b, a.steps):.3f} ms/step")
         ref = None
         # every variant twice, in turn: the first timing in a process has been ~20 ms a step for whichever variant
         # came first (whatever MLX or the driver sets up then), so only the second round is comparable
