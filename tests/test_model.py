@@ -358,7 +358,11 @@ def test_batched_features_and_prompts_match_one_by_one(tiny_model, testdata):
     feats, lengths = features_padded(clips)
     assert feats.shape[0] == 3 and feats.shape[1] == max(lengths) and lengths[2] == 1
     for i, s in enumerate(clips):
-        assert np.array_equal(np.array(feats[i, : lengths[i]]), np.array(features(mx.array(s))))
+        ours, alone = np.array(feats[i, : lengths[i]]), np.array(features(mx.array(s)))
+        if mx.default_device() == mx.cpu:
+            assert np.array_equal(ours, alone)
+        else:  # GPU kernels sum a batch in another order than one utterance (and the mel product runs in TF32)
+            np.testing.assert_allclose(ours, alone, rtol=1e-3, atol=1e-3)
         assert not np.array(feats[i, lengths[i]:]).any()
     ids = tiny_model.prompt_ids("en")
     rows = mx.random.normal((3, 40, tiny_model.net.llm.args.hidden_size), key=mx.random.key(1))
