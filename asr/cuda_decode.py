@@ -1,7 +1,8 @@
-"""The greedy decode step for a batch of one on CUDA, as five custom kernels a layer.
+"""Greedy decode steps on CUDA with few kernels: FusedStep (a batch of one, five custom kernels a layer) and
+RowsStep (batches and quantized LLMs: MLX's products with two custom kernels between them; see its docstring).
 
 A decode step built from MLX operations is ~450 kernels, and on MLX's CUDA backend each costs 2.6-4.5 us of host
-time, so the step is bound by the host, not by the GPU (tools/gpu/probe_step.py). This step does the same math in
+time, so the step is bound by the host, not by the GPU (tools/gpu/probe_step.py). FusedStep does the same math in
 five kernels a layer, and the whole step is one `mx.compile`d function (no Python per operation):
 
 1. `gemv` (matrix-vector: a batch of one reads each weight once) after the input RMSNorm: q|k|v;
@@ -19,8 +20,9 @@ The KV cache is written in place: `attend` receives the cache arrays as inputs a
 them. That is safe here because the caches belong to the decoder alone, nothing else reads them, and every later
 reader (the next step's `attend` of the same layer) depends on this one through the hidden state.
 
-Used only where `available()`: MLX's CUDA backend, a batch of one, unquantized bf16 or fp32 weights. Metal, the
-CPU, batches, fp16 and quantized models keep `asr.llm.FastDecoder`'s MLX step.
+FusedStep is used only where `available()`: MLX's CUDA backend, a batch of one, unquantized bf16 or fp32 weights;
+RowsStep where `rows_available()`: MLX's CUDA backend and bf16 or fp32 activations. Metal, the CPU and fp16 models
+keep `asr.llm.FastDecoder`'s MLX steps.
 """
 
 from __future__ import annotations

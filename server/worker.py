@@ -66,8 +66,10 @@ def _compute(model=None) -> str:
     runner = ""
     if llm is not None and cpu_llm.applies(llm):
         runner = "; LLM: NumPy BLAS (asr/cpu_llm.py)"
-    elif llm is not None and cuda_decode.available(llm, 1):
-        runner = "; LLM batch of one: fused CUDA step (asr/cuda_decode.py)"
+    elif llm is not None:
+        steps = [name for name, used in (("batch of one: fused CUDA step", cuda_decode.available(llm, 1)),
+                                         ("batches: CUDA rows step", cuda_decode.rows_available(llm))) if used]
+        runner = f"; LLM {', '.join(steps)} (asr/cuda_decode.py)" if steps else ""
     return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']}{runner})"
 
 

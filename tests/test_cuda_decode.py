@@ -169,9 +169,11 @@ def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
     from server.worker import _compute
 
     model = asr.load_model(str(tiny_checkpoint), dtype="bfloat16")
-    assert "fused CUDA step" not in _compute(model)
+    assert "CUDA step" not in _compute(model) and "CUDA rows step" not in _compute(model)
+    monkeypatch.setattr(cuda_decode, "rows_available", lambda llm: True)
+    assert "LLM batches: CUDA rows step (asr/cuda_decode.py)" in _compute(model)
     monkeypatch.setattr(cuda_decode, "available", lambda llm, batch: batch == 1)
-    assert "LLM batch of one: fused CUDA step" in _compute(model)
+    assert "LLM batch of one: fused CUDA step, batches: CUDA rows step" in _compute(model)
 
 
 def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch, on_cpu):
