@@ -131,9 +131,12 @@ def matmul_chain(model, batch: int, steps: int) -> float:
             x = x[:, : w.shape[1]] @ w.T
         return (x @ head.T)[:, :1024]
 
-    f = mx.compile(one)
-    x = mx.ones((batch, 1024), mx.bfloat16)
-    for _ in range(4):
+    return _ms_per_call(mx.compile(one), mx.ones((batch, 1024), mx.bfloat16), steps)
+
+
+def _ms_per_call(f, x: mx.array, steps: int, warmup: int = 4) -> float:
+    """ms per call of x = f(x), each call queued with async_eval behind the last, after `warmup` calls."""
+    for _ in range(warmup):
         x = f(x)
     mx.eval(x)
     t0 = time.perf_counter()
@@ -155,15 +158,7 @@ def tiny_chain(n: int, steps: int, compiled_barrier: bool) -> float:
             outs.append(x)
         return x
 
-    f = mx.compile(one) if compiled_barrier else one
-    for _ in range(3):
-        mx.eval(f(x))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        x = f(x)
-        mx.async_eval(x)
-    mx.eval(x)
-    return (time.perf_counter() - t0) / steps * 1e3
+    return _ms_per_call(mx.compile(one) if compiled_barrier else one, x, steps, warmup=3)
 
 
 def main() -> None:
