@@ -22,7 +22,7 @@ reader (the next step's `attend` of the same layer) depends on this one through 
 
 FusedStep is used only where `available()`: MLX's CUDA backend, a batch of one, unquantized bf16 or fp32 weights;
 RowsStep where `rows_available()`: MLX's CUDA backend and bf16 or fp32 activations. Metal, the CPU and fp16 models
-keep `asr.llm.FastDecoder`'s MLX steps.
+keep `asr.llm.FastDecoder`'s MLX steps (with MLX's masked attention for batches).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.models.activations import swiglu
-
-from .cuda_attention import kernel
 
 ENABLED = True  # A/B switch (benchmarks, tools/gpu/probe_step.py)
 COMPILE = True  # False: build the step kernel by kernel every time (A/B switch for tools/gpu/probe_step.py)
@@ -271,6 +269,22 @@ _ADD_NORM = """
 GEMV_WARPS = 4
 NORM_WARPS = 4
 
+_kernels: dict[tuple, object] = {}
+
+
+def kernel(kind: str, source: str, inputs: list[str], outputs: tuple[str, ...] = ("out",), **constants: float) -> object:
+    """The mx.fast.cuda_kernel for `kind` (made once), with float constants written into the source as literals
+    (one kernel per value) and this module's device helpers (_HEADER) in front."""
+    key = (kind, *sorted(constants.items()))
+    found = _kernels.get(key)
+    if found is None:
+        for name, value in constants.items():
+            source = source.replace(name, f"{float(value)!r}f")
+        found = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs,
+                                    output_names=list(outputs), source=source, header=_HEADER)
+        _kernels[key] = found
+    return found
+
 
 @dataclass(frozen=True)
 class _Launch:
@@ -297,7 +311,7 @@ def gemv_launch(shape: tuple[int, int], dtype, *, norm: bool = False, eps: float
     """W [N', K] x [K] -> [N] (N = N' / 2 with swiglu); inputs (x, norm weight, W, residual), unused ones any array."""
     n_out, k = shape[0] // (2 if swiglu else 1), shape[1]
     per_block = GEMV_WARPS * rows
-    return _Launch(kernel("gemv", _GEMV, ["x", "nw", "w", "res"], _HEADER, EPS=eps), dict(
+    return _Launch(kernel("gemv", _GEMV, ["x", "nw", "w", "res"], EPS=eps), dict(
         template=[("T", dtype), ("K", k), ("N", n_out), ("ROWS", rows), ("WARPS", GEMV_WARPS),
                   ("MODE", 2 if swiglu else (1 if res else 0)), ("NORM", norm)],
         grid=(32 * GEMV_WARPS * (-(-n_out // per_block)), 1, 1), threadgroup=(32 * GEMV_WARPS, 1, 1),
@@ -309,7 +323,7 @@ def attend_launch(dtype, *, batch: int, heads: int, kv_heads: int, head_dim: int
     """Inputs (qkv [batch, (heads + 2 kv_heads) head_dim], q_norm, k_norm, freqs, slot [1], left_pad [batch],
     k_cache, v_cache [batch, kv_heads, capacity, head_dim]) -> [batch, heads * head_dim]."""
     inputs = ["qkv", "q_norm", "k_norm", "freqs", "slot", "left_pad", "k_cache", "v_cache"]
-    return _Launch(kernel("attend", _ATTEND, inputs, _HEADER, EPS=eps, SCALE=scale), dict(
+    return _Launch(kernel("attend", _ATTEND, inputs, EPS=eps, SCALE=scale), dict(
         template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("NW", warps)],
         grid=(32 * warps * batch * heads, 1, 1), threadgroup=(32 * warps, 1, 1),
         output_shapes=[(batch, heads * head_dim)], output_dtypes=[dtype]))
@@ -317,7 +331,7 @@ def attend_launch(dtype, *, batch: int, heads: int, kv_heads: int, head_dim: int
 
 def add_norm_launch(dtype, *, batch: int, dim: int, eps: float) -> _Launch2:
     """Inputs (x, y [batch, dim], norm weight [dim]) -> (x + y, rms_norm(x + y))."""
-    return _Launch2(kernel("add_norm", _ADD_NORM, ["x", "y", "nw"], _HEADER, ("h_out", "n_out"), EPS=eps), dict(
+    return _Launch2(kernel("add_norm", _ADD_NORM, ["x", "y", "nw"], ("h_out", "n_out"), EPS=eps), dict(
         template=[("T", dtype), ("D", dim), ("WARPS", NORM_WARPS)],
         grid=(32 * NORM_WARPS * batch, 1, 1), threadgroup=(32 * NORM_WARPS, 1, 1),
         output_shapes=[(batch, dim), (batch, dim)], output_dtypes=[dtype, dtype]))

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 from mlx_lm.models.activations import swiglu
 
-from . import cpu_llm, cuda_attention, cuda_decode
+from . import cpu_llm, cuda_decode
 from .errors import ModelLoadError, TranscriptionCancelled
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
@@ -312,9 +312,8 @@ class FastDecoder:
     - batches of several prompt lengths (`_start_masked`) keep a fixed-size KV cache (CACHE_STEP positions at a
       time) written with `slice_update` at a position held in an array and read under a mask, so shapes do not
       change from one step to the next and the step is `mx.compile`d on GPUs (traced once per (batch, cache
-      size)); on CUDA (models RowsStep does not take) the masked attention is one custom kernel
-      (asr/cuda_attention.py). The CPU does not compile
-      (MLX compiles CPU kernels with the system C++ compiler, which may be absent).
+      size)). The CPU does not compile (MLX compiles CPU kernels with the system C++ compiler, which may be
+      absent).
     Tokens equal mlx-lm's own step (same layers, same cache contents; masked positions add exact zeros).
     """
 
@@ -432,9 +431,8 @@ class FastDecoder:
         x = m.embed_tokens(tok)  # [B, D]
         B = x.shape[0]
         cap = kv[0][0].shape[2]
-        own_kernel = cuda_attention.available(self.model.args.head_dim)
         pos = mx.arange(cap)
-        mask = None if own_kernel else ((pos[None] >= left_pad[:, None]) & (pos[None] <= slot))[:, None, None, :]
+        mask = ((pos[None] >= left_pad[:, None]) & (pos[None] <= slot))[:, None, None, :]  # [B, 1, 1, cap]
         rope_pos = slot - left_pad
         at = slot.reshape(1)
         new_kv = []
@@ -448,10 +446,7 @@ class FastDecoder:
             v = v.reshape(B, a.n_kv_heads, 1, -1)
             k_cache = mx.slice_update(k_cache, k.astype(k_cache.dtype), at, axes=(2,))
             v_cache = mx.slice_update(v_cache, v.astype(v_cache.dtype), at, axes=(2,))
-            if own_kernel:
-                o = cuda_attention.attention(q, k_cache, v_cache, left_pad, slot, a.scale)
-            else:
-                o = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=a.scale, mask=mask)
+            o = mx.fast.scaled_dot_product_attention(q, k_cache, v_cache, scale=a.scale, mask=mask)
             x = x + o_proj(o.reshape(B, -1))
             gate, up = mx.split(gate_up(layer.post_attention_layernorm(x)), 2, axis=-1)
             x = x + down(swiglu(gate, up))

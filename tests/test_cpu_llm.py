@@ -75,13 +75,13 @@ def test_transcribe_uses_it_and_agrees(tiny_model, testdata, monkeypatch):
 
 
 def test_device_specific_paths_stay_off_here(monkeypatch):
-    """On this CPU-only MLX the CUDA attention kernel is never chosen; MLX's CUDA graph-size default is only set
+    """On this CPU-only MLX the CUDA decode steps are never chosen; MLX's CUDA graph-size default is only set
     when MLX's CUDA build is installed, and never over the user's own value."""
     from importlib import metadata
 
-    from asr import _mlx_env, cuda_attention
+    from asr import _mlx_env, cuda_decode
 
-    assert not cuda_attention.available(128)
+    assert not cuda_decode._on_cuda()
 
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "placeholder")  # so that teardown restores the real state
     monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")

@@ -66,9 +66,8 @@ def _mlx_add_norm(x, y, w, eps):
 
 @pytest.fixture
 def on_cpu():
-    """The wiring tests compare token for token, so both sides run on the CPU (on a GPU machine too): there the
-    masked MLX step's own attention kernel and the emulation's sdpa sum in different orders, and a random 4-bit
-    model's near-ties flip."""
+    """The wiring tests compare token for token, so both sides run on the CPU (on a GPU machine too): there GPU
+    kernels may sum in other orders than the emulation, and a random 4-bit model's near-ties flipped."""
     device = mx.default_device()
     mx.set_default_device(mx.cpu)
     yield
@@ -396,22 +395,3 @@ def test_compiled_rows_step_tokens_match_masked_step(dtype, bits, monkeypatch):
     for o, t in zip(ours, theirs, strict=True):
         same = sum(a == b for a, b in zip(o, t, strict=True))
         assert same >= 145, f"{same}/150 tokens equal"
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_batched_attention_kernel_matches_masked_sdpa(dtype):
-    """asr.cuda_attention (batches: rows left-padded differently) against MLX's masked attention."""
-    from asr import cuda_attention
-
-    B, heads, kv_heads, hd, cap, slot = 3, 16, 8, 128, 256, 140
-    keys = mx.random.split(mx.random.key(2), 3)
-    q = mx.random.normal((B, heads, 1, hd), key=keys[0]).astype(dtype)
-    k = mx.random.normal((B, kv_heads, cap, hd), key=keys[1]).astype(dtype)
-    v = mx.random.normal((B, kv_heads, cap, hd), key=keys[2]).astype(dtype)
-    pad = mx.array([0, 17, 139], dtype=mx.int32)
-    pos = mx.arange(cap)
-    mask = ((pos[None] >= pad[:, None]) & (pos[None] <= slot))[:, None, None, :]
-    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=hd**-0.5, mask=mask)
-    ours = cuda_attention.attention(q, k, v, pad, mx.array(slot, dtype=mx.int32), hd**-0.5)
-    _close(ours, ref, dtype)

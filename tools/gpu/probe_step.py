@@ -1,9 +1,10 @@
-"""Where a batch-1 decode step's time goes on a GPU (Qwen3-0.6B shape, bf16, random weights, no checkpoint).
+"""Where a decode step's time goes on a GPU (Qwen3-0.6B shape, bf16 or --quantize, random weights, no checkpoint).
 
-Prints ms per step for: our step (asr.llm.FastDecoder), its masked batch step forced at batch 1 (with our CUDA
-attention kernel or MLX's masked sdpa), FastDecoder with parts knocked out (--knockouts), a bare chain of the step's
-matmuls (the floor set by the weights), and chains of N tiny kernels (MLX's cost per kernel), plus how much of a
-step the host spends building/encoding it. Usage: python3 tools/gpu/probe_step.py [--steps 64] [--batch 1]
+Prints ms per step for: our step (asr.llm.FastDecoder) and variants of it (`--names`: the MLX-op steps without
+asr.cuda_decode, the fused step uncompiled, the masked MLX step forced at batch 1, the MLX-op steps instead of
+RowsStep), FastDecoder with parts knocked out (--knockouts), a bare chain of the step's matmuls (the floor set by
+the weights), and chains of N tiny kernels (MLX's cost per kernel), plus how much of a step the host spends
+building/encoding it. Usage: python3 tools/gpu/probe_step.py [--steps 64] [--batch 1 64] [--names ...]
 """
 
 from __future__ import annotations  # noqa: I001  (asr before mlx: it picks the BLAS before MLX loads)
@@ -17,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
-from asr import cuda_attention, cuda_decode
+from asr import cuda_decode
 from asr import llm as L
 
 CONFIG = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
@@ -28,8 +29,7 @@ CONFIG = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, interm
 # parts of a step replaced by the identity while it is built (wrong tokens; for timing only). They act on MLX
 # operations, so they change the MLX-op steps, not asr.cuda_decode's custom kernels.
 _KNOCKOUTS = {
-    "attention": [(mx.fast, "scaled_dot_product_attention", lambda q, *a, **k: q),
-                  (cuda_attention, "attention", lambda q, *a, **k: q)],
+    "attention": [(mx.fast, "scaled_dot_product_attention", lambda q, *a, **k: q)],
     "rope": [(mx.fast, "rope", lambda x, *a, **k: x)],
     "norm": [(mx.fast, "rms_norm", lambda x, *a, **k: x)],  # every RMSNorm, the layers' too
 }
@@ -79,8 +79,6 @@ FusedEager = variant((cuda_decode, "COMPILE", False))
 NoRows = variant((cuda_decode, "rows_available", lambda model: False))
 # the masked, compiled batch step even for a batch of one (what it did before the mask-free path)
 Masked = variant((cuda_decode, "ENABLED", False), base=_MaskedAtOne)
-# the same with MLX's masked sdpa instead of asr.cuda_attention's kernel
-MaskedSdpa = variant((cuda_decode, "ENABLED", False), (cuda_attention, "ENABLED", False), base=_MaskedAtOne)
 
 
 def knockout(*parts: str):
@@ -180,7 +178,7 @@ def main() -> None:
     for n in (100, 400):
         print(f"chain of {n} rms_norm kernels: {tiny_chain(n, 20, True):.3f} ms ({tiny_chain(n, 20, True) / n * 1e3:.1f} us each)")
     variants = [("FastDecoder", L.FastDecoder), ("unfused", Unfused), ("fused-eager", FusedEager), ("masked", Masked),
-                ("masked-sdpa", MaskedSdpa), ("no-rows", NoRows)]
+                ("no-rows", NoRows)]
     variants = [v for v in variants if v[0] in a.names] if a.names else variants[: a.variants]
     if a.knockouts:
         variants = [("FastDecoder", L.FastDecoder)] + [(k, knockout(*k.split("+"))) for k in a.knockouts]
