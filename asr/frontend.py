@@ -124,9 +124,13 @@ def lfr(feats: mx.array, m: int = 7, n: int = 6) -> mx.array:
     """
     t, d = feats.shape
     rows = -(-t // n)
-    idx = mx.arange(rows)[:, None] * n + mx.arange(m)[None, :] - (m - 1) // 2
-    idx = mx.clip(idx, 0, t - 1)
-    return feats[idx].reshape(rows, m * d)
+    return feats[mx.array(_lfr_index(t, rows, m, n))].reshape(rows, m * d)
+
+
+def _lfr_index(num_frames: int, rows: int, m: int, n: int) -> np.ndarray:
+    """[rows, m] int32: the frames LFR row i stacks, n*i - (m-1)//2 .. + m-1, clamped to 0..num_frames-1."""
+    idx = np.arange(rows)[:, None] * n + np.arange(m)[None, :] - (m - 1) // 2
+    return np.clip(idx, 0, num_frames - 1).astype(np.int32)
 
 
 def features(samples: mx.array, cfg: FrontendConfig = FrontendConfig()) -> mx.array:
@@ -155,9 +159,8 @@ def features_padded(samples: list[np.ndarray], cfg: FrontendConfig = FrontendCon
     m, n = cfg.lfr_m, cfg.lfr_n
     lengths = [-(-t // n) for t in frames]
     L = max(lengths)
-    idx = np.arange(L)[:, None] * n + np.arange(m)[None, :] - (m - 1) // 2  # [L, m]
-    idx = np.clip(idx[None], 0, np.array(frames)[:, None, None] - 1) + (np.arange(B) * T)[:, None, None]
-    rows = mx.take(fb.reshape(B * T, D), mx.array(idx.reshape(-1).astype(np.int32)), axis=0).reshape(B, L, m * D)
+    idx = np.stack([_lfr_index(t, L, m, n) for t in frames]) + (np.arange(B, dtype=np.int32) * T)[:, None, None]
+    rows = mx.take(fb.reshape(B * T, D), mx.array(idx.reshape(-1)), axis=0).reshape(B, L, m * D)
     valid = np.arange(L)[None, :] < np.array(lengths)[:, None]
     return rows * mx.array(valid[:, :, None].astype(np.float32)), lengths
 

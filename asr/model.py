@@ -129,15 +129,11 @@ class FunASRNano:
 
     def prompt_embeddings(self, audio_rows: mx.array, ids: PromptIds) -> mx.array:
         """[1, P, D]: embeddings of the prefix | audio rows | suffix (ref: inference_prepare)."""
-        emb = self.net.llm.model.embed_tokens
-        dt = DTYPES[self.dtype]
-        parts = [emb(mx.array(ids.prefix, dtype=mx.int32)).astype(dt), audio_rows.astype(dt),
-                 emb(mx.array(ids.suffix, dtype=mx.int32)).astype(dt)]
-        return mx.concatenate(parts, axis=0)[None]
+        return self.prompt_batch(audio_rows[None], [audio_rows.shape[0]], ids)[0]
 
     def prompt_batch(self, rows: mx.array, counts: list[int], ids: PromptIds) -> tuple[mx.array, list[int]]:
-        """Several prompts at once, left-padded with zeros into [B, P, D]: row b is prefix | its first counts[b]
-        audio rows of `rows` [B, R, D] | suffix, as `prompt_embeddings` builds it; and each prompt's length.
+        """Several prompts at once, left-padded with zeros into [B, P, D]: row b is the prefix embeddings | its
+        first counts[b] audio rows of `rows` [B, R, D] | the suffix embeddings; and each prompt's length.
 
         One gather from a table of [zero row | prefix and suffix embeddings | every audio row], whatever B is."""
         emb = self.net.llm.model.embed_tokens
@@ -157,22 +153,31 @@ class FunASRNano:
         return mx.take(table, mx.array(idx), axis=0), lengths
 
     # ---- a batch of segments
+    def batch_prompts(self, samples: list[np.ndarray], ids: PromptIds,
+                      t: dict | None = None) -> tuple[mx.array, list[int], mx.array, list[int]]:
+        """Features, encoder, adaptor and prompts of several segments in one padded pass: (prompts [B, P, D], their
+        lengths, the encoder output [B, L, D_enc], the feature lengths). With `t`, each stage is evaluated and its
+        time added to t["features_s" | "encoder_s" | "adaptor_s"]; without, nothing is evaluated."""
+        clock = [time.perf_counter()]
+
+        def stage(name: str, value):
+            if t is not None:
+                mx.eval(value)
+                now = time.perf_counter()
+                t[name] += now - clock[0]
+                clock[0] = now
+            return value
+
+        feats, lengths = stage("features_s", features_padded(samples, self.cfg.frontend))
+        valid = mx.array(lengths) if len(samples) > 1 else None  # one utterance: no padding
+        enc = stage("encoder_s", self.encode(feats, valid))
+        prompts, prompt_lengths = stage("adaptor_s", self.prompt_batch(
+            self.adapt(enc, valid), [audio_token_count(n) for n in lengths], ids))
+        return prompts, prompt_lengths, enc, lengths
+
     def _decode_batch(self, pieces: list[_Piece], ids: PromptIds, max_new_tokens: int, repetition_guard: bool,
                       cancel: threading.Event | None, t: dict, timestamps: bool = False) -> None:
-        t0 = time.perf_counter()
-        feats, lengths = features_padded([p.samples for p in pieces], self.cfg.frontend)
-        mx.eval(feats)
-        t["features_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        valid = mx.array(lengths) if len(pieces) > 1 else None  # one utterance: no padding
-        enc = self.encode(feats, valid)
-        mx.eval(enc)
-        t["encoder_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        prompts, prompt_lengths = self.prompt_batch(self.adapt(enc, valid), [audio_token_count(n) for n in lengths],
-                                                    ids)
-        mx.eval(prompts)
-        t["adaptor_s"] += time.perf_counter() - t0
+        prompts, prompt_lengths, enc, lengths = self.batch_prompts([p.samples for p in pieces], ids, t)
         if cancel is not None and cancel.is_set():
             raise TranscriptionCancelled("transcription cancelled")
         outs = greedy_decode_padded(self.net.llm, prompts, prompt_lengths, eos_ids=self.eos_ids,

@@ -73,7 +73,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from asr import llm as llm_mod
     from asr.audio import load_audio
     from asr.checkpoint import MLX_CONFIG, converted_dir_for, resolve
-    from asr.frontend import audio_token_count, features_padded
+    from asr.frontend import audio_token_count
     from asr.llm import greedy_decode, greedy_decode_padded, teacher_forced_logits
 
     mode = MODES[a.mode]
@@ -166,12 +166,9 @@ def worker_ours(a: argparse.Namespace) -> dict:
             audios = [load_audio(p) for p in a.clips]
             segs = [audios[i % len(audios)] for i in range(n)]
 
-            def run_batch(segs=segs, n=n):  # what ASRModel._decode_batch does for a batch of segments
+            def run_batch(segs=segs, n=n):  # what FunASRNano._decode_batch does for a batch of segments
                 t0 = time.perf_counter()
-                feats, lengths = features_padded([s.samples for s in segs], model.cfg.frontend)
-                valid = mx.array(lengths)
-                rows = model.adapt(model.encode(feats, valid), valid)
-                prompts, prompt_lengths = model.prompt_batch(rows, [audio_token_count(x) for x in lengths], ids)
+                prompts, prompt_lengths, _, _ = model.batch_prompts([s.samples for s in segs], ids)
                 mx.eval(prompts)
                 t_front = time.perf_counter() - t0
                 outs = greedy_decode_padded(llm, prompts, prompt_lengths, eos_ids=eos, max_new_tokens=a.max_new_tokens,

@@ -81,9 +81,7 @@ def main() -> None:
 
             def whole(m=m, segs=segs):
                 t0 = time.perf_counter()
-                fs, ls = features_padded([s.samples for s in segs], m.cfg.frontend)
-                v = mx.array(ls)
-                ps, pl = m.prompt_batch(m.adapt(m.encode(fs, v), v), [audio_token_count(x) for x in ls], ids)
+                ps, pl, _, _ = m.batch_prompts([s.samples for s in segs], ids)
                 mx.eval(ps)
                 front = time.perf_counter() - t0
                 greedy_decode_padded(m.net.llm, ps, pl, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
