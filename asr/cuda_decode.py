@@ -337,12 +337,10 @@ def add_norm_launch(dtype, *, batch: int, dim: int, eps: float) -> _Launch2:
         output_shapes=[(batch, dim), (batch, dim)], output_dtypes=[dtype, dtype]))
 
 
-def _prepare_caches(kv: list, prompt_slots: int) -> list:
-    """The caches as evaluated, row-contiguous buffers with room for the next position (the kernels write into
-    them through raw pointers: no views, and they must exist before the first write)."""
-    from .llm import _grow  # noqa: PLC0415 (llm imports this module)
-
-    kv = [[mx.contiguous(_grow(k, prompt_slots + 1)), mx.contiguous(_grow(v, prompt_slots + 1))] for k, v in kv]
+def _prepare_caches(kv: list) -> list:
+    """The caches (grown by the caller, asr.llm.FastDecoder.start) as evaluated, row-contiguous buffers: the
+    kernels write into them through raw pointers, so no views, and they must exist before the first write."""
+    kv = [[mx.contiguous(k), mx.contiguous(v)] for k, v in kv]
     mx.eval(kv)
     return kv
 
@@ -393,7 +391,7 @@ class FusedStep:
 
     def start(self, kv: list, prompt_slots: int):
         """A step function tokens [1] -> [1] continuing after `prompt_slots` cached positions in `kv`."""
-        return _stepper(self._step, _prepare_caches(kv, prompt_slots), prompt_slots)
+        return _stepper(self._step, _prepare_caches(kv), prompt_slots)
 
     def _forward(self, tok: mx.array, at: mx.array, kv: list) -> tuple[mx.array, mx.array]:
         qkv_, attend_, o_, gate_up_, down_ = self._qkv, self._attend, self._o, self._gate_up, self._down
@@ -422,26 +420,23 @@ class RowsStep:
     def __init__(self, model, plans: list) -> None:
         self.model = model
         self.layers = plans
-        p = plans[0]
-        self.p0 = p
-        self.norms = [q.ln1 for q in plans[1:]] + [model.model.norm.weight]
-        self.dtype = p.ln1.dtype
+        self.norms = [q.ln1 for q in plans[1:]] + [model.model.norm.weight]  # the norm after each layer
         self._launches: dict[int, tuple[_Launch, _Launch2]] = {}  # by batch size
         self._step = mx.compile(self._forward) if COMPILE else self._forward
 
     def start(self, kv: list, prompt_slots: int, left_pad: list[int]):
         """A step function tokens [B] -> [B] continuing after `prompt_slots` cached positions in `kv`."""
         pad = mx.array(left_pad, dtype=mx.int32)
-        return _stepper(self._step, _prepare_caches(kv, prompt_slots), prompt_slots, pad)
+        return _stepper(self._step, _prepare_caches(kv), prompt_slots, pad)
 
     def _kernels(self, batch: int) -> tuple[_Launch, _Launch2]:
         found = self._launches.get(batch)
         if found is None:
-            p = self.p0
+            p = self.layers[0]
             found = self._launches[batch] = (
-                attend_launch(self.dtype, batch=batch, heads=p.q_shape[1], kv_heads=p.kv_shape[1],
+                attend_launch(p.ln1.dtype, batch=batch, heads=p.q_shape[1], kv_heads=p.kv_shape[1],
                               head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=4),
-                add_norm_launch(self.dtype, batch=batch, dim=p.ln1.shape[0], eps=p.eps))
+                add_norm_launch(p.ln1.dtype, batch=batch, dim=p.ln1.shape[0], eps=p.eps))
         return found
 
     def _forward(self, tok: mx.array, at: mx.array, left_pad: mx.array, kv: list) -> tuple[mx.array, mx.array]:
@@ -449,7 +444,7 @@ class RowsStep:
 
         attend_, add_norm_ = self._kernels(tok.shape[0])
         x = self.model.model.embed_tokens(tok)  # [B, D]
-        n = mx.fast.rms_norm(x, self.p0.ln1, self.p0.eps)
+        n = mx.fast.rms_norm(x, self.layers[0].ln1, self.layers[0].eps)
         for p, next_norm, (k_cache, v_cache) in zip(self.layers, self.norms, kv, strict=True):
             o = attend_(p.qkv(n), p.q_norm, p.k_norm, p.freqs, at, left_pad, k_cache, v_cache)
             x, n = add_norm_(x, p.o(o), p.ln2)
