@@ -73,7 +73,6 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from asr import llm as llm_mod
     from asr.audio import load_audio
     from asr.checkpoint import MLX_CONFIG, converted_dir_for, resolve
-    from asr.frontend import audio_token_count
     from asr.llm import greedy_decode, greedy_decode_padded, teacher_forced_logits
 
     mode = MODES[a.mode]
@@ -112,22 +111,10 @@ def worker_ours(a: argparse.Namespace) -> dict:
     ids = model.prompt_ids()
     eos = set() if a.ignore_eos else model.eos_ids
 
-    def run_clip(samples: np.ndarray) -> tuple[dict, list[int], mx.array]:
-        t: dict = {}
+    def run_clip(samples: np.ndarray) -> tuple[dict, list[int], mx.array]:  # what transcribe does for one pass
+        t: dict = {"features_s": 0.0, "encoder_s": 0.0, "adaptor_s": 0.0}
         t_start = time.perf_counter()
-        t0 = time.perf_counter()
-        feats = model.features(samples)
-        mx.eval(feats)
-        t["features_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        enc = model.encode(feats)
-        mx.eval(enc)
-        t["encoder_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rows = model.adapt(enc)[: audio_token_count(feats.shape[0])]
-        emb = model.prompt_embeddings(rows, ids)
-        mx.eval(emb)
-        t["adaptor_s"] = time.perf_counter() - t0
+        emb, _, _, _ = model.batch_prompts([samples], ids, t)
         out = greedy_decode(llm, emb, eos_ids=eos, max_new_tokens=a.max_new_tokens,
                             repetition_guard=not a.ignore_eos)
         t.update(prefill_s=out.prefill_s, decode_s=out.decode_s, prompt_tokens=out.prompt_tokens,
