@@ -7,12 +7,13 @@ five kernels a layer, and the whole step is one `mx.compile`d function (no Pytho
 
 1. `gemv` (matrix-vector: a batch of one reads each weight once) after the input RMSNorm: q|k|v;
 2. `attend`: q/k RMSNorm and RoPE, the new k and v written into the KV cache at the current position, and
-   single-query attention over positions 0..pos (8 warps per head share the positions);
+   single-query attention over positions 0..pos (16 warps per head share the positions, two at a time);
 3. `gemv` with the residual add: x + o_proj(attention);
 4. `gemv` for gate|up after the post-attention RMSNorm, with SwiGLU: silu(gate) * up;
 5. `gemv` with the residual add: x + down_proj(...).
 
-The head is `gemv` after the final norm over the (tied) embedding; the token is `argmax`. Rounding follows the
+The head is `gemv` after the final norm over the (tied) embedding, which keeps each block's argmax key; the token
+is the largest key's row (`argmax_of_keys`), without writing the logits. Rounding follows the
 MLX operations it replaces (each op's result is rounded to the model dtype where MLX rounds it), with float32
 accumulation; products sum in a different order than cuBLAS, so logits agree to rounding, not bit for bit.
 
@@ -45,6 +46,16 @@ __device__ __forceinline__ void load_vec(const T* p, float* out) {
   for (int i = 0; i < 16 / (int)sizeof(T); ++i) out[i] = static_cast<float>(v[i]);
 }
 
+template <typename A, typename B> struct same_type { static constexpr bool value = false; };
+template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
+
+// *p = v where the types match, nothing otherwise: a kernel's `out` type depends on its mode, and MLX compiles every
+// mode's branches (its template constants are constexpr values, not template parameters)
+template <typename O, typename V>
+__device__ __forceinline__ void store(O* p, V v) {
+  if constexpr (same_type<O, V>::value) *p = v;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
@@ -59,15 +70,31 @@ __device__ __forceinline__ float warp_max(float v) {
 """
 
 # One block = WARPS warps; each warp computes ROWS outputs. MODE 0: out = W x; 1: out = res + W x;
-# 2 (SwiGLU): W holds gate rows [0, N) then up rows [N, 2N); out[j] = silu(gate_j x) * (up_j x).
+# 2 (SwiGLU): W holds gate rows [0, N) then up rows [N, 2N); out[j] = silu(gate_j x) * (up_j x);
+# 3 (argmax keys): out[block] = the block's largest key over its rows, key = order(T(W_j x)) << 32 | ~j, so the
+# largest key over all blocks is the first row of the largest rounded value (what argmax returns).
 # NORM: x is first RMS-normalised with weight nw (as mx.fast.rms_norm rounds it).
+# The warp's weights are loaded into registers first: their latency overlaps reading and normalising x.
 _GEMV = """
   constexpr int VEC = 16 / (int)sizeof(T);
   constexpr int CHUNKS = K / (32 * VEC);
   constexpr int NR = MODE == 2 ? 2 : 1;
   __shared__ float xs[K];
   __shared__ float red[WARPS];
+  __shared__ unsigned long long best[WARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int first = (blockIdx.x * WARPS + warp) * ROWS;
+  uint4 wraw[ROWS][NR][CHUNKS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+    for (int s = 0; s < NR; ++s) {
+      const int row = first + r < N ? first + r : N - 1;
+      const T* wr = w + (size_t)(row + s * N) * K + lane * VEC;
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) wraw[r][s][c] = __ldg(reinterpret_cast<const uint4*>(wr + c * 32 * VEC));
+    }
+  }
   float ss = 0.f;
   for (int i = tid; i < K; i += 32 * WARPS) {
     const float v = static_cast<float>(x[i]);
@@ -85,44 +112,55 @@ _GEMV = """
     for (int i = tid; i < K; i += 32 * WARPS) xs[i] = static_cast<float>(nw[i] * static_cast<T>(xs[i] * r));
   }
   __syncthreads();
-  const int first = (blockIdx.x * WARPS + warp) * ROWS;
   float acc[ROWS][NR];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
     for (int s = 0; s < NR; ++s) {
       acc[r][s] = 0.f;
-      const int row = first + r;
-      if (row < N) {
-        const T* wr = w + (size_t)(row + s * N) * K + lane * VEC;
 #pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) {
-          float wv[VEC];
-          load_vec<T>(wr + c * 32 * VEC, wv);
-          const float* xp = xs + (c * 32 + lane) * VEC;
+      for (int c = 0; c < CHUNKS; ++c) {
+        const T* wv = reinterpret_cast<const T*>(&wraw[r][s][c]);
+        const float* xp = xs + (c * 32 + lane) * VEC;
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[r][s] += wv[i] * xp[i];
-        }
+        for (int i = 0; i < VEC; ++i) acc[r][s] += static_cast<float>(wv[i]) * xp[i];
       }
     }
   }
+  unsigned long long key = 0ull;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = first + r;
     float a0 = warp_sum(acc[r][0]);
     float a1 = NR == 2 ? warp_sum(acc[r][NR - 1]) : 0.f;
     if (lane == 0 && row < N) {
-      if (MODE == 0) {
-        out[row] = static_cast<T>(a0);
-      } else if (MODE == 1) {
-        out[row] = static_cast<T>(static_cast<float>(res[row]) + static_cast<float>(static_cast<T>(a0)));
-      } else {
+      if constexpr (MODE == 0) {
+        store(out + row, static_cast<T>(a0));
+      } else if constexpr (MODE == 1) {
+        store(out + row, static_cast<T>(static_cast<float>(res[row]) + static_cast<float>(static_cast<T>(a0))));
+      } else if constexpr (MODE == 2) {
         const float g = static_cast<float>(static_cast<T>(a0));
         const float u = static_cast<float>(static_cast<T>(a1));
         const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-g))));
         const float silu = static_cast<float>(static_cast<T>(g * sg));
-        out[row] = static_cast<T>(silu * u);
+        store(out + row, static_cast<T>(silu * u));
+      } else {
+        float v = static_cast<float>(static_cast<T>(a0));
+        v = v == 0.f ? 0.f : v;  // -0 and +0 tie, as in argmax
+        const unsigned int u = __float_as_uint(v);
+        const unsigned int ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        const unsigned long long k = ((unsigned long long)ord << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned int)row);
+        key = k > key ? k : key;
       }
+    }
+  }
+  if constexpr (MODE == 3) {
+    if (lane == 0) best[warp] = key;
+    __syncthreads();
+    if (tid == 0) {
+#pragma unroll
+      for (int i = 1; i < WARPS; ++i) key = best[i] > key ? best[i] : key;
+      store(out + blockIdx.x, key);
     }
   }
 """
@@ -193,19 +231,30 @@ _ATTEND = """
     acc[j] = 0.f;
   }
   float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.f;
-  for (int t = first + warp; t <= last; t += NW) {
+  // two positions per iteration (t and t + NW): their loads are in flight together
+  for (int t = first + warp; t <= last; t += 2 * NW) {
+    const bool two = t + NW <= last;
     const T* kt = kc + (size_t)t * HD;
-    float d = 0.f;
+    const T* kt2 = kc + (size_t)(two ? t + NW : t) * HD;
+    const T* vt = vc + (size_t)t * HD;
+    const T* vt2 = vc + (size_t)(two ? t + NW : t) * HD;
+    float d = 0.f, d2 = 0.f;
 #pragma unroll
-    for (int j = 0; j < R; ++j) d += q[j] * static_cast<float>(kt[lane + 32 * j]);
+    for (int j = 0; j < R; ++j) {
+      d += q[j] * static_cast<float>(kt[lane + 32 * j]);
+      d2 += q[j] * static_cast<float>(kt2[lane + 32 * j]);
+    }
     d = warp_sum(d);
-    const float m_new = fmaxf(m, d);
+    d2 = warp_sum(d2);
+    const float m_new = fmaxf(m, two ? fmaxf(d, d2) : d);
     const float corr = expf(m - m_new);
     const float p = expf(d - m_new);
-    l = l * corr + p;
-    const T* vt = vc + (size_t)t * HD;
+    const float p2 = two ? expf(d2 - m_new) : 0.f;
+    l = l * corr + p + p2;
 #pragma unroll
-    for (int j = 0; j < R; ++j) acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]);
+    for (int j = 0; j < R; ++j) {
+      acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]) + p2 * static_cast<float>(vt2[lane + 32 * j]);
+    }
     m = m_new;
   }
   if (lane == 0) {
@@ -307,15 +356,24 @@ class _Launch2(_Launch):
 
 
 def gemv_launch(shape: tuple[int, int], dtype, *, norm: bool = False, eps: float = 0.0, res: bool = False,
-                swiglu: bool = False, rows: int = 2) -> _Launch:
-    """W [N', K] x [K] -> [N] (N = N' / 2 with swiglu); inputs (x, norm weight, W, residual), unused ones any array."""
+                swiglu: bool = False, argmax: bool = False, rows: int = 2) -> _Launch:
+    """W [N', K] x [K] -> [N] (N = N' / 2 with swiglu); inputs (x, norm weight, W, residual), unused ones any array.
+    argmax: instead of the N values, each block's largest argmax key (uint64, see _GEMV; `argmax_of_keys`)."""
     n_out, k = shape[0] // (2 if swiglu else 1), shape[1]
     per_block = GEMV_WARPS * rows
+    blocks = -(-n_out // per_block)
+    mode = 3 if argmax else 2 if swiglu else 1 if res else 0
     return _Launch(kernel("gemv", _GEMV, ["x", "nw", "w", "res"], EPS=eps), dict(
         template=[("T", dtype), ("K", k), ("N", n_out), ("ROWS", rows), ("WARPS", GEMV_WARPS),
-                  ("MODE", 2 if swiglu else (1 if res else 0)), ("NORM", norm)],
-        grid=(32 * GEMV_WARPS * (-(-n_out // per_block)), 1, 1), threadgroup=(32 * GEMV_WARPS, 1, 1),
-        output_shapes=[(n_out,)], output_dtypes=[dtype]))
+                  ("MODE", mode), ("NORM", norm)],
+        grid=(32 * GEMV_WARPS * blocks, 1, 1), threadgroup=(32 * GEMV_WARPS, 1, 1),
+        output_shapes=[(blocks,) if argmax else (n_out,)], output_dtypes=[mx.uint64 if argmax else dtype]))
+
+
+def argmax_of_keys(keys: mx.array) -> mx.array:
+    """The row index [1] (int32) held by the largest of a MODE-3 gemv's block keys."""
+    low = mx.max(keys, keepdims=True) & 0xFFFFFFFF
+    return (0xFFFFFFFF - low).astype(mx.int32)
 
 
 def attend_launch(dtype, *, batch: int, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float,
@@ -380,11 +438,11 @@ class FusedStep:
         dtype = self.embed.dtype
         self._qkv = gemv_launch(p.qkv.weight.shape, dtype, norm=True, eps=p.eps)
         self._attend = attend_launch(dtype, batch=1, heads=p.q_shape[1], kv_heads=p.kv_shape[1],
-                                     head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=8)
+                                     head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=16)
         self._o = gemv_launch(p.o.weight.shape, dtype, res=True, rows=1)
         self._gate_up = gemv_launch(p.gate_up.weight.shape, dtype, norm=True, eps=p.eps, swiglu=True)
         self._down = gemv_launch(p.down.weight.shape, dtype, res=True, rows=1)
-        self._head = gemv_launch(self.head.shape, dtype, norm=True, eps=p.eps, rows=4)
+        self._head = gemv_launch(self.head.shape, dtype, norm=True, eps=p.eps, argmax=True, rows=4)
         self._left_pad = mx.zeros((1,), dtype=mx.int32)
         # compiled: 1.59-1.76 ms a step on an H100 against 2.1-2.4 ms built kernel by kernel (tools/gpu/probe_step.py)
         self._step = mx.compile(self._forward) if COMPILE else self._forward
@@ -403,8 +461,7 @@ class FusedStep:
             x = o_(o, o, p.o.weight, x)
             h = gate_up_(x, p.ln2, p.gate_up.weight, x)
             x = down_(h, h, p.down.weight, x)
-        logits = self._head(x, self.norm, self.head, x)
-        return mx.argmax(logits.reshape(1, -1), axis=-1).astype(mx.int32), at + 1
+        return argmax_of_keys(self._head(x, self.norm, self.head, x)), at + 1
 
 
 class RowsStep:

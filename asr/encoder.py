@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cuda_encoder
 from .attention import attention
 
 
@@ -93,8 +94,15 @@ class SANMAttention(nn.Module):
         out = c + v
         return out * mask if mask is not None else out
 
-    def __call__(self, x: mx.array, mask: mx.array | None, attn_mask: mx.array | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None, attn_mask: mx.array | None,
+                 valid: mx.array | None = None) -> mx.array:
+        """valid: [B] int32 valid rows, given when asr.cuda_encoder's kernels take this layer (CUDA)."""
         B, L, _ = x.shape
+        if valid is not None:
+            qkv = self.linear_q_k_v(x)
+            memory = cuda_encoder.fsmn(qkv, self.fsmn_weight, valid, self.left_pad)
+            att = cuda_encoder.attend(qkv, valid, self.heads, (qkv.shape[-1] // 3 // self.heads) ** -0.5)
+            return self.linear_out(att) + memory
         q, k, v = mx.split(self.linear_q_k_v(x), 3, axis=-1)
         memory = self.fsmn(v, mask)
         d_k = q.shape[-1] // self.heads
@@ -114,8 +122,9 @@ class SANMLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.output_size, eps=1e-5)
         self.feed_forward = FeedForward(cfg.output_size, cfg.linear_units)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, attn_mask: mx.array | None) -> mx.array:
-        y = self.self_attn(self.norm1(x), mask, attn_mask)
+    def __call__(self, x: mx.array, mask: mx.array | None, attn_mask: mx.array | None,
+                 valid: mx.array | None = None) -> mx.array:
+        y = self.self_attn(self.norm1(x), mask, attn_mask, valid)
         x = x + y if self.residual else y
         return x + self.feed_forward(self.norm2(x))
 
@@ -138,10 +147,13 @@ class SenseVoiceEncoder(nn.Module):
             valid = mx.arange(L)[None, :] < lengths[:, None]                      # [B, L]
             mask = valid[:, :, None].astype(xs.dtype)
             attn_mask = mx.where(valid, 0.0, -mx.inf)[:, None, None, :].astype(xs.dtype)
+        valid = None  # CUDA: the attention and FSMN of every layer in two kernels (asr.cuda_encoder)
+        if cuda_encoder.applies(xs, self.cfg.attention_heads, self.cfg.output_size):
+            valid = (lengths if lengths is not None else mx.full((B,), L)).astype(mx.int32)
         x = xs * math.sqrt(self.cfg.output_size) + sinusoidal_position_encoding(L, D).astype(xs.dtype)
         for layer in self.encoders0 + self.encoders:
-            x = layer(x, mask, attn_mask)
+            x = layer(x, mask, attn_mask, valid)
         x = self.after_norm(x)
         for layer in self.tp_encoders:
-            x = layer(x, mask, attn_mask)
+            x = layer(x, mask, attn_mask, valid)
         return self.tp_norm(x)

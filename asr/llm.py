@@ -169,7 +169,7 @@ def greedy_decode_padded(
 ) -> list[DecodeResult]:
     """greedy_decode_batch on prompts already left-padded into one array [B, P, D] (zeros before each prompt's
     `lengths[b]` rows)."""
-    from mlx_lm.models.cache import BatchKVCache
+    from mlx_lm.models.cache import BatchKVCache, KVCache
 
     B, P = padded.shape[:2]
     left_pad = [P - n for n in lengths]
@@ -177,7 +177,8 @@ def greedy_decode_padded(
     if NUMPY_ON_CPU and cpu_llm.applies(model):
         cur, step = cpu_llm.NumpyQwen3.of(model).start(padded, left_pad)
     else:
-        cache = [BatchKVCache(left_pad) for _ in model.layers]
+        # a batch of one needs no padding mask: mlx-lm's plain cache gives causal attention (MLX's fused kernel)
+        cache = [KVCache() if B == 1 else BatchKVCache(left_pad) for _ in model.layers]
         logits = last_logits(model, mx.zeros((B, P), dtype=mx.int32), cache, padded)
         cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
         step = _stepper(model, cache, P, left_pad)
@@ -341,8 +342,7 @@ class FastDecoder:
 
     def start(self, cache: list, prompt_slots: int, left_pad: list[int]):
         """Copy an mlx-lm prefill cache into growable buffers; return a step function tokens [B] -> [B]."""
-        kv = [[_grow(c.keys[..., :prompt_slots, :], prompt_slots + 1),
-               _grow(c.values[..., :prompt_slots, :], prompt_slots + 1)] for c in cache]
+        kv = [[_decode_buffer(c.keys, prompt_slots), _decode_buffer(c.values, prompt_slots)] for c in cache]
         if cuda_decode.available(self.model, len(left_pad)):
             if self._fused_step is None:
                 self._fused_step = cuda_decode.FusedStep(self.model, self._layer_plans())
@@ -500,6 +500,15 @@ def _with_room(kv: list, slot: int) -> list:
     if slot < kv[0][0].shape[2]:
         return kv
     return [[_grow(k, slot + CACHE_STEP), _grow(v, slot + CACHE_STEP)] for k, v in kv]
+
+
+def _decode_buffer(a: mx.array, prompt_slots: int) -> mx.array:
+    """A prefill cache buffer [B, H, T, D] (positions 0..prompt_slots-1 written) as a decode cache with room for the
+    next position: the buffer itself when it has room (mlx-lm allocates 256 positions at a time), else a grown copy.
+    Positions past prompt_slots hold zeros (mlx-lm allocates with zeros) and are read only once written or masked."""
+    if a.shape[2] > prompt_slots and a.shape[2] % CACHE_STEP == 0:
+        return a
+    return _grow(a[..., :prompt_slots, :], prompt_slots + 1)
 
 
 def _grow(a: mx.array, size: int) -> mx.array:

@@ -77,10 +77,13 @@ def on_cpu():
 def _emulated(monkeypatch) -> None:
     """Replace the steps' kernel launches by the MLX operations they stand for (same input order)."""
 
-    def gemv_launch(shape, dtype, *, norm=False, eps=0.0, res=False, swiglu=False, rows=2):
+    def gemv_launch(shape, dtype, *, norm=False, eps=0.0, res=False, swiglu=False, argmax=False, rows=2):
         def run(x, nw, w, r):
-            return _mlx_gemv(w, x.reshape(-1), norm=nw if norm else None, eps=eps, res=r.reshape(-1) if res else None,
-                             swiglu_=swiglu)
+            y = _mlx_gemv(w, x.reshape(-1), norm=nw if norm else None, eps=eps, res=r.reshape(-1) if res else None,
+                          swiglu_=swiglu)
+            if argmax:  # one block key holding the first index of the largest value
+                return (0xFFFFFFFF - mx.argmax(y, keepdims=True).astype(mx.uint64)).astype(mx.uint64)
+            return y
 
         return run
 
@@ -287,7 +290,29 @@ def test_gemv_matches_mlx(dtype, n, k, rows):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("pos,pads,warps", [(0, [0], 8), (5, [0], 8), (77, [0], 8), (255, [0], 8),
+@pytest.mark.parametrize("n,k", [(1000, 256), (151936, 1024)])
+def test_gemv_argmax_is_the_first_largest_value(dtype, n, k):
+    """The argmax mode (the LM head's: block keys, then `argmax_of_keys`) picks the first index of the largest value
+    the plain mode computes, ties included: the weight rows are repeated, so every value occurs at least twice."""
+    keys = mx.random.split(mx.random.key(2), 3)
+    w = (mx.random.normal((n // 2, k), key=keys[0]) * 0.05).astype(dtype)
+    w = mx.concatenate([w, w[::-1]], axis=0)  # row j and row n-1-j are equal
+    x = mx.random.normal((k,), key=keys[1]).astype(dtype)
+    nw = (1 + 0.1 * mx.random.normal((k,), key=keys[2])).astype(dtype)
+    for norm in (None, nw):
+        for xs in (x, -x):
+            plain = _gemv(w, xs, norm=norm, eps=1e-6, rows=4)
+            launch = cuda_decode.gemv_launch(w.shape, dtype, norm=norm is not None, eps=1e-6, argmax=True, rows=4)
+            tok = cuda_decode.argmax_of_keys(launch(xs, nw, w, xs))
+            assert tok.dtype == mx.int32 and tok.shape == (1,)
+            first = int(mx.argmax(plain).item())
+            assert tok.item() == first
+            assert (np.array(plain.astype(mx.float32)) == float(plain[first].item())).sum() >= 2  # a tie was broken
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("pos,pads,warps", [(0, [0], 16), (5, [0], 16), (77, [0], 16), (255, [0], 16), (77, [0], 8),
                                             (140, [0, 17, 139], 4), (200, [3, 0], 8)])
 def test_attend_matches_mlx(dtype, pos, pads, warps):
     """attend (rows left-padded differently, grouped queries; the cache capacity read at run time) against MLX

@@ -26,7 +26,7 @@ import mlx.core as mx
 from asr import cuda_decode
 
 _CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float", mx.int32: "int32_t",
-               mx.uint32: "uint32_t"}
+               mx.uint32: "uint32_t", mx.uint64: "uint64_t"}
 _DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 
 
@@ -130,6 +130,12 @@ def main() -> None:
         rows._step = rows._forward
         kv3 = [[mx.repeat(k, 3, axis=0), mx.repeat(v, 3, axis=0)] for k, v in kv]
         mx.eval(rows.start(kv3, 5, [0, 2, 4])(mx.array([1, 2, 3], dtype=mx.int32)))
+        from asr import cuda_encoder  # the encoder's kernels (asr.encoder calls them with these shapes)
+
+        qkv = mx.zeros((2, 7, 3 * 512), dtype=getattr(mx, dtype))
+        valid = mx.array([7, 4], dtype=mx.int32)
+        mx.eval(cuda_encoder.fsmn(qkv, mx.zeros((512, 11, 1), dtype=qkv.dtype), valid, 5),
+                cuda_encoder.attend(qkv, valid, 4, 128**-0.5))
     failed = 0
     for key, text in Recorder.seen.items():
         ok, log = nvrtc.compile(text, key)

@@ -1,0 +1,167 @@
+"""Where one clip's time goes on a CUDA GPU: GPU kernel time against wall time, per stage, through CUPTI.
+
+torch.profiler's CUPTI tracing records every kernel and CUDA API call of the process, MLX's included (both use
+the device's primary context). For each stage of one clip at batch 1 (features, encoder, adaptor + prompt,
+prefill, decode of --tokens tokens), evaluated and synced on its own:
+  wall     the stage's wall time (host start to sync)
+  kernels  how many kernels ran, busy = their union on the GPU timeline, span = first start to last end
+  api      the CUDA runtime/driver calls by total host time (graph instantiate/update/launch, syncs, ...)
+busy << wall means the stage waits on the host (per-kernel cost in MLX or the driver), busy ~ wall means the GPU
+is the bound. Also: the same clip timed without the profiler, stage by stage and in one pass, and the GPU clocks.
+Usage: python3 tools/gpu/profile_clip.py --model /root/ck/full --clip a.wav [--tokens 32] [--trace DIR]
+"""
+
+from __future__ import annotations  # noqa: I001  (asr before mlx: it picks the BLAS before MLX loads)
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+
+import asr
+import mlx.core as mx
+
+from asr.audio import load_audio
+from asr.frontend import audio_token_count, features_padded
+from asr.llm import greedy_decode_padded
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def _summary(trace: str, wall_ms: float, top: int) -> dict:
+    events = json.load(open(trace))["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    api = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    out: dict = {"wall_ms": round(wall_ms, 2), "kernels": len(kernels)}
+    if kernels:
+        iv = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in kernels]
+        out["busy_ms"] = round(_union(iv) / 1e3, 2)
+        out["span_ms"] = round((max(e for _, e in iv) - min(s for s, _ in iv)) / 1e3, 2)
+        out["sum_ms"] = round(sum(e.get("dur", 0) for e in kernels) / 1e3, 2)
+    by_name: dict = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        k = by_name[e["name"][:90]]
+        k[0] += 1
+        k[1] += e.get("dur", 0)
+    out["top_kernels"] = [(n, c, round(d / 1e3, 3)) for n, (c, d) in
+                          sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
+    by_api: dict = defaultdict(lambda: [0, 0.0])
+    for e in api:
+        k = by_api[e["name"]]
+        k[0] += 1
+        k[1] += e.get("dur", 0)
+    out["api"] = [(n, c, round(d / 1e3, 3)) for n, (c, d) in sorted(by_api.items(), key=lambda kv: -kv[1][1])[:top]]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--clip", required=True)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--encoder-dtype", default="float32")
+    ap.add_argument("--trace", default=None, help="keep the chrome traces in this folder")
+    a = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    print("device", mx.default_device(), "mlx", mx.__version__, "torch", torch.__version__, flush=True)
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,pstate,power.draw,utilization.gpu",
+                            "--format=csv,noheader", "-lms", "200"], stdout=open(smi_log := tempfile.mktemp(), "w"))
+    model = asr.load_model(a.model, dtype="bfloat16", encoder_dtype=a.encoder_dtype)
+    model.warmup()
+    llm = model.net.llm
+    ids = model.prompt_ids("auto")
+    samples = load_audio(a.clip).samples
+
+    def front():
+        feats, lengths = features_padded([samples], model.cfg.frontend)
+        mx.eval(feats)
+        return feats, lengths
+
+    feats, lengths = front()
+    enc = model.encode(feats)
+    mx.eval(enc)
+    rows = model.adapt(enc)
+    prompts, plens = model.prompt_batch(rows, [audio_token_count(lengths[0])], ids)
+    mx.eval(prompts)
+
+    stages = {
+        "features": lambda: mx.eval(features_padded([samples], model.cfg.frontend)[0]),
+        "encoder": lambda: mx.eval(model.encode(feats)),
+        "adaptor+prompt": lambda: mx.eval(model.prompt_batch(model.adapt(enc), [audio_token_count(lengths[0])],
+                                                             ids)[0]),
+        "prefill+decode": lambda: greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens,
+                                                       repetition_guard=False),
+    }
+    # without the profiler: each stage alone, then the benchmark's per-clip path and the one-pass path
+    for name, fn in stages.items():
+        fn()
+        ts = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            r = fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        extra = ""
+        if name == "prefill+decode":
+            extra = f" (prefill {r[0].prefill_s * 1e3:.2f} ms, decode {r[0].decode_s * 1e3:.2f} ms)"
+        print(f"{name:16s} median {statistics.median(ts):8.2f} ms  min {min(ts):8.2f}{extra}", flush=True)
+
+    def per_clip(timed: bool):
+        t = defaultdict(float)
+        t0 = time.perf_counter()
+        ps, pl, _, _ = model.batch_prompts([samples], ids, t if timed else None)
+        out = greedy_decode_padded(llm, ps, pl, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
+        return (time.perf_counter() - t0) * 1e3, dict(t), out[0]
+
+    for timed in (True, False):
+        per_clip(timed)
+        runs = [per_clip(timed) for _ in range(a.repeats)]
+        tot = statistics.median(r[0] for r in runs)
+        print(f"per clip, {'stage syncs' if timed else 'one pass   '}: median {tot:8.2f} ms  all "
+              f"{[round(r[0], 1) for r in runs]}", flush=True)
+
+    # with the profiler
+    tdir = a.trace or tempfile.mkdtemp()
+    os.makedirs(tdir, exist_ok=True)
+    report = {}
+    for name, fn in [*stages.items(), ("per clip (stage syncs)", lambda: per_clip(True))]:
+        fn()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            wall = (time.perf_counter() - t0) * 1e3
+        path = os.path.join(tdir, name.split(" ")[0].replace("+", "_") + ".json")
+        prof.export_chrome_trace(path)
+        report[name] = s = _summary(path, wall, a.top)
+        print(f"\n== {name}: wall {s['wall_ms']} ms, {s['kernels']} kernels, busy {s.get('busy_ms')} ms, "
+              f"span {s.get('span_ms')} ms, sum {s.get('sum_ms')} ms", flush=True)
+        for n, c, d in s["top_kernels"]:
+            print(f"   {d:9.3f} ms {c:6d}x  {n}")
+        print("   -- CUDA API (host)")
+        for n, c, d in s["api"]:
+            print(f"   {d:9.3f} ms {c:6d}x  {n}")
+    smi.terminate()
+    clocks = open(smi_log).read().strip().splitlines()
+    print("\nnvidia-smi samples (first, middle, last):", clocks[:1], clocks[len(clocks) // 2: len(clocks) // 2 + 1],
+          clocks[-1:])
+    if a.trace:
+        json.dump(report, open(os.path.join(tdir, "summary.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
