@@ -316,21 +316,26 @@ _ADD_NORM = """
 """
 
 GEMV_WARPS = 4
+# MLX's CUDA allocator puts arrays of 8 bytes or less in a pool of managed memory that the host may read (token
+# outputs are), where a kernel reads them over PCIe. The position and padding arrays the kernels read every layer are
+# kept at 4 int32 (16 bytes, device memory); the kernels read the first entries only.
+SMALL_ARRAY = 4
 NORM_WARPS = 4
 
 _kernels: dict[tuple, object] = {}
 
 
-def kernel(kind: str, source: str, inputs: list[str], outputs: tuple[str, ...] = ("out",), **constants: float) -> object:
+def kernel(kind: str, source: str, inputs: list[str], outputs: tuple[str, ...] = ("out",), header: str = "",
+           **constants: float) -> object:
     """The mx.fast.cuda_kernel for `kind` (made once), with float constants written into the source as literals
-    (one kernel per value) and this module's device helpers (_HEADER) in front."""
+    (one kernel per value) and this module's device helpers (_HEADER, then `header`) in front."""
     key = (kind, *sorted(constants.items()))
     found = _kernels.get(key)
     if found is None:
         for name, value in constants.items():
             source = source.replace(name, f"{float(value)!r}f")
         found = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs,
-                                    output_names=list(outputs), source=source, header=_HEADER)
+                                    output_names=list(outputs), source=source, header=_HEADER + header)
         _kernels[key] = found
     return found
 
@@ -408,7 +413,7 @@ def _stepper(run, kv: list, prompt_slots: int, *extra: mx.array):
     tokens and at + 1), growing the caches by asr.llm.CACHE_STEP positions when full."""
     from .llm import _with_room  # noqa: PLC0415 (llm imports this module)
 
-    state = {"kv": kv, "slot": prompt_slots, "at": mx.array([prompt_slots], dtype=mx.int32)}
+    state = {"kv": kv, "slot": prompt_slots, "at": mx.array([prompt_slots] * SMALL_ARRAY, dtype=mx.int32)}
 
     def step(tok: mx.array) -> mx.array:
         slot = state["slot"]
@@ -443,7 +448,7 @@ class FusedStep:
         self._gate_up = gemv_launch(p.gate_up.weight.shape, dtype, norm=True, eps=p.eps, swiglu=True)
         self._down = gemv_launch(p.down.weight.shape, dtype, res=True, rows=1)
         self._head = gemv_launch(self.head.shape, dtype, norm=True, eps=p.eps, argmax=True, rows=4)
-        self._left_pad = mx.zeros((1,), dtype=mx.int32)
+        self._left_pad = mx.zeros((SMALL_ARRAY,), dtype=mx.int32)
         # compiled: 1.59-1.76 ms a step on an H100 against 2.1-2.4 ms built kernel by kernel (tools/gpu/probe_step.py)
         self._step = mx.compile(self._forward) if COMPILE else self._forward
 
@@ -483,7 +488,7 @@ class RowsStep:
 
     def start(self, kv: list, prompt_slots: int, left_pad: list[int]):
         """A step function tokens [B] -> [B] continuing after `prompt_slots` cached positions in `kv`."""
-        pad = mx.array(left_pad, dtype=mx.int32)
+        pad = mx.array(left_pad + [0] * (SMALL_ARRAY - len(left_pad)), dtype=mx.int32)
         return _stepper(self._step, _prepare_caches(kv), prompt_slots, pad)
 
     def _kernels(self, batch: int) -> tuple[_Launch, _Launch2]:

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 from mlx_lm.models.activations import swiglu
 
-from . import cpu_llm, cuda_decode
+from . import cpu_llm, cuda_decode, cuda_persistent
 from .errors import ModelLoadError, TranscriptionCancelled
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
@@ -345,7 +345,8 @@ class FastDecoder:
         kv = [[_decode_buffer(c.keys, prompt_slots), _decode_buffer(c.values, prompt_slots)] for c in cache]
         if cuda_decode.available(self.model, len(left_pad)):
             if self._fused_step is None:
-                self._fused_step = cuda_decode.FusedStep(self.model, self._layer_plans())
+                self._fused_step = cuda_persistent.make(self.model, self._layer_plans()) or cuda_decode.FusedStep(
+                    self.model, self._layer_plans())
             return self._fused_step.start(kv, prompt_slots)
         if cuda_decode.rows_available(self.model):
             if self._rows_step is None:

@@ -16,7 +16,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
-from asr import cuda_decode
+from asr import cuda_decode, cuda_persistent
 from asr import llm as llm_mod
 
 CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
@@ -42,6 +42,7 @@ def _mlx_attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, *,
     hd = k_cache.shape[-1]
     B = k_cache.shape[0]
     last = int(slot[0].item())
+    left_pad = left_pad[:B]  # the kernels read the first B entries (the arrays are padded, see SMALL_ARRAY)
     q, k, v = mx.split(qkv.reshape(B, -1), [heads * hd, (heads + kv_heads) * hd], axis=-1)
     offset = last - left_pad
 
@@ -135,9 +136,9 @@ SMALL = dict(model_type="qwen3", hidden_size=256, num_hidden_layers=2, intermedi
              tie_word_embeddings=True, max_position_embeddings=4096)
 
 
-def _small(dtype):
+def _small(dtype, config=SMALL):
     mx.random.seed(11)
-    llm = llm_mod.build_llm(SMALL)
+    llm = llm_mod.build_llm(config)
     llm.update(tree_map(lambda p: p * 8 if p.ndim == 2 else p, llm.parameters()))  # livelier logits
     llm.set_dtype(dtype)
     mx.eval(llm.parameters())
@@ -356,12 +357,21 @@ def test_add_norm_matches_mlx(dtype, batch, dim):
     _close(n, ref_n, dtype)
 
 
+# Qwen3-0.6B's widths (the model Fun-ASR-Nano decodes with), two layers
+WIDE = dict(SMALL, hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+            vocab_size=151936)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-def test_compiled_step_tokens_match_unfused(dtype, monkeypatch):
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("config", [SMALL, WIDE], ids=["small", "qwen3-0.6b-widths"])
+def test_compiled_step_tokens_match_unfused(dtype, persistent, config, monkeypatch):
     """Teacher-forced on the unfused step's tokens (one flipped near-tie would derail a free-running comparison of a
-    random model), the compiled fused step predicts the same next token at nearly every one of 150 steps."""
-    llm = _small(dtype)
+    random model), the one-launch step (PersistentStep) and the compiled fused step (FusedStep) predict the same
+    next token at nearly every one of 150 steps."""
+    llm = _small(dtype, config)
+    monkeypatch.setattr(cuda_persistent, "ENABLED", persistent)
     monkeypatch.setattr(cuda_decode, "ENABLED", False)
     first, _, cache = _prefill(llm, 21)
     theirs = _run(llm_mod.FastDecoder(llm).start(cache, 21, [0]), first, 150)
@@ -370,7 +380,10 @@ def test_compiled_step_tokens_match_unfused(dtype, monkeypatch):
     dec = llm_mod.FastDecoder(llm)
     first, _, cache = _prefill(llm, 21)
     ours = _run(dec.start(cache, 21, [0]), first, 150, forced=theirs)
-    assert dec._fused_step is not None and dec._fused_step._step is not dec._fused_step._forward
+    kind = cuda_persistent.PersistentStep if persistent else cuda_decode.FusedStep
+    assert isinstance(dec._fused_step, kind)
+    if not persistent:
+        assert dec._fused_step._step is not dec._fused_step._forward
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
     assert same >= 145, f"{same}/150 tokens equal"
 

@@ -135,6 +135,19 @@ def main() -> None:
         print(f"per clip, {'stage syncs' if timed else 'one pass   '}: median {tot:8.2f} ms  all "
               f"{[round(r[0], 1) for r in runs]}", flush=True)
 
+    # A/B: the one-launch decode step against the fused five-kernels-a-layer step
+    from asr import cuda_persistent
+
+    for enabled in (False, True):
+        cuda_persistent.ENABLED = enabled
+        llm._fast_decoder = None
+        per_clip(False)
+        runs = [per_clip(False) for _ in range(a.repeats)]
+        dec = statistics.median(r[2].decode_s for r in runs) * 1e3
+        print(f"PersistentStep {'on ' if enabled else 'off'}: per clip median {statistics.median(r[0] for r in runs):8.2f} ms,"
+              f" decode {dec:.2f} ms ({(a.tokens - 1) / dec * 1e3:.0f} tok/s), {type(llm._fast_decoder._fused_step).__name__}",
+              flush=True)
+
     # with the profiler
     tdir = a.trace or tempfile.mkdtemp()
     os.makedirs(tdir, exist_ok=True)

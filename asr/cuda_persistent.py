@@ -1,0 +1,407 @@
+"""The whole batch-of-one decode step of a Qwen3 in ONE CUDA kernel launch (PersistentStep).
+
+FusedStep (asr.cuda_decode) is five kernels a layer, ~146 a step, and on MLX's CUDA backend each kernel costs host
+time (MLX builds and launches a CUDA graph node for it): tools/gpu/profile_clip.py measured 1.25-1.5 ms of host time
+a step against ~0.85 ms of GPU work, so the step waited on the host. Here one launch does the step: one block per
+streaming multiprocessor (all resident at once), and the blocks meet at a grid-wide barrier between phases:
+
+  per layer: RMSNorm + q|k|v products | attention (one block per query head: q/k RMSNorm, RoPE, the KV write in
+  place, online softmax over positions 0..pos) | o product + residual | RMSNorm + gate|up + SwiGLU |
+  down product + residual;  then the final RMSNorm + the LM head, each warp keeping the largest argmax key of its
+  rows, the blocks' keys reduced by block 0 into the token.
+
+The math and its rounding are FusedStep's (each op's result rounded to the model dtype where MLX rounds it, float32
+accumulation); activations live in float32 scratch buffers holding dtype-rounded values. The barrier needs every
+block resident: the grid is the device's SM count (read through the CUDA runtime MLX loaded) with 256 threads a
+block, which fits one block per SM whatever registers the kernel takes. Where the SM count cannot be read,
+FusedStep runs instead.
+
+Buffers written by other blocks are read through L2 (`__ldcg`): L1 is not coherent across SMs within a launch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import mlx.core as mx
+
+from .cuda_decode import SMALL_ARRAY, _prepare_caches, _stepper, kernel
+
+ENABLED = os.environ.get("FUNASR_NANO_PERSISTENT", "1") != "0"  # A/B switch (tools/gpu/profile_clip.py, tests)
+NW = 8  # warps a block
+
+_DEVICE = """
+__device__ __forceinline__ void grid_sync(unsigned int* bar) {
+  // generation barrier: bar[0] counts arrivals, bar[1] is the generation; both persist across launches
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile unsigned int* gen = bar + 1;
+    const unsigned int g = *gen;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      while (*gen == g) {
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = 0.f;
+  for (int i = 0; i < nw; ++i) t += red[i];
+  return t;
+}
+
+// xs[0..n) = src (float scratch, read through L2), RMS-normalised with nw when nw != nullptr (as mx.fast.rms_norm
+// rounds it)
+template <typename T>
+__device__ __forceinline__ void load_x(float* xs, const float* src, const T* nw, int n, float eps, float* red) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = __ldcg(src + i);
+    xs[i] = v;
+    ss += v * v;
+  }
+  if (nw != nullptr) {
+    const float r = rsqrtf(block_sum(ss, red) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = static_cast<float>(nw[i] * static_cast<T>(xs[i] * r));
+  }
+  __syncthreads();
+}
+
+// rows [0, N) of W [NR * N, K] against xs, RG rows a warp at a time (their weights loaded first, all in flight);
+// epi(row, sum of gate or plain row, sum of up row) runs on every lane with the warp's sums
+template <typename T, int K, int RG, int NR, typename F>
+__device__ __forceinline__ void gemv_rows(const T* w, int N, const float* xs, F epi) {
+  constexpr int VEC = 16 / (int)sizeof(T);
+  constexpr int CHUNKS = K / (32 * VEC);
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int GW = gridDim.x * (blockDim.x >> 5);
+  for (int base = gw * RG; base < N; base += GW * RG) {
+    uint4 raw[RG][NR][CHUNKS];
+#pragma unroll
+    for (int r = 0; r < RG; ++r) {
+      const int row = base + r < N ? base + r : N - 1;
+#pragma unroll
+      for (int s = 0; s < NR; ++s) {
+        const T* wr = w + (size_t)(row + s * N) * K + lane * VEC;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) raw[r][s][c] = __ldg(reinterpret_cast<const uint4*>(wr + c * 32 * VEC));
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RG; ++r) {
+      float acc[NR];
+#pragma unroll
+      for (int s = 0; s < NR; ++s) {
+        acc[s] = 0.f;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+          const T* wv = reinterpret_cast<const T*>(&raw[r][s][c]);
+          const float* xp = xs + (c * 32 + lane) * VEC;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[s] += static_cast<float>(wv[i]) * xp[i];
+        }
+        acc[s] = warp_sum(acc[s]);
+      }
+      if (base + r < N) epi(base + r, acc[0], acc[NR - 1]);
+    }
+  }
+}
+
+__device__ __forceinline__ unsigned long long argmax_key(float v, int row) {
+  v = v == 0.f ? 0.f : v;  // -0 and +0 tie, as in argmax
+  const unsigned int u = __float_as_uint(v);
+  const unsigned int ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ((unsigned long long)ord << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned int)row);
+}
+"""
+
+_BODY = """
+  constexpr int QKV = (H + 2 * KV) * HD;
+  constexpr int R = HD / 32;
+  constexpr int HALF = R / 2;
+  constexpr int XS = D > H * HD ? (D > FF ? D : FF) : (H * HD > FF ? H * HD : FF);
+  __shared__ float xs[XS];
+  __shared__ float red[32];
+  __shared__ float qs[HD];
+  __shared__ float ms[NWARPS], ls[NWARPS];
+  __shared__ float accs[NWARPS][HD];
+  __shared__ unsigned long long bk[NWARPS];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float* x = const_cast<float*>(xbuf);
+  float* qkv = const_cast<float*>(qkvbuf);
+  float* att = const_cast<float*>(attbuf);
+  float* hid = const_cast<float*>(hbuf);
+  unsigned int* bar = const_cast<unsigned int*>(barrier);
+  unsigned long long* keys = const_cast<unsigned long long*>(keybuf);
+  const int last = at[0];
+  const int cap = kc0_shape[2];
+  const int token = tok[0];
+$TABLES
+  for (int l = 0; l < LAYERS; ++l) {
+    // 1. RMSNorm + q|k|v (layer 0 reads the token's embedding; block 0 keeps it as the residual stream)
+    if (l == 0) {
+      float ss = 0.f;
+      for (int i = tid; i < D; i += blockDim.x) {
+        const float v = static_cast<float>(embed[(size_t)token * D + i]);
+        xs[i] = v;
+        ss += v * v;
+        if (blockIdx.x == 0) x[i] = v;
+      }
+      const float r = rsqrtf(block_sum(ss, red) / D + EPS);
+      for (int i = tid; i < D; i += blockDim.x) xs[i] = static_cast<float>(LN1[0][i] * static_cast<T>(xs[i] * r));
+      __syncthreads();
+    } else {
+      load_x<T>(xs, x, LN1[l], D, EPS, red);
+    }
+    gemv_rows<T, D, 4, 1>(WQKV[l], QKV, xs, [&](int row, float a, float) {
+      if (lane == 0) qkv[row] = static_cast<float>(static_cast<T>(a));
+    });
+    grid_sync(bar);
+    // 2. attention: block h < H takes query head h
+    if (blockIdx.x < H) {
+      const int h = blockIdx.x, g = h / (H / KV);
+      T* kc = const_cast<T*>(KC[l]) + (size_t)g * cap * HD;
+      T* vc = const_cast<T*>(VC[l]) + (size_t)g * cap * HD;
+      if (warp < 2) {
+        const float* src = qkv + (warp == 0 ? h * HD : H * HD + g * HD);
+        const T* nw = warp == 0 ? QN[l] : KN[l];
+        float e[R];
+        float ss = 0.f;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          e[j] = __ldcg(src + lane + 32 * j);
+          ss += e[j] * e[j];
+        }
+        const float r = rsqrtf(warp_sum(ss) / HD + EPS);
+#pragma unroll
+        for (int j = 0; j < R; ++j) e[j] = static_cast<float>(nw[lane + 32 * j] * static_cast<T>(e[j] * r));
+#pragma unroll
+        for (int j = 0; j < HALF; ++j) {
+          const float inv_freq = 1.0 / freqs[lane + 32 * j];
+          const float theta = static_cast<float>(last) * inv_freq;
+          const float c = cosf(theta), s = sinf(theta);
+          const float x1 = e[j], x2 = e[j + HALF];
+          e[j] = static_cast<float>(static_cast<T>(x1 * c - x2 * s));
+          e[j + HALF] = static_cast<float>(static_cast<T>(x1 * s + x2 * c));
+        }
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          if (warp == 0) {
+            qs[lane + 32 * j] = e[j];
+          } else {
+            kc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(e[j]);
+          }
+        }
+      } else if (warp == 2) {
+        const float* src = qkv + H * HD + KV * HD + g * HD;
+#pragma unroll
+        for (int j = 0; j < R; ++j) vc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(__ldcg(src + lane + 32 * j));
+      }
+      __syncthreads();
+      float q[R], acc[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        q[j] = qs[lane + 32 * j] * SCALE;
+        acc[j] = 0.f;
+      }
+      float m = -cuda::std::numeric_limits<float>::infinity(), lsum = 0.f;
+      for (int t = warp; t <= last; t += 2 * NWARPS) {
+        const bool two = t + NWARPS <= last;
+        const T* kt = kc + (size_t)t * HD;
+        const T* kt2 = kc + (size_t)(two ? t + NWARPS : t) * HD;
+        const T* vt = vc + (size_t)t * HD;
+        const T* vt2 = vc + (size_t)(two ? t + NWARPS : t) * HD;
+        float d = 0.f, d2 = 0.f;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          d += q[j] * static_cast<float>(kt[lane + 32 * j]);
+          d2 += q[j] * static_cast<float>(kt2[lane + 32 * j]);
+        }
+        d = warp_sum(d);
+        d2 = warp_sum(d2);
+        const float m_new = fmaxf(m, two ? fmaxf(d, d2) : d);
+        const float corr = expf(m - m_new);
+        const float p = expf(d - m_new);
+        const float p2 = two ? expf(d2 - m_new) : 0.f;
+        lsum = lsum * corr + p + p2;
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]) + p2 * static_cast<float>(vt2[lane + 32 * j]);
+        }
+        m = m_new;
+      }
+      if (lane == 0) {
+        ms[warp] = m;
+        ls[warp] = lsum;
+      }
+#pragma unroll
+      for (int j = 0; j < R; ++j) accs[warp][lane + 32 * j] = acc[j];
+      __syncthreads();
+      for (int e = tid; e < HD; e += blockDim.x) {
+        float mx_ = -cuda::std::numeric_limits<float>::infinity();
+        for (int w = 0; w < NWARPS; ++w) mx_ = fmaxf(mx_, ms[w]);
+        float num = 0.f, den = 0.f;
+        for (int w = 0; w < NWARPS; ++w) {
+          if (ls[w] > 0.f) {
+            const float f = expf(ms[w] - mx_);
+            num += accs[w][e] * f;
+            den += ls[w] * f;
+          }
+        }
+        att[h * HD + e] = static_cast<float>(static_cast<T>(num / den));
+      }
+    }
+    grid_sync(bar);
+    // 3. x = x + o(att)
+    load_x<T>(xs, att, nullptr, H * HD, 0.f, red);
+    gemv_rows<T, H * HD, 1, 1>(WO[l], D, xs, [&](int row, float a, float) {
+      if (lane == 0) x[row] = static_cast<float>(static_cast<T>(__ldcg(x + row) + static_cast<float>(static_cast<T>(a))));
+    });
+    grid_sync(bar);
+    // 4. RMSNorm + gate|up + SwiGLU
+    load_x<T>(xs, x, LN2[l], D, EPS, red);
+    gemv_rows<T, D, 2, 2>(WGU[l], FF, xs, [&](int row, float a0, float a1) {
+      if (lane == 0) {
+        const float gt = static_cast<float>(static_cast<T>(a0));
+        const float u = static_cast<float>(static_cast<T>(a1));
+        const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gt))));
+        const float silu = static_cast<float>(static_cast<T>(gt * sg));
+        hid[row] = static_cast<float>(static_cast<T>(silu * u));
+      }
+    });
+    grid_sync(bar);
+    // 5. x = x + down(hid)
+    load_x<T>(xs, hid, nullptr, FF, 0.f, red);
+    gemv_rows<T, FF, 1, 1>(WD[l], D, xs, [&](int row, float a, float) {
+      if (lane == 0) x[row] = static_cast<float>(static_cast<T>(__ldcg(x + row) + static_cast<float>(static_cast<T>(a))));
+    });
+    grid_sync(bar);
+  }
+  // final RMSNorm + LM head: the first row of the largest rounded logit
+  load_x<T>(xs, x, norm, D, EPS, red);
+  unsigned long long best = 0ull;
+  gemv_rows<T, D, 4, 1>(head, V, xs, [&](int row, float a, float) {
+    const unsigned long long k = argmax_key(static_cast<float>(static_cast<T>(a)), row);
+    best = k > best ? k : best;
+  });
+  if (lane == 0) bk[warp] = best;
+  __syncthreads();
+  if (tid == 0) {
+    for (int i = 1; i < NWARPS; ++i) best = bk[i] > best ? bk[i] : best;
+    keys[blockIdx.x] = best;
+  }
+  grid_sync(bar);
+  if (blockIdx.x == 0 && warp == 0) {
+    unsigned long long b = 0ull;
+    for (int i = lane; i < gridDim.x; i += 32) {
+      const unsigned long long k = __ldcg(keys + i);
+      b = k > b ? k : b;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const unsigned long long o = __shfl_xor_sync(0xffffffff, b, off);
+      b = o > b ? o : b;
+    }
+    if (lane == 0) {
+      out[0] = (int)(0xFFFFFFFFu - (unsigned int)(b & 0xFFFFFFFFull));
+      at_out[0] = last + 1;
+    }
+  }
+"""
+
+_PER_LAYER = ("ln1", "ln2", "qn", "kn", "wqkv", "wo", "wgu", "wd", "kc", "vc")
+
+
+def _source(layers: int) -> tuple[str, list[str]]:
+    """The kernel body for `layers` layers and its input names (per-layer arrays as pointer tables)."""
+    names = ["tok", "at", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "attbuf", "hbuf", "keybuf", "barrier"]
+    tables = []
+    for kind in _PER_LAYER:
+        names += [f"{kind}{i}" for i in range(layers)]
+        tables.append(f"  const T* const {kind.upper()}[LAYERS] = {{{', '.join(f'{kind}{i}' for i in range(layers))}}};")
+    return _BODY.replace("$TABLES", "\n".join(tables)), names
+
+
+def sm_count() -> int | None:
+    """The current CUDA device's SM count, through the CUDA runtime MLX has loaded (None where it cannot be read)."""
+    try:
+        lib = ctypes.CDLL("libcudart.so.13")
+        dev, value = ctypes.c_int(0), ctypes.c_int(0)
+        if lib.cudaGetDevice(ctypes.byref(dev)) != 0:
+            return None
+        if lib.cudaDeviceGetAttribute(ctypes.byref(value), 16, dev.value) != 0:  # cudaDevAttrMultiProcessorCount
+            return None
+        return value.value if value.value > 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+def make(model, plans: list) -> PersistentStep | None:
+    """PersistentStep for this model on this device, or None (disabled, or the SM count unknown or too small)."""
+    blocks = sm_count() if ENABLED else None
+    if not blocks or blocks < plans[0].q_shape[1]:
+        return None
+    return PersistentStep(model, plans, blocks)
+
+
+class PersistentStep:
+    """The batch-of-one step of an mlx-lm Qwen3 as one kernel launch, on FastDecoder's layer plans (see the module
+    docstring); same interface as asr.cuda_decode.FusedStep."""
+
+    def __init__(self, model, plans: list, blocks: int) -> None:
+        p = plans[0]
+        m = model.model
+        self.embed = m.embed_tokens.weight
+        dtype = self.embed.dtype
+        head = self.embed if model.args.tie_word_embeddings else model.lm_head.weight
+        heads, kv_heads, head_dim = p.q_shape[1], p.kv_shape[1], p.q_shape[3]
+        dim, inter = self.embed.shape[1], p.down.weight.shape[1]
+        if blocks < heads:
+            raise ValueError(f"PersistentStep needs at least {heads} blocks; the device has {blocks} SMs")
+        source, self.names = _source(len(plans))
+        source = source.replace("NWARPS", str(NW))
+        self.kernel = kernel(f"step{len(plans)}", source, self.names, ("out", "at_out"), header=_DEVICE, EPS=p.eps,
+                             SCALE=p.scale)
+
+        def scratch(n: int, dtype=mx.float32) -> mx.array:
+            # filled on the device, so MLX allocates device memory (host-made arrays and any of 8 bytes or less go
+            # to managed memory, where every access of the barrier's spin crossed PCIe: 116 ms a step)
+            return mx.zeros((max(n, 64),), dtype=dtype)
+
+        self.fixed = [self.embed, p.freqs, m.norm.weight, head, scratch(dim), scratch((heads + 2 * kv_heads) * head_dim),
+                      scratch(heads * head_dim), scratch(inter), scratch(blocks, mx.uint64), scratch(2, mx.uint32)]
+        mx.eval(self.fixed)
+        self.weights = [[q.ln1 for q in plans], [q.ln2 for q in plans], [q.q_norm for q in plans],
+                        [q.k_norm for q in plans], [q.qkv.weight for q in plans], [q.o.weight for q in plans],
+                        [q.gate_up.weight for q in plans], [q.down.weight for q in plans]]
+        self.options = dict(
+            template=[("T", dtype), ("LAYERS", len(plans)), ("D", dim), ("FF", inter), ("H", heads), ("KV", kv_heads),
+                      ("HD", head_dim), ("V", head.shape[0])],
+            grid=(blocks * 32 * NW, 1, 1), threadgroup=(32 * NW, 1, 1),
+            output_shapes=[(SMALL_ARRAY,), (SMALL_ARRAY,)], output_dtypes=[mx.int32, mx.int32])
+
+    def start(self, kv: list, prompt_slots: int):
+        """A step function tokens [1] -> [1] continuing after `prompt_slots` cached positions in `kv`."""
+        return _stepper(self._forward, _prepare_caches(kv), prompt_slots)
+
+    def _forward(self, tok: mx.array, at: mx.array, kv: list) -> tuple[mx.array, mx.array]:
+        inputs = [tok, at, *self.fixed]
+        for group in self.weights:
+            inputs += group
+        inputs += [k for k, _ in kv] + [v for _, v in kv]
+        nxt, at_next = self.kernel(inputs=inputs, **self.options)  # [SMALL_ARRAY]: device memory, see there
+        return nxt[:1], at_next
