@@ -305,7 +305,8 @@ class FastDecoder:
     """Greedy decode steps for an mlx-lm Qwen3 on MLX (GPUs; on a CPU only for non-fp32 LLMs, see cpu_llm).
 
     - q/k/v and gate/up are fused into one matmul each (4 matmuls a layer instead of 7);
-    - a batch of one on CUDA runs `asr.cuda_decode.FusedStep` (five custom kernels a layer, one compiled step);
+    - a batch of one on CUDA runs `asr.cuda_persistent.PersistentStep` (the whole step in one kernel launch), or
+      where that cannot run `asr.cuda_decode.FusedStep` (five custom kernels a layer, one compiled step);
       batches and quantized models on CUDA run `asr.cuda_decode.RowsStep` (MLX's products with two custom kernels
       in between, eight kernels a layer, one compiled step);
     - elsewhere a batch of one (`_start_single`) needs no attention mask: it attends over the cache up to the current
@@ -335,7 +336,7 @@ class FastDecoder:
                        _FusedLinear([layer.self_attn.o_proj]), _FusedLinear([layer.mlp.down_proj]))
                       for layer in model.model.layers]
         self._plans: list[_LayerPlan] | None = None
-        self._fused_step: cuda_decode.FusedStep | None = None
+        self._fused_step: cuda_persistent.PersistentStep | cuda_decode.FusedStep | None = None
         self._rows_step: cuda_decode.RowsStep | None = None
         compile_ = COMPILE_DECODE if COMPILE_DECODE is not None else mx.default_device().type == mx.gpu
         self._step = mx.compile(self._forward) if compile_ else self._forward

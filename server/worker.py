@@ -57,7 +57,7 @@ class ModelInfo:
 def _compute(model=None) -> str:
     """'cpu (BLAS ...)', 'metal' or 'cuda' as MLX sees it on this (the worker) thread, and the LLM's runner."""
     try:
-        from asr import backend, cpu_llm, cuda_decode
+        from asr import backend, cpu_llm, cuda_decode, cuda_persistent
 
         b = backend.info()
     except Exception:  # noqa: BLE001 - informational only
@@ -67,9 +67,12 @@ def _compute(model=None) -> str:
     if llm is not None and cpu_llm.applies(llm):
         runner = "; LLM: NumPy BLAS (asr/cpu_llm.py)"
     elif llm is not None:
-        steps = [name for name, used in (("batch of one: fused CUDA step", cuda_decode.available(llm, 1)),
+        one = cuda_decode.available(llm, 1)
+        one_launch = one and cuda_persistent.ENABLED and cuda_persistent.sm_count() is not None
+        steps = [name for name, used in (("batch of one: one-launch CUDA step", one_launch),
+                                         ("batch of one: fused CUDA step", one and not one_launch),
                                          ("batches: CUDA rows step", cuda_decode.rows_available(llm))) if used]
-        runner = f"; LLM {', '.join(steps)} (asr/cuda_decode.py)" if steps else ""
+        runner = f"; LLM {', '.join(steps)} (asr/cuda_decode.py, asr/cuda_persistent.py)" if steps else ""
     return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']}{runner})"
 
 

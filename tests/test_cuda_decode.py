@@ -174,8 +174,11 @@ def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
     model = asr.load_model(str(tiny_checkpoint), dtype="bfloat16")
     assert "CUDA step" not in _compute(model) and "CUDA rows step" not in _compute(model)
     monkeypatch.setattr(cuda_decode, "rows_available", lambda llm: True)
-    assert "LLM batches: CUDA rows step (asr/cuda_decode.py)" in _compute(model)
+    assert "LLM batches: CUDA rows step (asr/cuda_decode.py" in _compute(model)
     monkeypatch.setattr(cuda_decode, "available", lambda llm, batch: batch == 1)
+    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 132)
+    assert "LLM batch of one: one-launch CUDA step, batches: CUDA rows step" in _compute(model)
+    monkeypatch.setattr(cuda_persistent, "ENABLED", False)
     assert "LLM batch of one: fused CUDA step, batches: CUDA rows step" in _compute(model)
 
 
