@@ -13,7 +13,8 @@ streaming multiprocessor (all resident at once), and the blocks meet at a grid-w
 The math and its rounding are FusedStep's (each op's result rounded to the model dtype where MLX rounds it, float32
 accumulation); activations live in float32 scratch buffers holding dtype-rounded values. The barrier needs every
 block resident: the grid is the device's SM count (read through the CUDA runtime MLX loaded) with 256 threads a
-block, which fits one block per SM whatever registers the kernel takes. Where the SM count cannot be read,
+block, which fits one block per SM whatever registers the kernel takes. Where the SM count cannot be read, or the
+process has an MPS share of the GPU (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100: fewer SMs than reported),
 FusedStep runs instead.
 
 Buffers written by other blocks are read through L2 (`__ldcg`): L1 is not coherent across SMs within a launch.
@@ -351,7 +352,11 @@ def sm_count() -> int | None:
 
 
 def make(model, plans: list) -> PersistentStep | None:
-    """PersistentStep for this model on this device, or None (disabled, or the SM count unknown or too small)."""
+    """PersistentStep for this model on this device, or None (disabled, the SM count unknown or too small, or an
+    MPS share of the GPU: there the SM count overstates how many blocks can be resident and the barrier would wait
+    forever)."""
+    if os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip() not in ("", "100"):
+        return None
     blocks = sm_count() if ENABLED else None
     if not blocks or blocks < plans[0].q_shape[1]:
         return None

@@ -436,3 +436,24 @@ def test_compiled_rows_step_tokens_match_masked_step(dtype, bits, monkeypatch):
     for o, t in zip(ours, theirs, strict=True):
         same = sum(a == b for a, b in zip(o, t, strict=True))
         assert same >= 145, f"{same}/150 tokens equal"
+
+
+def test_one_launch_step_only_where_every_block_fits(monkeypatch):
+    """PersistentStep's barrier needs all its blocks resident: no SM count, too few SMs, or an MPS share of the GPU
+    (the SM count overstates what is resident) fall back to FusedStep."""
+    llm = _small(mx.bfloat16)
+    plans = llm_mod.FastDecoder(llm)._layer_plans()
+    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: None)
+    assert cuda_persistent.make(llm, plans) is None
+    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 3)  # fewer than the 4 query heads
+    assert cuda_persistent.make(llm, plans) is None
+    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 132)
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")
+    assert cuda_persistent.make(llm, plans) is None
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")
+    monkeypatch.setattr(cuda_persistent, "ENABLED", False)
+    assert cuda_persistent.make(llm, plans) is None
+    monkeypatch.setattr(cuda_persistent, "ENABLED", True)
+    monkeypatch.setattr(cuda_persistent, "kernel", lambda *args, **kwargs: None)  # no NVRTC off CUDA
+    step = cuda_persistent.make(llm, plans)
+    assert isinstance(step, cuda_persistent.PersistentStep) and step.options["grid"][0] == 132 * 32 * cuda_persistent.NW
