@@ -67,6 +67,131 @@ __device__ __forceinline__ float warp_max(float v) {
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, off));
   return v;
 }
+// a float from an activation: scratch buffers other blocks write in the same launch are read through L2
+__device__ __forceinline__ float ldf(const float* p) { return __ldcg(p); }
+template <typename T>
+__device__ __forceinline__ float ldf(const T* p) { return static_cast<float>(*p); }
+
+// argmax as a max: the rounded value's order in the high half, the row's complement in the low half (the first
+// row of the largest value has the largest key); -0 and +0 tie, as in argmax
+__device__ __forceinline__ unsigned long long argmax_key(float v, int row) {
+  v = v == 0.f ? 0.f : v;
+  const unsigned int u = __float_as_uint(v);
+  const unsigned int ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ((unsigned long long)ord << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned int)row);
+}
+
+// One query head h of one row, for the token at cache position `last` with RoPE position last - first: `row` holds
+// [q (H*HD) | k (KV*HD) | v (KV*HD)] before the norms; kc/vc point at this row's caches [KV, cap, HD].
+// Warp 0 normalises and rotates q into shared memory; warp 1 does k and writes it to the cache; warp 2 writes v.
+// (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes positions
+// first + warp, + 2 NW, ... two at a time (t and t + NW, their loads in flight together) with an online softmax,
+// and the block merges the warps' partial results into out[0..HD) (rounded to T).
+template <typename T, int H, int KV, int HD, int NW, typename S, typename O>
+__device__ __forceinline__ void attend_head(const S* row, const T* q_norm, const T* k_norm, const float* freqs,
+                                            T* kc, T* vc, int cap, int first, int last, int h, float eps,
+                                            float scale, O* out) {
+  constexpr int R = HD / 32;
+  constexpr int HALF = R / 2;
+  __shared__ float qs[HD];
+  __shared__ float ms[NW], ls[NW];
+  __shared__ float accs[NW][HD];
+  const int g = h / (H / KV);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int pos = last - first;
+  kc += (size_t)g * cap * HD;
+  vc += (size_t)g * cap * HD;
+  if (warp < 2) {
+    const S* src = row + (warp == 0 ? h * HD : H * HD + g * HD);
+    const T* nw = warp == 0 ? q_norm : k_norm;
+    float e[R];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      e[j] = ldf(src + lane + 32 * j);
+      ss += e[j] * e[j];
+    }
+    const float r = rsqrtf(warp_sum(ss) / HD + eps);
+#pragma unroll
+    for (int j = 0; j < R; ++j) e[j] = static_cast<float>(nw[lane + 32 * j] * static_cast<T>(e[j] * r));
+#pragma unroll
+    for (int j = 0; j < HALF; ++j) {
+      const float inv_freq = 1.0 / freqs[lane + 32 * j];
+      const float theta = static_cast<float>(pos) * inv_freq;
+      const float c = cosf(theta), s = sinf(theta);
+      const float x1 = e[j], x2 = e[j + HALF];
+      e[j] = static_cast<float>(static_cast<T>(x1 * c - x2 * s));
+      e[j + HALF] = static_cast<float>(static_cast<T>(x1 * s + x2 * c));
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if (warp == 0) {
+        qs[lane + 32 * j] = e[j];
+      } else {
+        kc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(e[j]);
+      }
+    }
+  } else if (warp == 2) {
+    const S* src = row + H * HD + KV * HD + g * HD;
+#pragma unroll
+    for (int j = 0; j < R; ++j) vc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(ldf(src + lane + 32 * j));
+  }
+  __syncthreads();
+  float q[R], acc[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    q[j] = qs[lane + 32 * j] * scale;
+    acc[j] = 0.f;
+  }
+  float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.f;
+  for (int t = first + warp; t <= last; t += 2 * NW) {
+    const bool two = t + NW <= last;
+    const T* kt = kc + (size_t)t * HD;
+    const T* kt2 = kc + (size_t)(two ? t + NW : t) * HD;
+    const T* vt = vc + (size_t)t * HD;
+    const T* vt2 = vc + (size_t)(two ? t + NW : t) * HD;
+    float d = 0.f, d2 = 0.f;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      d += q[j] * static_cast<float>(kt[lane + 32 * j]);
+      d2 += q[j] * static_cast<float>(kt2[lane + 32 * j]);
+    }
+    d = warp_sum(d);
+    d2 = warp_sum(d2);
+    const float m_new = fmaxf(m, two ? fmaxf(d, d2) : d);
+    const float corr = expf(m - m_new);
+    const float p = expf(d - m_new);
+    const float p2 = two ? expf(d2 - m_new) : 0.f;
+    l = l * corr + p + p2;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]) + p2 * static_cast<float>(vt2[lane + 32 * j]);
+    }
+    m = m_new;
+  }
+  if (lane == 0) {
+    ms[warp] = m;
+    ls[warp] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < R; ++j) accs[warp][lane + 32 * j] = acc[j];
+  __syncthreads();
+  for (int e = tid; e < HD; e += 32 * NW) {
+    float mx_ = -cuda::std::numeric_limits<float>::infinity();
+#pragma unroll
+    for (int w = 0; w < NW; ++w) mx_ = fmaxf(mx_, ms[w]);
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      if (ls[w] > 0.f) {
+        const float f = expf(ms[w] - mx_);
+        num += accs[w][e] * f;
+        den += ls[w] * f;
+      }
+    }
+    out[e] = static_cast<O>(static_cast<float>(static_cast<T>(num / den)));
+  }
+}
 """
 
 # One block = WARPS warps; each warp computes ROWS outputs. MODE 0: out = W x; 1: out = res + W x;
@@ -145,11 +270,7 @@ _GEMV = """
         const float silu = static_cast<float>(static_cast<T>(g * sg));
         store(out + row, static_cast<T>(silu * u));
       } else {
-        float v = static_cast<float>(static_cast<T>(a0));
-        v = v == 0.f ? 0.f : v;  // -0 and +0 tie, as in argmax
-        const unsigned int u = __float_as_uint(v);
-        const unsigned int ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-        const unsigned long long k = ((unsigned long long)ord << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned int)row);
+        const unsigned long long k = argmax_key(static_cast<float>(static_cast<T>(a0)), row);
         key = k > key ? k : key;
       }
     }
@@ -165,120 +286,16 @@ _GEMV = """
   }
 """
 
-# grid: B * H blocks (row b, query head h), NW warps each. Row b of qkv = [q (H*HD) | k (KV*HD) | v (KV*HD)] before
-# the norms. Row b's cache holds its tokens at positions left_pad[b]..slot (a batch's prompts are left-padded to
-# one length); its new token goes to position `slot` with RoPE position slot - left_pad[b]. The cache capacity is
-# read at run time (k_cache_shape), so one compiled kernel serves every cache size.
-# Warp 0 normalises and rotates q into shared memory; warp 1 does k and writes it to the cache; warp 2 writes v.
-# (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes positions
-# t = left_pad[b] + warp, ... + NW, ... with an online softmax, and the block merges the warps' partial results.
+# grid: B * H blocks (row b, query head h), NW warps each: attend_head (above) for row b's token. Row b's cache holds
+# its tokens at positions left_pad[b]..slot (a batch's prompts are left-padded to one length); its new token goes to
+# position `slot` with RoPE position slot - left_pad[b]. The cache capacity is read at run time (k_cache_shape), so
+# one compiled kernel serves every cache size.
 _ATTEND = """
-  constexpr int R = HD / 32;
-  constexpr int HALF = R / 2;
   const int b = blockIdx.x / H, h = blockIdx.x % H;
-  const int g = h / (H / KV);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int cap = k_cache_shape[2];
-  const int last = slot[0];
-  const int first = left_pad[b];
-  const int pos = last - first;
-  __shared__ float qs[HD];
-  __shared__ float ms[NW], ls[NW];
-  __shared__ float accs[NW][HD];
-  const T* row = qkv + (size_t)b * (H + 2 * KV) * HD;
-  T* kc = const_cast<T*>(k_cache) + ((size_t)b * KV + g) * cap * HD;
-  T* vc = const_cast<T*>(v_cache) + ((size_t)b * KV + g) * cap * HD;
-  if (warp < 2) {
-    const T* src = row + (warp == 0 ? h * HD : H * HD + g * HD);
-    const T* nw = warp == 0 ? q_norm : k_norm;
-    float e[R];
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      e[j] = static_cast<float>(src[lane + 32 * j]);
-      ss += e[j] * e[j];
-    }
-    const float r = rsqrtf(warp_sum(ss) / HD + EPS);
-#pragma unroll
-    for (int j = 0; j < R; ++j) e[j] = static_cast<float>(nw[lane + 32 * j] * static_cast<T>(e[j] * r));
-#pragma unroll
-    for (int j = 0; j < HALF; ++j) {
-      const float inv_freq = 1.0 / freqs[lane + 32 * j];
-      const float theta = static_cast<float>(pos) * inv_freq;
-      const float c = cosf(theta), s = sinf(theta);
-      const float x1 = e[j], x2 = e[j + HALF];
-      e[j] = static_cast<float>(static_cast<T>(x1 * c - x2 * s));
-      e[j + HALF] = static_cast<float>(static_cast<T>(x1 * s + x2 * c));
-    }
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      if (warp == 0) {
-        qs[lane + 32 * j] = e[j];
-      } else {
-        kc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(e[j]);
-      }
-    }
-  } else if (warp == 2) {
-    const T* src = row + H * HD + KV * HD + g * HD;
-#pragma unroll
-    for (int j = 0; j < R; ++j) vc[(size_t)last * HD + lane + 32 * j] = src[lane + 32 * j];
-  }
-  __syncthreads();
-  float q[R], acc[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    q[j] = qs[lane + 32 * j] * SCALE;
-    acc[j] = 0.f;
-  }
-  float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.f;
-  // two positions per iteration (t and t + NW): their loads are in flight together
-  for (int t = first + warp; t <= last; t += 2 * NW) {
-    const bool two = t + NW <= last;
-    const T* kt = kc + (size_t)t * HD;
-    const T* kt2 = kc + (size_t)(two ? t + NW : t) * HD;
-    const T* vt = vc + (size_t)t * HD;
-    const T* vt2 = vc + (size_t)(two ? t + NW : t) * HD;
-    float d = 0.f, d2 = 0.f;
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      d += q[j] * static_cast<float>(kt[lane + 32 * j]);
-      d2 += q[j] * static_cast<float>(kt2[lane + 32 * j]);
-    }
-    d = warp_sum(d);
-    d2 = warp_sum(d2);
-    const float m_new = fmaxf(m, two ? fmaxf(d, d2) : d);
-    const float corr = expf(m - m_new);
-    const float p = expf(d - m_new);
-    const float p2 = two ? expf(d2 - m_new) : 0.f;
-    l = l * corr + p + p2;
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]) + p2 * static_cast<float>(vt2[lane + 32 * j]);
-    }
-    m = m_new;
-  }
-  if (lane == 0) {
-    ms[warp] = m;
-    ls[warp] = l;
-  }
-#pragma unroll
-  for (int j = 0; j < R; ++j) accs[warp][lane + 32 * j] = acc[j];
-  __syncthreads();
-  for (int e = tid; e < HD; e += 32 * NW) {
-    float mx_ = -cuda::std::numeric_limits<float>::infinity();
-#pragma unroll
-    for (int w = 0; w < NW; ++w) mx_ = fmaxf(mx_, ms[w]);
-    float num = 0.f, den = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW; ++w) {
-      if (ls[w] > 0.f) {
-        const float f = expf(ms[w] - mx_);
-        num += accs[w][e] * f;
-        den += ls[w] * f;
-      }
-    }
-    out[((size_t)b * H + h) * HD + e] = static_cast<T>(num / den);
-  }
+  const size_t cache_row = (size_t)b * KV * k_cache_shape[2] * HD;
+  attend_head<T, H, KV, HD, NW>(qkv + (size_t)b * (H + 2 * KV) * HD, q_norm, k_norm, freqs,
+                                const_cast<T*>(k_cache) + cache_row, const_cast<T*>(v_cache) + cache_row,
+                                k_cache_shape[2], left_pad[b], slot[0], h, EPS, SCALE, out + ((size_t)b * H + h) * HD);
 """
 
 # grid: B blocks (rows) of 32 * WARPS threads. The residual add and the RMSNorm after it, rounded as MLX rounds

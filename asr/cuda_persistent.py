@@ -64,13 +64,13 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return t;
 }
 
-// xs[0..n) = src (float scratch, read through L2), RMS-normalised with nw when nw != nullptr (as mx.fast.rms_norm
-// rounds it)
-template <typename T>
-__device__ __forceinline__ void load_x(float* xs, const float* src, const T* nw, int n, float eps, float* red) {
+// xs[0..n) = src (a float scratch buffer, read through L2, or a weight row), RMS-normalised with nw when
+// nw != nullptr (as mx.fast.rms_norm rounds it)
+template <typename T, typename S>
+__device__ __forceinline__ void load_x(float* xs, const S* src, const T* nw, int n, float eps, float* red) {
   float ss = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float v = __ldcg(src + i);
+    const float v = ldf(src + i);
     xs[i] = v;
     ss += v * v;
   }
@@ -121,25 +121,13 @@ __device__ __forceinline__ void gemv_rows(const T* w, int N, const float* xs, F 
     }
   }
 }
-
-__device__ __forceinline__ unsigned long long argmax_key(float v, int row) {
-  v = v == 0.f ? 0.f : v;  // -0 and +0 tie, as in argmax
-  const unsigned int u = __float_as_uint(v);
-  const unsigned int ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return ((unsigned long long)ord << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned int)row);
-}
 """
 
 _BODY = """
   constexpr int QKV = (H + 2 * KV) * HD;
-  constexpr int R = HD / 32;
-  constexpr int HALF = R / 2;
   constexpr int XS = D > H * HD ? (D > FF ? D : FF) : (H * HD > FF ? H * HD : FF);
   __shared__ float xs[XS];
   __shared__ float red[32];
-  __shared__ float qs[HD];
-  __shared__ float ms[NWARPS], ls[NWARPS];
-  __shared__ float accs[NWARPS][HD];
   __shared__ unsigned long long bk[NWARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   float* x = const_cast<float*>(xbuf);
@@ -155,16 +143,11 @@ $TABLES
   for (int l = 0; l < LAYERS; ++l) {
     // 1. RMSNorm + q|k|v (layer 0 reads the token's embedding; block 0 keeps it as the residual stream)
     if (l == 0) {
-      float ss = 0.f;
-      for (int i = tid; i < D; i += blockDim.x) {
-        const float v = static_cast<float>(embed[(size_t)token * D + i]);
-        xs[i] = v;
-        ss += v * v;
-        if (blockIdx.x == 0) x[i] = v;
+      const T* e = embed + (size_t)token * D;
+      if (blockIdx.x == 0) {
+        for (int i = tid; i < D; i += blockDim.x) x[i] = static_cast<float>(e[i]);
       }
-      const float r = rsqrtf(block_sum(ss, red) / D + EPS);
-      for (int i = tid; i < D; i += blockDim.x) xs[i] = static_cast<float>(LN1[0][i] * static_cast<T>(xs[i] * r));
-      __syncthreads();
+      load_x<T>(xs, e, LN1[0], D, EPS, red);
     } else {
       load_x<T>(xs, x, LN1[l], D, EPS, red);
     }
@@ -174,97 +157,9 @@ $TABLES
     grid_sync(bar);
     // 2. attention: block h < H takes query head h
     if (blockIdx.x < H) {
-      const int h = blockIdx.x, g = h / (H / KV);
-      T* kc = const_cast<T*>(KC[l]) + (size_t)g * cap * HD;
-      T* vc = const_cast<T*>(VC[l]) + (size_t)g * cap * HD;
-      if (warp < 2) {
-        const float* src = qkv + (warp == 0 ? h * HD : H * HD + g * HD);
-        const T* nw = warp == 0 ? QN[l] : KN[l];
-        float e[R];
-        float ss = 0.f;
-#pragma unroll
-        for (int j = 0; j < R; ++j) {
-          e[j] = __ldcg(src + lane + 32 * j);
-          ss += e[j] * e[j];
-        }
-        const float r = rsqrtf(warp_sum(ss) / HD + EPS);
-#pragma unroll
-        for (int j = 0; j < R; ++j) e[j] = static_cast<float>(nw[lane + 32 * j] * static_cast<T>(e[j] * r));
-#pragma unroll
-        for (int j = 0; j < HALF; ++j) {
-          const float inv_freq = 1.0 / freqs[lane + 32 * j];
-          const float theta = static_cast<float>(last) * inv_freq;
-          const float c = cosf(theta), s = sinf(theta);
-          const float x1 = e[j], x2 = e[j + HALF];
-          e[j] = static_cast<float>(static_cast<T>(x1 * c - x2 * s));
-          e[j + HALF] = static_cast<float>(static_cast<T>(x1 * s + x2 * c));
-        }
-#pragma unroll
-        for (int j = 0; j < R; ++j) {
-          if (warp == 0) {
-            qs[lane + 32 * j] = e[j];
-          } else {
-            kc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(e[j]);
-          }
-        }
-      } else if (warp == 2) {
-        const float* src = qkv + H * HD + KV * HD + g * HD;
-#pragma unroll
-        for (int j = 0; j < R; ++j) vc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(__ldcg(src + lane + 32 * j));
-      }
-      __syncthreads();
-      float q[R], acc[R];
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        q[j] = qs[lane + 32 * j] * SCALE;
-        acc[j] = 0.f;
-      }
-      float m = -cuda::std::numeric_limits<float>::infinity(), lsum = 0.f;
-      for (int t = warp; t <= last; t += 2 * NWARPS) {
-        const bool two = t + NWARPS <= last;
-        const T* kt = kc + (size_t)t * HD;
-        const T* kt2 = kc + (size_t)(two ? t + NWARPS : t) * HD;
-        const T* vt = vc + (size_t)t * HD;
-        const T* vt2 = vc + (size_t)(two ? t + NWARPS : t) * HD;
-        float d = 0.f, d2 = 0.f;
-#pragma unroll
-        for (int j = 0; j < R; ++j) {
-          d += q[j] * static_cast<float>(kt[lane + 32 * j]);
-          d2 += q[j] * static_cast<float>(kt2[lane + 32 * j]);
-        }
-        d = warp_sum(d);
-        d2 = warp_sum(d2);
-        const float m_new = fmaxf(m, two ? fmaxf(d, d2) : d);
-        const float corr = expf(m - m_new);
-        const float p = expf(d - m_new);
-        const float p2 = two ? expf(d2 - m_new) : 0.f;
-        lsum = lsum * corr + p + p2;
-#pragma unroll
-        for (int j = 0; j < R; ++j) {
-          acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]) + p2 * static_cast<float>(vt2[lane + 32 * j]);
-        }
-        m = m_new;
-      }
-      if (lane == 0) {
-        ms[warp] = m;
-        ls[warp] = lsum;
-      }
-#pragma unroll
-      for (int j = 0; j < R; ++j) accs[warp][lane + 32 * j] = acc[j];
-      __syncthreads();
-      for (int e = tid; e < HD; e += blockDim.x) {
-        float mx_ = -cuda::std::numeric_limits<float>::infinity();
-        for (int w = 0; w < NWARPS; ++w) mx_ = fmaxf(mx_, ms[w]);
-        float num = 0.f, den = 0.f;
-        for (int w = 0; w < NWARPS; ++w) {
-          if (ls[w] > 0.f) {
-            const float f = expf(ms[w] - mx_);
-            num += accs[w][e] * f;
-            den += ls[w] * f;
-          }
-        }
-        att[h * HD + e] = static_cast<float>(static_cast<T>(num / den));
-      }
+      attend_head<T, H, KV, HD, NWARPS>(static_cast<const float*>(qkv), QN[l], KN[l], freqs, const_cast<T*>(KC[l]),
+                                        const_cast<T*>(VC[l]), cap, 0, last, blockIdx.x, EPS, SCALE,
+                                        att + blockIdx.x * HD);
     }
     grid_sync(bar);
     // 3. x = x + o(att)
@@ -390,9 +285,10 @@ class PersistentStep:
         self.fixed = [self.embed, p.freqs, m.norm.weight, head, scratch(dim), scratch((heads + 2 * kv_heads) * head_dim),
                       scratch(heads * head_dim), scratch(inter), scratch(blocks, mx.uint64), scratch(2, mx.uint32)]
         mx.eval(self.fixed)
-        self.weights = [[q.ln1 for q in plans], [q.ln2 for q in plans], [q.q_norm for q in plans],
-                        [q.k_norm for q in plans], [q.qkv.weight for q in plans], [q.o.weight for q in plans],
-                        [q.gate_up.weight for q in plans], [q.down.weight for q in plans]]
+        per_layer = [[q.ln1, q.ln2, q.q_norm, q.k_norm, q.qkv.weight, q.o.weight, q.gate_up.weight, q.down.weight]
+                     for q in plans]
+        # every input but the token, position and caches, in _source's order (built once, not per token)
+        self.constant = self.fixed + [a for kind in zip(*per_layer, strict=True) for a in kind]
         self.options = dict(
             template=[("T", dtype), ("LAYERS", len(plans)), ("D", dim), ("FF", inter), ("H", heads), ("KV", kv_heads),
                       ("HD", head_dim), ("V", head.shape[0])],
@@ -404,9 +300,6 @@ class PersistentStep:
         return _stepper(self._forward, _prepare_caches(kv), prompt_slots)
 
     def _forward(self, tok: mx.array, at: mx.array, kv: list) -> tuple[mx.array, mx.array]:
-        inputs = [tok, at, *self.fixed]
-        for group in self.weights:
-            inputs += group
-        inputs += [k for k, _ in kv] + [v for _, v in kv]
+        inputs = [tok, at, *self.constant, *(k for k, _ in kv), *(v for _, v in kv)]
         nxt, at_next = self.kernel(inputs=inputs, **self.options)  # [SMALL_ARRAY]: device memory, see there
         return nxt[:1], at_next
