@@ -246,16 +246,20 @@ def sm_count() -> int | None:
         return None
 
 
+def blocks_for(model) -> int | None:
+    """The grid (blocks = SMs) PersistentStep takes for `model` here, or None where it cannot run: disabled, the SM
+    count unknown or below the query heads (one block a head), or an MPS share of the GPU (there the SM count
+    overstates how many blocks can be resident and the barrier would wait forever)."""
+    if not ENABLED or os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip() not in ("", "100"):
+        return None
+    blocks = sm_count()
+    return blocks if blocks and blocks >= model.model.layers[0].self_attn.n_heads else None
+
+
 def make(model, plans: list) -> PersistentStep | None:
-    """PersistentStep for this model on this device, or None (disabled, the SM count unknown or too small, or an
-    MPS share of the GPU: there the SM count overstates how many blocks can be resident and the barrier would wait
-    forever)."""
-    if os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip() not in ("", "100"):
-        return None
-    blocks = sm_count() if ENABLED else None
-    if not blocks or blocks < plans[0].q_shape[1]:
-        return None
-    return PersistentStep(model, plans, blocks)
+    """PersistentStep for this model on this device, or None where it cannot run (`blocks_for`)."""
+    blocks = blocks_for(model)
+    return PersistentStep(model, plans, blocks) if blocks else None
 
 
 class PersistentStep:

@@ -142,18 +142,18 @@ class SenseVoiceEncoder(nn.Module):
     def __call__(self, xs: mx.array, lengths: mx.array | None = None) -> mx.array:
         """xs: [B, L, input_size] fp32 features; lengths: [B] valid rows (None: all valid)."""
         B, L, D = xs.shape
-        mask = attn_mask = None
-        if lengths is not None:
+        mask = attn_mask = rows = None
+        if cuda_encoder.applies(xs, self.cfg.attention_heads, self.cfg.output_size):
+            # CUDA: each layer's attention and FSMN in two kernels (asr.cuda_encoder), masked by the row counts
+            rows = (lengths if lengths is not None else mx.full((B,), L)).astype(mx.int32)
+        elif lengths is not None:
             valid = mx.arange(L)[None, :] < lengths[:, None]                      # [B, L]
             mask = valid[:, :, None].astype(xs.dtype)
             attn_mask = mx.where(valid, 0.0, -mx.inf)[:, None, None, :].astype(xs.dtype)
-        valid = None  # CUDA: the attention and FSMN of every layer in two kernels (asr.cuda_encoder)
-        if cuda_encoder.applies(xs, self.cfg.attention_heads, self.cfg.output_size):
-            valid = (lengths if lengths is not None else mx.full((B,), L)).astype(mx.int32)
         x = xs * math.sqrt(self.cfg.output_size) + sinusoidal_position_encoding(L, D).astype(xs.dtype)
         for layer in self.encoders0 + self.encoders:
-            x = layer(x, mask, attn_mask, valid)
+            x = layer(x, mask, attn_mask, rows)
         x = self.after_norm(x)
         for layer in self.tp_encoders:
-            x = layer(x, mask, attn_mask, valid)
+            x = layer(x, mask, attn_mask, rows)
         return self.tp_norm(x)

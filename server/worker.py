@@ -68,7 +68,7 @@ def _compute(model=None) -> str:
         runner = "; LLM: NumPy BLAS (asr/cpu_llm.py)"
     elif llm is not None:
         one = cuda_decode.available(llm, 1)
-        one_launch = one and cuda_persistent.ENABLED and cuda_persistent.sm_count() is not None
+        one_launch = one and cuda_persistent.blocks_for(llm) is not None
         steps = [name for name, used in (("batch of one: one-launch CUDA step", one_launch),
                                          ("batch of one: fused CUDA step", one and not one_launch),
                                          ("batches: CUDA rows step", cuda_decode.rows_available(llm))) if used]
