@@ -22,7 +22,12 @@ import mlx.core as mx
 from .cuda_decode import _on_cuda, kernel
 
 ENABLED = True  # A/B switch (tools/gpu/probe_batch.py, tests)
-MAX_BATCH = 8  # larger batches keep MLX's products: tensor-core matmuls beat this kernel's FP32 arithmetic there
+# The largest batch the kernels take, per encoder dtype. tools/gpu/profile_batch.py's A/B (H200, encoder alone,
+# segments of 5.6 and 11 s, kernels on / MLX operations, ms): float32 gains at every batch size, 13.1 / 26.0 at 1,
+# 20.8 / 39.8 at 8, 38.1 / 48.6 at 16, 70.7 / 86.6 at 64 (MLX 0.32 has no fused fp32 attention); bfloat16 gains up
+# to 16 (12.8 / 26.4 at 1, 12.3 / 17.2 at 8, 18.3 / 36.7 at 16) but not at 64 (48.4 / 32.2: there MLX's fused bf16
+# attention, cuDNN's, beats this kernel's FP32 arithmetic).
+MAX_BATCH = {mx.float32: 1 << 30, mx.bfloat16: 16}
 
 # one thread per output element (b, t, c) of [B, L, D]; v = qkv[b, t, 2D + c]; valid[b] rows are real, the rest
 # (padding) read as zeros and are written as zeros
@@ -125,9 +130,9 @@ QT, NW = 16, 8
 
 
 def applies(x: mx.array, heads: int, dim: int) -> bool:
-    """Whether the kernels take this layer input [B, L, dim] here: CUDA, bf16/fp32, a small batch, head width a
-    multiple of 32."""
-    return (ENABLED and _on_cuda() and x.dtype in (mx.float32, mx.bfloat16) and x.shape[0] <= MAX_BATCH
+    """Whether the kernels take this layer input [B, L, dim] here: CUDA, bf16/fp32, a batch within MAX_BATCH, head
+    width a multiple of 32."""
+    return (ENABLED and _on_cuda() and x.shape[0] <= MAX_BATCH.get(x.dtype, 0)
             and dim % heads == 0 and (dim // heads) % 32 == 0)
 
 

@@ -179,6 +179,8 @@ def greedy_decode_padded(
     else:
         # a batch of one needs no padding mask: mlx-lm's plain cache gives causal attention (MLX's fused kernel)
         cache = [KVCache() if B == 1 else BatchKVCache(left_pad) for _ in model.layers]
+        for c in cache:  # mlx-lm allocates (and zero-fills) 256 positions; the decode step grows by CACHE_STEP
+            c.step = CACHE_STEP
         logits = last_logits(model, mx.zeros((B, P), dtype=mx.int32), cache, padded)
         cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
         step = _stepper(model, cache, P, left_pad)
@@ -506,8 +508,9 @@ def _with_room(kv: list, slot: int) -> list:
 
 def _decode_buffer(a: mx.array, prompt_slots: int) -> mx.array:
     """A prefill cache buffer [B, H, T, D] (positions 0..prompt_slots-1 written) as a decode cache with room for the
-    next position: the buffer itself when it has room (mlx-lm allocates 256 positions at a time), else a grown copy.
-    Positions past prompt_slots hold zeros (mlx-lm allocates with zeros) and are read only once written or masked."""
+    next position: the buffer itself when it has room (the prefill allocates CACHE_STEP positions at a time), else a
+    grown copy. Positions past prompt_slots hold zeros (mlx-lm allocates with zeros) and are read only once written
+    or masked."""
     if a.shape[2] > prompt_slots and a.shape[2] % CACHE_STEP == 0:
         return a
     return _grow(a[..., :prompt_slots, :], prompt_slots + 1)

@@ -39,7 +39,8 @@ def _attn(dtype, seed=0) -> SANMAttention:
 def test_not_used_off_cuda_or_for_large_batches():
     x = mx.zeros((1, 10, 512))
     assert cuda_encoder.applies(x, 4, 512) == (CUDA and mx.default_device() == mx.gpu)
-    assert not cuda_encoder.applies(mx.zeros((cuda_encoder.MAX_BATCH + 1, 10, 512)), 4, 512)
+    big = cuda_encoder.MAX_BATCH[mx.bfloat16] + 1
+    assert not cuda_encoder.applies(mx.zeros((big, 10, 512), dtype=mx.bfloat16), 4, 512)
     assert not cuda_encoder.applies(x.astype(mx.float16), 4, 512)
     assert not cuda_encoder.applies(x, 5, 500)  # head width 100: not a multiple of 32
 

@@ -22,48 +22,14 @@ import tempfile
 import time
 from collections import defaultdict
 
+from cupti_summary import profiled
+
 import asr
 import mlx.core as mx
 
 from asr.audio import load_audio
 from asr.frontend import audio_token_count, features_padded
 from asr.llm import greedy_decode_padded
-
-
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
-
-
-def _summary(trace: str, wall_ms: float, top: int) -> dict:
-    events = json.load(open(trace))["traceEvents"]
-    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    api = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
-    out: dict = {"wall_ms": round(wall_ms, 2), "kernels": len(kernels)}
-    if kernels:
-        iv = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in kernels]
-        out["busy_ms"] = round(_union(iv) / 1e3, 2)
-        out["span_ms"] = round((max(e for _, e in iv) - min(s for s, _ in iv)) / 1e3, 2)
-        out["sum_ms"] = round(sum(e.get("dur", 0) for e in kernels) / 1e3, 2)
-    by_name: dict = defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        k = by_name[e["name"][:90]]
-        k[0] += 1
-        k[1] += e.get("dur", 0)
-    out["top_kernels"] = [(n, c, round(d / 1e3, 3)) for n, (c, d) in
-                          sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
-    by_api: dict = defaultdict(lambda: [0, 0.0])
-    for e in api:
-        k = by_api[e["name"]]
-        k[0] += 1
-        k[1] += e.get("dur", 0)
-    out["api"] = [(n, c, round(d / 1e3, 3)) for n, (c, d) in sorted(by_api.items(), key=lambda kv: -kv[1][1])[:top]]
-    return out
 
 
 def main() -> None:
@@ -77,7 +43,6 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="keep the chrome traces in this folder")
     a = ap.parse_args()
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     print("device", mx.default_device(), "mlx", mx.__version__, "torch", torch.__version__, flush=True)
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,pstate,power.draw,utilization.gpu",
@@ -153,21 +118,7 @@ def main() -> None:
     os.makedirs(tdir, exist_ok=True)
     report = {}
     for name, fn in [*stages.items(), ("per clip (stage syncs)", lambda: per_clip(True))]:
-        fn()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            fn()
-            wall = (time.perf_counter() - t0) * 1e3
-        path = os.path.join(tdir, name.split(" ")[0].replace("+", "_") + ".json")
-        prof.export_chrome_trace(path)
-        report[name] = s = _summary(path, wall, a.top)
-        print(f"\n== {name}: wall {s['wall_ms']} ms, {s['kernels']} kernels, busy {s.get('busy_ms')} ms, "
-              f"span {s.get('span_ms')} ms, sum {s.get('sum_ms')} ms", flush=True)
-        for n, c, d in s["top_kernels"]:
-            print(f"   {d:9.3f} ms {c:6d}x  {n}")
-        print("   -- CUDA API (host)")
-        for n, c, d in s["api"]:
-            print(f"   {d:9.3f} ms {c:6d}x  {n}")
+        report[name] = profiled(name, fn, tdir, a.top)
     smi.terminate()
     clocks = open(smi_log).read().strip().splitlines()
     print("\nnvidia-smi samples (first, middle, last):", clocks[:1], clocks[len(clocks) // 2: len(clocks) // 2 + 1],
