@@ -22,12 +22,12 @@ import mlx.core as mx
 from .cuda_decode import _on_cuda, kernel
 
 ENABLED = True  # A/B switch (tools/gpu/probe_batch.py, tests)
-# The largest batch the kernels take, per encoder dtype. tools/gpu/profile_batch.py's A/B (H200, encoder alone,
-# segments of 5.6 and 11 s, kernels on / MLX operations, ms): float32 gains at every batch size, 13.1 / 26.0 at 1,
-# 20.8 / 39.8 at 8, 38.1 / 48.6 at 16, 70.7 / 86.6 at 64 (MLX 0.32 has no fused fp32 attention); bfloat16 gains up
-# to 16 (12.8 / 26.4 at 1, 12.3 / 17.2 at 8, 18.3 / 36.7 at 16) but not at 64 (48.4 / 32.2: there MLX's fused bf16
-# attention, cuDNN's, beats this kernel's FP32 arithmetic).
-MAX_BATCH = {mx.float32: 1 << 30, mx.bfloat16: 16}
+# The largest batch the kernels take, per encoder dtype. tools/gpu/profile_batch.py's A/B on an H200 (encoder alone,
+# segments of 5.6 and 11 s, kernels on / MLX operations, ms, two runs): float32 gains at every batch size, 13.1 /
+# 26.0 at 1, 20.8 / 39.8 at 8, 25.2 / 46.9 at 16, 38.9 / 59.0 at 32, 66.7 / 84.6 at 64 (MLX 0.32 has no fused fp32
+# attention); bfloat16 gains at 1 and 8 (12.8 / 26.4, 12.3 / 17.2), not from 16 on (17.1 / 16.9 at 16, 27.5 / 18.3
+# at 32, 50.0 / 33.5 at 64: there MLX's fused bf16 attention, cuDNN's, beats this kernel's FP32 arithmetic).
+MAX_BATCH = {mx.float32: 1 << 30, mx.bfloat16: 8}
 
 # one thread per output element (b, t, c) of [B, L, D]; v = qkv[b, t, 2D + c]; valid[b] rows are real, the rest
 # (padding) read as zeros and are written as zeros
@@ -62,7 +62,7 @@ _ATTEND = """
   constexpr int QPW = QT / NW;
   __shared__ float kt[DK][KT + 1];
   __shared__ float vt[KT][DK];
-  __shared__ float qs[QT][DK];
+  __shared__ __align__(16) float qs[QT][DK];  // read 4 dims at a time
   const int L = qkv_shape[1];
   const int tiles = (L + QT - 1) / QT;
   const int b = blockIdx.x / (H * tiles), h = (blockIdx.x / tiles) % H, q0 = (blockIdx.x % tiles) * QT;
@@ -91,26 +91,47 @@ _ATTEND = """
       vt[key][d] = ok ? static_cast<float>(row[2 * D]) : 0.f;
     }
     __syncthreads();
+    // scores: every k value read from shared memory serves the warp's QPW queries (q: 4 dims a broadcast load)
+    float s[QPW];
+#pragma unroll
+    for (int j = 0; j < QPW; ++j) s[j] = 0.f;
+#pragma unroll 4
+    for (int d4 = 0; d4 < DK / 4; ++d4) {
+      const float k0v = kt[4 * d4][lane], k1v = kt[4 * d4 + 1][lane];
+      const float k2v = kt[4 * d4 + 2][lane], k3v = kt[4 * d4 + 3][lane];
+#pragma unroll
+      for (int j = 0; j < QPW; ++j) {
+        const float4 q = reinterpret_cast<const float4*>(qs[warp * QPW + j])[d4];
+        s[j] = fmaf(q.x, k0v, s[j]);
+        s[j] = fmaf(q.y, k1v, s[j]);
+        s[j] = fmaf(q.z, k2v, s[j]);
+        s[j] = fmaf(q.w, k3v, s[j]);
+      }
+    }
+    float p[QPW];
 #pragma unroll
     for (int j = 0; j < QPW; ++j) {
-      const float* q = qs[warp * QPW + j];
-      float s = 0.f;
-#pragma unroll 16
-      for (int d = 0; d < DK; ++d) s += q[d] * kt[d][lane];
-      s = k0 + lane < n ? s : -cuda::std::numeric_limits<float>::infinity();
-      const float m_new = fmaxf(m[j], warp_max(s));
+      const float sj = k0 + lane < n ? s[j] : -cuda::std::numeric_limits<float>::infinity();
+      const float m_new = fmaxf(m[j], warp_max(sj));
       const float corr = expf(m[j] - m_new);
-      const float p = expf(s - m_new);
-      l[j] = l[j] * corr + warp_sum(p);
+      p[j] = expf(sj - m_new);
+      l[j] = l[j] * corr + warp_sum(p[j]);
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[j][r] *= corr;
-#pragma unroll 8
-      for (int key = 0; key < KT; ++key) {
-        const float pk = __shfl_sync(0xffffffff, p, key);
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[j][r] += pk * vt[key][lane + 32 * r];
-      }
       m[j] = m_new;
+    }
+    // p v: every v value read serves the QPW queries
+#pragma unroll 4
+    for (int key = 0; key < KT; ++key) {
+      float v[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) v[r] = vt[key][lane + 32 * r];
+#pragma unroll
+      for (int j = 0; j < QPW; ++j) {
+        const float pk = __shfl_sync(0xffffffff, p[j], key);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[j][r] += pk * v[r];
+      }
     }
   }
 #pragma unroll
@@ -126,7 +147,7 @@ _ATTEND = """
 """
 
 THREADS = 256
-QT, NW = 16, 8
+QT, NW = 16, 4  # 4 queries a warp: each k and v value read from shared memory serves all four
 
 
 def applies(x: mx.array, heads: int, dim: int) -> bool:

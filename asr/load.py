@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import checkpoint as ckpt
+from . import linear_nn
 from .errors import CheckpointError, InvalidOptionError, ModelLoadError
 from .model import FunASRNano
 from .network import DTYPES, FunASRNanoNet, ModelConfig
@@ -187,6 +188,9 @@ def _load_net(model_dir: Path, cfg: ModelConfig, dtype: str, encoder_dtype: str,
         else:
             cast[k] = v.astype(mx.float32)
     net.load_weights(list(cast.items()), strict=True)
+    del weights, cast
+    if linear_nn.on_cuda():  # the audio path's fp32 products in the layout MLX's CUDA graphs can update (linear_nn)
+        linear_nn.use_nn_layout(net, skip=("llm",))
     if quantize:
         _quantize_llm(net, model_dir, quantize)
     mx.eval(net.parameters())
