@@ -18,6 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+ENABLED = True  # A/B switch, read when a model loads (tools/gpu/probe_memory.py)
+
 
 class LinearNN(nn.Module):
     """y = x @ weight_t + bias with weight_t [in, out] (nn.Linear's weight transposed, stored contiguous)."""
@@ -40,9 +42,10 @@ class LinearNN(nn.Module):
         return x @ self.weight_t
 
 
-def on_cuda() -> bool:
+def applies() -> bool:
+    """Whether a model loaded now stores its audio path's fp32 products [in, out]: on MLX's CUDA backend."""
     cuda = getattr(mx, "cuda", None)
-    return bool(cuda and cuda.is_available() and mx.default_device() == mx.gpu)
+    return ENABLED and bool(cuda and cuda.is_available() and mx.default_device() == mx.gpu)
 
 
 def use_nn_layout(module: nn.Module, skip: tuple[str, ...] = ()) -> int:

@@ -189,7 +189,7 @@ def _load_net(model_dir: Path, cfg: ModelConfig, dtype: str, encoder_dtype: str,
             cast[k] = v.astype(mx.float32)
     net.load_weights(list(cast.items()), strict=True)
     del weights, cast
-    if linear_nn.on_cuda():  # the audio path's fp32 products in the layout MLX's CUDA graphs can update (linear_nn)
+    if linear_nn.applies():  # the audio path's fp32 products in the layout MLX's CUDA graphs can update (linear_nn)
         linear_nn.use_nn_layout(net, skip=("llm",))
     if quantize:
         _quantize_llm(net, model_dir, quantize)
