@@ -8,8 +8,9 @@ and the FSMN (pad, depthwise conv, add). Both kernels read q|k|v straight from t
 - `fsmn`: memory = (conv1d(v * mask, w, groups=D) + v * mask) * mask, the conv zero-padded left/right as the layer
   pads it; one thread per output element.
 - `attend`: softmax(q k^T * scale, keys of each row's valid length) v for every head, written as [B, L, D]
-  (heads side by side: what `linear_out` reads). A block takes 16 queries of one (row, head); the keys and values
-  go through shared memory 32 at a time, each lane scoring one key, with an online softmax.
+  (heads side by side: what `linear_out` reads). A block takes 16 queries of one (row, head), four a warp; the keys
+  and values go through shared memory 32 at a time, each lane scoring one key for the warp's four queries, with an
+  online softmax.
 
 Rounding follows the operations they replace (each op's result rounded to the encoder dtype, float32 accumulation);
 sums run in another order than cuBLAS/cuDNN, so results agree to rounding, not bit for bit.
@@ -22,12 +23,13 @@ import mlx.core as mx
 from .cuda_decode import _on_cuda, kernel
 
 ENABLED = True  # A/B switch (tools/gpu/probe_batch.py, tests)
-# The largest batch the kernels take, per encoder dtype. tools/gpu/profile_batch.py's A/B on an H200 (encoder alone,
-# segments of 5.6 and 11 s, kernels on / MLX operations, ms, two runs): float32 gains at every batch size, 13.1 /
-# 26.0 at 1, 20.8 / 39.8 at 8, 25.2 / 46.9 at 16, 38.9 / 59.0 at 32, 66.7 / 84.6 at 64 (MLX 0.32 has no fused fp32
-# attention); bfloat16 gains at 1 and 8 (12.8 / 26.4, 12.3 / 17.2), not from 16 on (17.1 / 16.9 at 16, 27.5 / 18.3
-# at 32, 50.0 / 33.5 at 64: there MLX's fused bf16 attention, cuDNN's, beats this kernel's FP32 arithmetic).
-MAX_BATCH = {mx.float32: 1 << 30, mx.bfloat16: 8}
+# The largest batch the kernels take, per encoder dtype, from tools/gpu/profile_batch.py's A/Bs on H200s (encoder
+# alone, segments of 5.6 and 11 s, kernels on / MLX operations, ms). float32 gains at every batch size; with this
+# attend kernel: 18.9 / 32.7 at 1, 33.3 / 65.0 at 8, 35.0 / 69.5 at 16, 58.1 / 65.3 at 64 (MLX 0.32 has no fused
+# fp32 attention). bfloat16 gains up to 16: 20.5 / 28.8 at 1, 17.7 / 28.4 at 8, 15.2 / 31.0 at 16 (with the
+# previous kernel 18.3 / 36.7 and 17.1 / 16.9 at 16: never worse there), not beyond: 27.5 / 18.3 at 32 (previous
+# kernel), 40.4 / 34.5 at 64, where MLX's fused bf16 attention (cuDNN's) beats this kernel's FP32 arithmetic.
+MAX_BATCH = {mx.float32: 1 << 30, mx.bfloat16: 16}
 
 # one thread per output element (b, t, c) of [B, L, D]; v = qkv[b, t, 2D + c]; valid[b] rows are real, the rest
 # (padding) read as zeros and are written as zeros
