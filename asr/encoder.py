@@ -130,10 +130,6 @@ class SANMLayer(nn.Module):
 
 
 class SenseVoiceEncoder(nn.Module):
-    # evaluate the layers' output every this many layers (0: never; tools/gpu/probe_memory.py measures what that does
-    # to the peak memory of MLX's CUDA backend, which holds each command buffer's cuBLAS workspaces until it ends)
-    eval_every: int = 0
-
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -155,10 +151,9 @@ class SenseVoiceEncoder(nn.Module):
             mask = valid[:, :, None].astype(xs.dtype)
             attn_mask = mx.where(valid, 0.0, -mx.inf)[:, None, None, :].astype(xs.dtype)
         x = xs * math.sqrt(self.cfg.output_size) + sinusoidal_position_encoding(L, D).astype(xs.dtype)
-        for i, layer in enumerate(self.encoders0 + self.encoders + self.tp_encoders):
+        for layer in self.encoders0 + self.encoders:
             x = layer(x, mask, attn_mask, rows)
-            if i + 1 == self.cfg.num_blocks:  # encoders0 + encoders, then after_norm, then the tp layers
-                x = self.after_norm(x)
-            if self.eval_every and (i + 1) % self.eval_every == 0:
-                mx.eval(x)
+        x = self.after_norm(x)
+        for layer in self.tp_encoders:
+            x = layer(x, mask, attn_mask, rows)
         return self.tp_norm(x)

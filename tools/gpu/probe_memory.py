@@ -62,21 +62,6 @@ def measure(a, samples, layout: bool) -> None:
             peaks.append((mx.get_peak_memory() - before) / 2**20)
         print(f"{name:16s} peak above held: {max(peaks):7.1f} MB (runs {[round(p, 1) for p in peaks]}), "
               f"time {min(times):7.2f} ms", flush=True)
-    enc = model.net.encoder
-    for every in a.eval_every:
-        enc.eval_every = every
-        peaks, times = [], []
-        for _ in range(a.repeats):
-            mx.synchronize()
-            before = mx.get_active_memory()
-            mx.reset_peak_memory()
-            t0 = time.perf_counter()
-            mx.eval(model.encode(state["f"]))
-            times.append((time.perf_counter() - t0) * 1e3)
-            peaks.append((mx.get_peak_memory() - before) / 2**20)
-        print(f"encoder, evaluated every {every:2d} layers: peak above held {max(peaks):7.1f} MB "
-              f"(runs {[round(p, 1) for p in peaks]}), time {min(times):7.2f} ms", flush=True)
-    enc.eval_every = 0
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     for _ in range(a.repeats):
@@ -93,13 +78,10 @@ def main() -> None:
     ap.add_argument("--clip", required=True)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--eval-every", type=int, nargs="*", default=[],
-                    help="also: the encoder evaluated every N layers (SenseVoiceEncoder.eval_every), linear_nn layout")
-    ap.add_argument("--layouts", type=int, nargs="+", default=[1, 0], help="1: linear_nn, 0: nn.Linear")
     a = ap.parse_args()
     samples = load_audio(a.clip).samples
-    for layout in a.layouts:
-        measure(a, samples, bool(layout))
+    for layout in (True, False):
+        measure(a, samples, layout)
         mx.synchronize()
 
 if __name__ == "__main__":
