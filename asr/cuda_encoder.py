@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from .cuda_decode import _on_cuda, kernel
 
-ENABLED = True  # A/B switch (tools/gpu/probe_batch.py, tests)
+ENABLED = True  # A/B switch (tools/gpu/profile_batch.py, tools/gpu/probe_encoder.py, tests)
 # The largest batch the kernels take, per encoder dtype, from tools/gpu/profile_batch.py's A/Bs on H200s (encoder
 # alone, segments of 5.6 and 11 s, kernels on / MLX operations, ms). float32 gains at every batch size; with this
 # attend kernel: 18.9 / 32.7 at 1, 33.3 / 65.0 at 8, 35.0 / 69.5 at 16, 58.1 / 65.3 at 64 (MLX 0.32 has no fused

@@ -18,6 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from .cuda_decode import _on_cuda
+
 ENABLED = True  # A/B switch, read when a model loads (tools/gpu/probe_memory.py)
 
 
@@ -44,8 +46,7 @@ class LinearNN(nn.Module):
 
 def applies() -> bool:
     """Whether a model loaded now stores its audio path's fp32 products [in, out]: on MLX's CUDA backend."""
-    cuda = getattr(mx, "cuda", None)
-    return ENABLED and bool(cuda and cuda.is_available() and mx.default_device() == mx.gpu)
+    return ENABLED and _on_cuda()
 
 
 def use_nn_layout(module: nn.Module, skip: tuple[str, ...] = ()) -> int:

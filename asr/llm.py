@@ -344,7 +344,8 @@ class FastDecoder:
         self._step = mx.compile(self._forward) if compile_ else self._forward
 
     def start(self, cache: list, prompt_slots: int, left_pad: list[int]):
-        """Copy an mlx-lm prefill cache into growable buffers; return a step function tokens [B] -> [B]."""
+        """Take over an mlx-lm prefill cache as growable buffers (`_decode_buffer`); return a step function tokens
+        [B] -> [B]."""
         kv = [[_decode_buffer(c.keys, prompt_slots), _decode_buffer(c.values, prompt_slots)] for c in cache]
         if cuda_decode.available(self.model, len(left_pad)):
             if self._fused_step is None:

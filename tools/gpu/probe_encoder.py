@@ -16,17 +16,15 @@ Usage: python3 tools/gpu/probe_encoder.py --model /root/ck/full --clips a.wav b.
 from __future__ import annotations  # noqa: I001  (asr before mlx: it picks the BLAS before MLX loads)
 
 import argparse
-import json
 import os
-import statistics
-import tempfile
-import time
 from collections import Counter
+
+from common import median_ms, traced
 
 import asr
 import mlx.core as mx
 
-from asr import cuda_encoder
+from asr import cuda_encoder, linear_nn
 from asr.audio import load_audio
 from asr.frontend import features_padded
 
@@ -66,6 +64,7 @@ def main() -> None:
     a = ap.parse_args()
     print("device", mx.default_device(), "mlx", mx.__version__, "env",
           {k: v for k, v in os.environ.items() if k.startswith("MLX_")}, flush=True)
+    linear_nn.ENABLED = False  # "base" is nn.Linear, the layout before asr.linear_nn (which is the nn-addmm variant)
     model = asr.load_model(a.model, dtype="bfloat16", encoder_dtype="float32")
     audios = [load_audio(p).samples for p in a.clips]
     feats, lengths = features_padded([audios[i % len(audios)] for i in range(a.segments)], model.cfg.frontend)
@@ -84,24 +83,11 @@ def main() -> None:
                 return model.encode(feats, valid)
 
             out = run()
-            mx.eval(out)
             err = mx.abs(out - reference).max().item()
-            times = []
-            for _ in range(a.repeats):
-                t0 = time.perf_counter()
-                mx.eval(run())
-                times.append((time.perf_counter() - t0) * 1e3)
-            line = f"{how:9s} kernels {'on ' if on else 'off'}: median {statistics.median(times):7.2f} ms, min " \
-                   f"{min(times):7.2f}, max |diff| vs base {err:.2e}"
+            line = f"{how:9s} kernels {'on ' if on else 'off'}: median {median_ms(run, a.repeats):7.2f} ms, " \
+                   f"max |diff| vs base {err:.2e}"
             if not a.no_profile:
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    mx.eval(run())
-                path = tempfile.mktemp(suffix=".json")
-                prof.export_chrome_trace(path)
-                events = json.load(open(path))["traceEvents"]
-                os.unlink(path)
+                events, _ = traced(lambda: mx.eval(run()))
                 api = Counter(e["name"] for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver"))
                 gemms = Counter(e["name"][:60] for e in events if e.get("cat") == "kernel" and
                                 ("gemm" in e["name"] or "nvjet" in e["name"] or "xmma" in e["name"]))

@@ -11,11 +11,9 @@ Usage:
 from __future__ import annotations  # noqa: I001  (asr before mlx: it picks the BLAS before MLX loads)
 
 import argparse
-import statistics
 import tempfile
-import time
 
-from cupti_summary import profiled
+from common import median_ms, profiled
 
 import asr
 import mlx.core as mx
@@ -25,16 +23,6 @@ from asr import cuda_encoder
 from asr.audio import load_audio
 from asr.frontend import audio_token_count, fbank, features_padded
 from asr.llm import greedy_decode_padded
-
-
-def median_ms(fn, repeats: int) -> float:
-    mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:

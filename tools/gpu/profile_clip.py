@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections import defaultdict
 
-from cupti_summary import profiled
+from common import profiled
 
 import asr
 import mlx.core as mx

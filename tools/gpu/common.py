@@ -1,4 +1,5 @@
-"""CUPTI trace summaries for tools/gpu/profile_*.py: kernels, their union on the GPU timeline, CUDA API host time.
+"""Shared by the GPU probes in tools/gpu: a synced median time, and CUPTI traces (kernels, their union on the GPU
+timeline, CUDA API host time).
 
 A chrome trace from torch.profiler (ProfilerActivity.CUDA) records every kernel and CUDA call of the process, MLX's
 included (both use the device's primary context).
@@ -8,9 +9,40 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+
+import mlx.core as mx
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of mx.eval(fn()) over `repeats` runs, after one untimed run (traces, compiles)."""
+    mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def traced(fn: Callable[[], object], path: str | None = None) -> tuple[list[dict], float]:
+    """The CUPTI trace events of one run of fn (kept as a chrome trace at `path` if given) and its wall time, ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = (time.perf_counter() - t0) * 1e3
+    out = path or tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(out)
+    events = json.load(open(out))["traceEvents"]
+    if path is None:
+        os.unlink(out)
+    return events, wall
 
 
 def union(intervals: list[tuple[float, float]]) -> float:
@@ -23,8 +55,7 @@ def union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summary(trace: str, wall_ms: float, top: int) -> dict:
-    events = json.load(open(trace))["traceEvents"]
+def summary(events: list[dict], wall_ms: float, top: int) -> dict:
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     api = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
     out: dict = {"wall_ms": round(wall_ms, 2), "kernels": len(kernels)}
@@ -49,19 +80,11 @@ def summary(trace: str, wall_ms: float, top: int) -> dict:
     return out
 
 
-
 def profiled(name: str, fn: Callable[[], object], tdir: str, top: int) -> dict:
-    """Run fn once unprofiled (warm), once under CUPTI; print and return the summary."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Run fn once unprofiled (warm), once under CUPTI (the trace kept in tdir); print and return the summary."""
     fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        fn()
-        wall = (time.perf_counter() - t0) * 1e3
     path = os.path.join(tdir, name.split(" ")[0].replace("+", "_").replace(",", "") + ".json")
-    prof.export_chrome_trace(path)
-    s = summary(path, wall, top)
+    s = summary(*traced(fn, path), top)
     print(f"\n== {name}: wall {s['wall_ms']} ms, {s['kernels']} kernels, busy {s.get('busy_ms')} ms, "
           f"span {s.get('span_ms')} ms, sum {s.get('sum_ms')} ms", flush=True)
     for n, c, d in s["top_kernels"]:
