@@ -37,15 +37,6 @@ ENABLED = True  # A/B switch (benchmarks, tools/gpu/probe_step.py)
 COMPILE = True  # False: build the step kernel by kernel every time (A/B switch for tools/gpu/probe_step.py)
 
 _HEADER = """
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float* out) {
-  // 16 bytes of T as floats, through the read-only cache (weights only)
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 16 / (int)sizeof(T); ++i) out[i] = static_cast<float>(v[i]);
-}
-
 template <typename A, typename B> struct same_type { static constexpr bool value = false; };
 template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
 
@@ -66,6 +57,59 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, off));
   return v;
+}
+
+// the sum of v over the block (every thread gets it); red holds a float per warp
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = 0.f;
+  for (int i = 0; i < nw; ++i) t += red[i];
+  return t;
+}
+
+// the largest of the keys lane 0 of each warp holds, in thread 0 (best: one per warp)
+__device__ __forceinline__ unsigned long long block_max_key(unsigned long long key, unsigned long long* best) {
+  const int nw = blockDim.x >> 5;
+  if ((threadIdx.x & 31) == 0) best[threadIdx.x >> 5] = key;
+  __syncthreads();
+  for (int i = 1; i < nw; ++i) key = best[i] > key ? best[i] : key;
+  return key;
+}
+
+// weight rows row, row + N, ... (NR of W [NR * N, K]) as this lane's 16-byte pieces of every 512-byte chunk, through
+// the read-only cache; a row past N reads row N - 1 (its sum is not stored). Loading first and summing later
+// (dot_lane) keeps a warp's loads in flight together.
+template <typename T, int K, int NR>
+__device__ __forceinline__ void load_row(const T* w, int N, int row, uint4 (&raw)[NR][K * (int)sizeof(T) / 512]) {
+  constexpr int VEC = 16 / (int)sizeof(T);
+  const int lane = threadIdx.x & 31;
+  row = row < N ? row : N - 1;
+#pragma unroll
+  for (int s = 0; s < NR; ++s) {
+    const T* wr = w + (size_t)(row + s * N) * K + lane * VEC;
+#pragma unroll
+    for (int c = 0; c < K * (int)sizeof(T) / 512; ++c) raw[s][c] = __ldg(reinterpret_cast<const uint4*>(wr + c * 32 * VEC));
+  }
+}
+
+// this lane's part of one loaded row (load_row) times xs [K]
+template <typename T, int K>
+__device__ __forceinline__ float dot_lane(const uint4 (&raw)[K * (int)sizeof(T) / 512], const float* xs) {
+  constexpr int VEC = 16 / (int)sizeof(T);
+  const int lane = threadIdx.x & 31;
+  float acc = 0.f;
+#pragma unroll
+  for (int c = 0; c < K * (int)sizeof(T) / 512; ++c) {
+    const T* wv = reinterpret_cast<const T*>(&raw[c]);
+    const float* xp = xs + (c * 32 + lane) * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc += static_cast<float>(wv[i]) * xp[i];
+  }
+  return acc;
 }
 // a float from an activation: scratch buffers other blocks write in the same launch are read through L2
 __device__ __forceinline__ float ldf(const float* p) { return __ldcg(p); }
@@ -201,25 +245,15 @@ __device__ __forceinline__ void attend_head(const S* row, const T* q_norm, const
 # NORM: x is first RMS-normalised with weight nw (as mx.fast.rms_norm rounds it).
 # The warp's weights are loaded into registers first: their latency overlaps reading and normalising x.
 _GEMV = """
-  constexpr int VEC = 16 / (int)sizeof(T);
-  constexpr int CHUNKS = K / (32 * VEC);
   constexpr int NR = MODE == 2 ? 2 : 1;
   __shared__ float xs[K];
   __shared__ float red[WARPS];
   __shared__ unsigned long long best[WARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int first = (blockIdx.x * WARPS + warp) * ROWS;
-  uint4 wraw[ROWS][NR][CHUNKS];
+  uint4 wraw[ROWS][NR][K * (int)sizeof(T) / 512];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-    for (int s = 0; s < NR; ++s) {
-      const int row = first + r < N ? first + r : N - 1;
-      const T* wr = w + (size_t)(row + s * N) * K + lane * VEC;
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c) wraw[r][s][c] = __ldg(reinterpret_cast<const uint4*>(wr + c * 32 * VEC));
-    }
-  }
+  for (int r = 0; r < ROWS; ++r) load_row<T, K, NR>(w, N, first + r, wraw[r]);
   float ss = 0.f;
   for (int i = tid; i < K; i += 32 * WARPS) {
     const float v = static_cast<float>(x[i]);
@@ -227,37 +261,16 @@ _GEMV = """
     ss += v * v;
   }
   if (NORM) {
-    ss = warp_sum(ss);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    float tot = 0.f;
-#pragma unroll
-    for (int i = 0; i < WARPS; ++i) tot += red[i];
-    const float r = rsqrtf(tot / K + EPS);
+    const float r = rsqrtf(block_sum(ss, red) / K + EPS);
     for (int i = tid; i < K; i += 32 * WARPS) xs[i] = static_cast<float>(nw[i] * static_cast<T>(xs[i] * r));
   }
   __syncthreads();
-  float acc[ROWS][NR];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-    for (int s = 0; s < NR; ++s) {
-      acc[r][s] = 0.f;
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c) {
-        const T* wv = reinterpret_cast<const T*>(&wraw[r][s][c]);
-        const float* xp = xs + (c * 32 + lane) * VEC;
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[r][s] += static_cast<float>(wv[i]) * xp[i];
-      }
-    }
-  }
   unsigned long long key = 0ull;
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int row = first + r;
-    float a0 = warp_sum(acc[r][0]);
-    float a1 = NR == 2 ? warp_sum(acc[r][NR - 1]) : 0.f;
+    float a0 = warp_sum(dot_lane<T, K>(wraw[r][0], xs));
+    float a1 = NR == 2 ? warp_sum(dot_lane<T, K>(wraw[r][NR - 1], xs)) : 0.f;
     if (lane == 0 && row < N) {
       if constexpr (MODE == 0) {
         store(out + row, static_cast<T>(a0));
@@ -276,13 +289,8 @@ _GEMV = """
     }
   }
   if constexpr (MODE == 3) {
-    if (lane == 0) best[warp] = key;
-    __syncthreads();
-    if (tid == 0) {
-#pragma unroll
-      for (int i = 1; i < WARPS; ++i) key = best[i] > key ? best[i] : key;
-      store(out + blockIdx.x, key);
-    }
+    key = block_max_key(key, best);
+    if (tid == 0) store(out + blockIdx.x, key);
   }
 """
 
@@ -303,7 +311,7 @@ _ATTEND = """
 _ADD_NORM = """
   constexpr int PER = (D + 32 * WARPS - 1) / (32 * WARPS);
   __shared__ float red[WARPS];
-  const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.x, tid = threadIdx.x;
   const size_t base = (size_t)b * D;
   float hv[PER];
   float ss = 0.f;
@@ -318,13 +326,7 @@ _ADD_NORM = """
       ss += hv[j] * hv[j];
     }
   }
-  ss = warp_sum(ss);
-  if (lane == 0) red[warp] = ss;
-  __syncthreads();
-  float tot = 0.f;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) tot += red[w];
-  const float r = rsqrtf(tot / D + EPS);
+  const float r = rsqrtf(block_sum(ss, red) / D + EPS);
 #pragma unroll
   for (int j = 0; j < PER; ++j) {
     const int i = tid + j * 32 * WARPS;

@@ -53,17 +53,6 @@ __device__ __forceinline__ void grid_sync(unsigned int* bar) {
   __syncthreads();
 }
 
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float t = 0.f;
-  for (int i = 0; i < nw; ++i) t += red[i];
-  return t;
-}
-
 // xs[0..n) = src (a float scratch buffer, read through L2, or a weight row), RMS-normalised with nw when
 // nw != nullptr (as mx.fast.rms_norm rounds it)
 template <typename T, typename S>
@@ -85,38 +74,17 @@ __device__ __forceinline__ void load_x(float* xs, const S* src, const T* nw, int
 // epi(row, sum of gate or plain row, sum of up row) runs on every lane with the warp's sums
 template <typename T, int K, int RG, int NR, typename F>
 __device__ __forceinline__ void gemv_rows(const T* w, int N, const float* xs, F epi) {
-  constexpr int VEC = 16 / (int)sizeof(T);
-  constexpr int CHUNKS = K / (32 * VEC);
-  const int lane = threadIdx.x & 31;
   const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int GW = gridDim.x * (blockDim.x >> 5);
   for (int base = gw * RG; base < N; base += GW * RG) {
-    uint4 raw[RG][NR][CHUNKS];
+    uint4 raw[RG][NR][K * (int)sizeof(T) / 512];
 #pragma unroll
-    for (int r = 0; r < RG; ++r) {
-      const int row = base + r < N ? base + r : N - 1;
-#pragma unroll
-      for (int s = 0; s < NR; ++s) {
-        const T* wr = w + (size_t)(row + s * N) * K + lane * VEC;
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) raw[r][s][c] = __ldg(reinterpret_cast<const uint4*>(wr + c * 32 * VEC));
-      }
-    }
+    for (int r = 0; r < RG; ++r) load_row<T, K, NR>(w, N, base + r, raw[r]);
 #pragma unroll
     for (int r = 0; r < RG; ++r) {
       float acc[NR];
 #pragma unroll
-      for (int s = 0; s < NR; ++s) {
-        acc[s] = 0.f;
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c) {
-          const T* wv = reinterpret_cast<const T*>(&raw[r][s][c]);
-          const float* xp = xs + (c * 32 + lane) * VEC;
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[s] += static_cast<float>(wv[i]) * xp[i];
-        }
-        acc[s] = warp_sum(acc[s]);
-      }
+      for (int s = 0; s < NR; ++s) acc[s] = warp_sum(dot_lane<T, K>(raw[r][s], xs));
       if (base + r < N) epi(base + r, acc[0], acc[NR - 1]);
     }
   }
@@ -194,12 +162,8 @@ $TABLES
     const unsigned long long k = argmax_key(static_cast<float>(static_cast<T>(a)), row);
     best = k > best ? k : best;
   });
-  if (lane == 0) bk[warp] = best;
-  __syncthreads();
-  if (tid == 0) {
-    for (int i = 1; i < NWARPS; ++i) best = bk[i] > best ? bk[i] : best;
-    keys[blockIdx.x] = best;
-  }
+  best = block_max_key(best, bk);
+  if (tid == 0) keys[blockIdx.x] = best;
   grid_sync(bar);
   if (blockIdx.x == 0 && warp == 0) {
     unsigned long long b = 0ull;
