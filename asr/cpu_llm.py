@@ -9,31 +9,53 @@ see docs/performance.md. On a GPU (Metal, CUDA) MLX runs the LLM (`llm.FastDecod
 The math is mlx-lm's/Hugging Face's Qwen3, step for step: RMSNorm, per-head q/k RMSNorm, rotate-half RoPE with the
 model's own inverse frequencies (bf16-rounded like the official code, `llm.HFRoPE`), grouped-query attention
 with a causal + left-padding mask, SwiGLU MLP, final norm, tied (or separate) LM head, argmax. The weights are
-zero-copy NumPy views of the MLX arrays (no extra memory); activations and the KV cache are NumPy fp32.
+zero-copy NumPy views of the MLX arrays (no extra memory); activations and the KV cache are NumPy fp32. A bf16
+LLM runs here too where MKL's bf16 products are available (asr.cpu_bf16): its weights stay bf16 bits.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
 
+from . import cpu_bf16
+
 CACHE_STEP = 128  # KV cache positions added at a time
 
 
 def applies(model) -> bool:
-    """True for an mlx-lm Qwen3 with plain fp32 weights while MLX computes on the CPU."""
+    """True for an mlx-lm Qwen3 with plain fp32 weights (or bf16 ones where asr.cpu_bf16 has MKL's bf16 products)
+    while MLX computes on the CPU."""
     if mx.default_device() != mx.cpu or not isinstance(model, qwen3.Model):
         return False
     linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear | nn.Embedding)]
-    return all(type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32 for m in linears)
+    if not all(type(m) in (nn.Linear, nn.Embedding) for m in linears):
+        return False
+    dtypes = {m.weight.dtype for m in linears}
+    return dtypes == {mx.float32} or (dtypes == {mx.bfloat16} and cpu_bf16.available())
 
 
 def _np(a: mx.array) -> np.ndarray:
-    """A zero-copy NumPy view of an evaluated fp32 MLX array (CPU memory)."""
+    """A zero-copy NumPy view of an evaluated MLX array (CPU memory): fp32 values, or bf16 bits as uint16."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
     mx.eval(a)
     return np.asarray(a)
+
+
+def _np32(a: mx.array) -> np.ndarray:
+    """An fp32 NumPy array of a small MLX array (norm weights): a view if it is fp32, else a converted copy."""
+    return _np(a) if a.dtype == mx.float32 else np.asarray(a.astype(mx.float32))
+
+
+def _rows(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Embedding rows as fp32 (the table holds fp32 values or bf16 bits)."""
+    rows = table[ids]
+    return cpu_bf16.from_bits(rows) if rows.dtype == np.uint16 else rows
 
 
 class _Layer:
@@ -48,7 +70,7 @@ class _Layer:
 
 class _Norm:
     def __init__(self, norm: nn.RMSNorm):
-        self.weight, self.eps = _np(norm.weight), np.float32(norm.eps)
+        self.weight, self.eps = _np32(norm.weight), np.float32(norm.eps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True)
@@ -56,9 +78,13 @@ class _Norm:
 
 
 def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x [..., K] @ w[N, K].T, computed as w @ x.T: OpenBLAS then streams w once (gemv for one row)."""
+    """x [..., K] @ w[N, K].T. fp32 w: computed as w @ x.T, so OpenBLAS streams w once (gemv for one row);
+    bf16 w (uint16 bits): MKL's bf16 product (asr.cpu_bf16)."""
     flat = x.reshape(-1, x.shape[-1])
-    out = w @ flat[0] if flat.shape[0] == 1 else (w @ flat.T).T
+    if w.dtype == np.uint16:
+        out = cpu_bf16.matmul(flat, w)
+    else:
+        out = w @ flat[0] if flat.shape[0] == 1 else (w @ flat.T).T
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -147,6 +173,10 @@ class NumpyQwen3:
     def _next(self, h: np.ndarray) -> np.ndarray:
         return np.argmax(_mm(h, self.head), axis=-1).astype(np.int32)
 
+    def _threads(self):
+        """bf16 weights: MKL computes the products, NumPy's BLAS keeps to one thread (asr.cpu_bf16)."""
+        return cpu_bf16.numpy_blas_serial() if self.embed.dtype == np.uint16 else contextlib.nullcontext()
+
     # --- prefill + steps ---------------------------------------------------------------------------------
     def start(self, embeds: mx.array, left_pad: list[int]):
         """Prefill left-padded prompt embeddings [B, P, D]; returns (first tokens [B], step tokens [B] -> [B])."""
@@ -154,11 +184,13 @@ class NumpyQwen3:
         B = x.shape[0]
         n_kv = self.layers[0].n_kv
         state = _State(B, len(self.layers), n_kv, self.head_dim, np.asarray(left_pad, dtype=np.int64))
-        first = self._next(self._forward(state, x))
+        with self._threads():
+            first = self._next(self._forward(state, x))
 
         def step(tok: mx.array) -> mx.array:
             ids = np.asarray(tok, dtype=np.int64)
-            return mx.array(self._next(self._forward(state, self.embed[ids][:, None, :])))
+            with self._threads():
+                return mx.array(self._next(self._forward(state, _rows(self.embed, ids)[:, None, :])))
 
         return mx.array(first), step
 

@@ -112,7 +112,8 @@ class FunASRNano:
     def encode(self, feats: mx.array, lengths: mx.array | None = None) -> mx.array:
         """[L, 560] -> [L, 512], or batched [B, L, 560] with lengths -> [B, L, 512]."""
         x = feats if feats.ndim == 3 else feats[None]
-        out = self.net.encoder(x.astype(DTYPES[self.encoder_dtype]), lengths).astype(mx.float32)
+        # the encoder's own compute dtype: encoder_dtype, or fp32 where its bf16 products run in asr.cpu_bf16
+        out = self.net.encoder(x.astype(self.net.encoder.tp_norm.weight.dtype), lengths).astype(mx.float32)
         return out if feats.ndim == 3 else out[0]
 
     def adapt(self, enc: mx.array, lengths: mx.array | None = None) -> mx.array:

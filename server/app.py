@@ -80,7 +80,7 @@ def default_loader(settings: Settings) -> Callable[[], Model]:
         import asr  # first: preloads OpenBLAS before MLX
 
         return asr.load_model(settings.model, dtype=settings.dtype, quantize=settings.quantize,
-                              variant=settings.variant)
+                              variant=settings.variant, encoder_dtype=settings.encoder_dtype)
 
     return load
 

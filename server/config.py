@@ -28,6 +28,7 @@ class Settings(BaseModel):
     # model
     model: str | None = Field(default=None, description="model directory or Hugging Face repo id (None: the library default)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    encoder_dtype: Literal["float32", "bfloat16"] = "float32"
     quantize: Literal[4, 8] | None = None
     variant: Literal["nano", "mlt"] | None = None
     warmup: bool = True
@@ -83,7 +84,10 @@ class Settings(BaseModel):
 # (field, flag, help, kind) - kind: str | bool | list-path | list-comma | optional-int
 _OPTIONS: list[tuple[str, str, str, str]] = [
     ("model", "--model", "model directory or Hugging Face repo id (default: the library's default checkpoint)", "str"),
-    ("dtype", "--dtype", "LLM dtype: auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32", "str"),
+    ("dtype", "--dtype", "LLM dtype: auto (bfloat16 on a GPU and on CPUs with MKL's bf16 products, else float32), "
+     "bfloat16, float16 or float32", "str"),
+    ("encoder_dtype", "--encoder-dtype", "audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and, "
+     "with MKL's bf16 products, on CPUs)", "str"),
     ("quantize", "--quantize", "quantize the LLM weights to 4 or 8 bits ('none' to disable; default none)", "int?"),
     ("variant", "--variant", "force the model variant: nano or mlt (default: read from the checkpoint)", "str"),
     ("warmup", "--warmup", "run one warm-up transcription after loading (default on)", "bool"),

@@ -57,6 +57,8 @@ class ModelInfo:
 def _compute(model=None) -> str:
     """'cpu (BLAS ...)', 'metal' or 'cuda' as MLX sees it on this (the worker) thread, and the LLM's runner."""
     try:
+        import mlx.core as mx
+
         from asr import backend, cpu_llm, cuda_decode, cuda_persistent
 
         b = backend.info()
@@ -65,7 +67,8 @@ def _compute(model=None) -> str:
     llm = getattr(getattr(model, "net", None), "llm", None)  # test doubles have none
     runner = ""
     if llm is not None and cpu_llm.applies(llm):
-        runner = "; LLM: NumPy BLAS (asr/cpu_llm.py)"
+        bf16 = llm.model.embed_tokens.weight.dtype == mx.bfloat16
+        runner = "; LLM: NumPy + MKL bf16 (asr/cpu_llm.py)" if bf16 else "; LLM: NumPy BLAS (asr/cpu_llm.py)"
     elif llm is not None:
         one = cuda_decode.available(llm, 1)
         one_launch = one and cuda_persistent.blocks_for(llm) is not None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import BatchKVCache
 
-from asr import cpu_llm
+from asr import cpu_bf16, cpu_llm
 from asr import llm as llm_mod
 
 
@@ -31,7 +31,8 @@ def test_runs_for_fp32_on_the_cpu_only(tiny_model, tiny_checkpoint):
 
     assert mx.default_device() == mx.cpu
     assert cpu_llm.applies(tiny_model.net.llm)
-    assert not cpu_llm.applies(asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm)
+    # bf16 only where MKL's bf16 products are (asr.cpu_bf16; tests/test_cpu_bf16.py)
+    assert cpu_llm.applies(asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm) == cpu_bf16.available()
     assert not cpu_llm.applies(asr.load_model(str(tiny_checkpoint), dtype="float32", quantize=8).net.llm)
 
 
@@ -108,5 +109,6 @@ def test_server_status_names_the_runner(tiny_model, tiny_checkpoint):
     from server.worker import _compute
 
     assert _compute(tiny_model).startswith("cpu (") and "LLM: NumPy BLAS" in _compute(tiny_model)
-    assert "NumPy" not in _compute(asr.load_model(str(tiny_checkpoint), dtype="bfloat16"))
+    bf16 = _compute(asr.load_model(str(tiny_checkpoint), dtype="bfloat16"))
+    assert ("LLM: NumPy + MKL bf16" in bf16) if cpu_bf16.available() else ("NumPy" not in bf16)
     assert "NumPy" not in _compute(object())

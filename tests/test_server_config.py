@@ -17,7 +17,7 @@ def test_defaults_are_safe():
     assert s.allowed_roots == (Path.home(),) and not s.allow_hidden
     assert s.url_policy == "public" and s.url_allow_hosts == ()
     assert s.client_roots == "narrow" and s.call_budget_s == 45 and s.queue_size == 16
-    assert s.model is None and s.quantize is None and s.dtype == "auto"
+    assert s.model is None and s.quantize is None and s.dtype == "auto" and s.encoder_dtype == "float32"
 
 
 def test_environment_and_flags(tmp_path):
@@ -30,11 +30,12 @@ def test_environment_and_flags(tmp_path):
         "FUNASR_NANO_MCP_WARMUP": "off",
         "FUNASR_NANO_MCP_MAX_DURATION_S": "600",
         "FUNASR_NANO_MCP_CALL_BUDGET_S": "30",
+        "FUNASR_NANO_MCP_ENCODER_DTYPE": "bfloat16",
     }
     s = load_settings([], env=env)
     assert s.model == "mlx-community/Fun-ASR-Nano" and s.allowed_roots == (a, b)
     assert s.url_allow_hosts == ("nas.local", "192.168.1.5") and s.quantize == 4 and s.warmup is False
-    assert s.max_duration_s == 600 and s.call_budget_s == 30
+    assert s.max_duration_s == 600 and s.call_budget_s == 30 and s.encoder_dtype == "bfloat16"
     s = load_settings(["--model", "/m", "--allowed-root", str(b), "--quantize", "none", "--warmup",
                        "--url-policy", "allowlist", "--url-allow-host", "x.test", "--max-file-mb", "5"], env=env)
     assert s.model == "/m" and s.allowed_roots == (b,) and s.quantize is None and s.warmup is True
@@ -44,6 +45,7 @@ def test_environment_and_flags(tmp_path):
 @pytest.mark.parametrize("argv, env, expected", [
     (["--dtype", "int3"], {}, "--dtype"),
     (["--quantize", "3"], {}, "--quantize"),
+    (["--encoder-dtype", "float16"], {}, "--encoder-dtype"),
     (["--allowed-root", "relative/dir"], {}, "absolute"),
     (["--url-policy", "sometimes"], {}, "--url-policy"),
     (["--call-budget-s", "-1"], {}, "--call-budget-s"),

@@ -1,0 +1,155 @@
+"""bf16 x bf16 -> fp32 matrix products on x86-64 CPUs through Intel MKL (AMX / AVX512-BF16), for asr.cpu_llm.
+
+A bf16 LLM on the CPU: MLX 0.32's CPU backend has no fast bf16 products, and NumPy has no bf16 type. MKL's
+`cblas_gemm_bf16bf16f32` runs on the AMX tiles or AVX512-BF16 units of recent Intel Xeons (and AVX512-BF16 on AMD
+Zen 4+), reading half the bytes of fp32 weights: on the project's Intel VM a 46-row product is 4x faster than
+fp32 sgemm, and one decode token's 28 layers stream in 57 ms instead of 80 ms (docs/performance.md).
+
+The numbers are those of a bf16 model: weights bf16 (the stored bits, zero-copy from MLX), each product's input
+rounded to bf16 (round to nearest even), fp32 accumulation and output; everything else in asr.cpu_llm stays fp32.
+
+Used only when MKL is loaded in this process (`pip install funasr-nano-mlx[mkl]`, which also brings threadpoolctl; asr._blas loads it) and the CPU
+reports `avx512_bf16` or `amx_bf16`; otherwise a bf16 LLM on the CPU runs on MLX (slow) and `dtype="auto"` is fp32.
+`FUNASR_NANO_CPU_BF16=0` turns this path off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+
+from . import _blas
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in _CPU_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+@functools.cache
+def _gemm():
+    """MKL's cblas_gemm_bf16bf16f32, or None where this path does not apply."""
+    if os.environ.get("FUNASR_NANO_CPU_BF16", "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return None
+    if not (_blas.loaded and "mkl" in os.path.basename(_blas.loaded)) or not _cpu_has_bf16():
+        return None
+    fn = getattr(ctypes.CDLL(_blas.loaded), "cblas_gemm_bf16bf16f32", None)
+    if fn is None:
+        return None
+    i, p = ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+    fn.restype = None
+    return fn
+
+
+def available() -> bool:
+    """True where bf16 products run through MKL's bf16 kernels."""
+    return _gemm() is not None
+
+
+@functools.cache
+def _numpy_openblas():
+    """threadpoolctl's handle on the OpenBLAS that NumPy's wheel bundles (None without threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController().select(internal_api="openblas")
+
+
+def numpy_blas_serial() -> contextlib.AbstractContextManager:
+    """NumPy's own BLAS on one thread for the block: MKL's OpenMP threads spin-wait between products, and NumPy's
+    OpenBLAS threads (which start for the attention products of a prompt of ~46 tokens and up) then wait for a core.
+    On the 2-core VM a 46-token prefill took 0.8-1.1 s, and 0.28-0.32 s with this."""
+    ctl = _numpy_openblas()
+    return ctl.limit(limits=1) if ctl else contextlib.nullcontext()
+
+
+def to_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns (uint16), rounded to nearest even like MLX's and PyTorch's casts (no NaNs here)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bits(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) -> fp32 values (exact)."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [M, K] fp32 @ w[N, K].T, w bf16 bits: x rounded to bf16, fp32 accumulate, fp32 [M, N]."""
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or w.dtype != np.uint16 or not w.flags.c_contiguous:
+        raise ValueError(f"bf16 product: weight {w.shape} {w.dtype} does not match input {x.shape}")
+    xb = to_bits(x)
+    gemm = _gemm()
+    if gemm is None:  # the same numbers through NumPy (tests; never chosen by cpu_llm.applies)
+        return from_bits(xb) @ from_bits(w).T
+    out = np.empty((m, n), np.float32)
+    gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, m, n, k, 1.0, xb.ctypes.data, k, w.ctypes.data, k, 0.0, out.ctypes.data, n)
+    return out
+
+
+def applies() -> bool:
+    """Whether a model loaded now runs its bf16 products here: MLX computes on the CPU and MKL's bf16 is available."""
+    return mx.default_device() == mx.cpu and available()
+
+
+class Linear(nn.Module):
+    """nn.Linear with a bf16 weight whose product runs through MKL (fp32 input and output, fp32 bias).
+
+    For the audio encoder on the CPU (`encoder_dtype="bfloat16"`): the layer evaluates its input, so each product is
+    a host step (the CPU encoder already evaluates layer by layer); the rest of the encoder stays fp32 in MLX.
+    """
+
+    def __init__(self, weight: mx.array, bias: mx.array | None):
+        super().__init__()
+        self.weight = weight.astype(mx.bfloat16)
+        if bias is not None:
+            self.bias = bias.astype(mx.float32)
+        self._bits = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._bits is None:  # zero-copy view of the weight's bits, made once
+            bits = self.weight.view(mx.uint16)
+            mx.eval(bits)
+            self._bits = np.asarray(bits)
+        mx.eval(x)
+        flat = np.asarray(x.astype(mx.float32)).reshape(-1, x.shape[-1])
+        out = mx.array(matmul(flat, self._bits)).reshape(*x.shape[:-1], self._bits.shape[0])
+        return out + self["bias"] if "bias" in self else out
+
+
+def use_bf16_products(module: nn.Module) -> int:
+    """Compute `module` in fp32 with every unquantized nn.Linear's weight rounded to bf16 and its product run
+    through MKL (Linear); return how many layers were replaced."""
+    count = 0
+
+    def swap(m: nn.Module) -> nn.Module:
+        nonlocal count
+        if type(m) is nn.Linear:
+            count += 1
+            return Linear(m.weight, m.get("bias"))
+        return m
+
+    module.set_dtype(mx.float32)  # norms, FSMN taps, biases: fp32 (bf16 ones upcast exactly)
+    module.update_modules(tree_map(swap, module.leaf_modules(), is_leaf=nn.Module.is_module))
+    return count
