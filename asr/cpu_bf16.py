@@ -95,11 +95,16 @@ def from_bits(bits: np.ndarray) -> np.ndarray:
 
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x [M, K] fp32 @ w[N, K].T, w bf16 bits: x rounded to bf16, fp32 accumulate, fp32 [M, N]."""
-    m, k = x.shape
+    return matmul_bits(to_bits(x), w)
+
+
+def matmul_bits(xb: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """xb [M, K] @ w[N, K].T, both bf16 bits (uint16): fp32 accumulate, fp32 [M, N]."""
+    m, k = xb.shape
     n = w.shape[0]
-    if w.shape[1] != k or w.dtype != np.uint16 or not w.flags.c_contiguous:
-        raise ValueError(f"bf16 product: weight {w.shape} {w.dtype} does not match input {x.shape}")
-    xb = to_bits(x)
+    if w.shape[1] != k or w.dtype != np.uint16 or xb.dtype != np.uint16 or not w.flags.c_contiguous:
+        raise ValueError(f"bf16 product: weight {w.shape} {w.dtype} does not match input {xb.shape} {xb.dtype}")
+    xb = np.ascontiguousarray(xb)
     gemm = _gemm()
     if gemm is None:  # the same numbers through NumPy (tests; never chosen by cpu_llm.applies)
         return from_bits(xb) @ from_bits(w).T
@@ -132,9 +137,10 @@ class Linear(nn.Module):
             bits = self.weight.view(mx.uint16)
             mx.eval(bits)
             self._bits = np.asarray(bits)
-        mx.eval(x)
-        flat = np.asarray(x.astype(mx.float32)).reshape(-1, x.shape[-1])
-        out = mx.array(matmul(flat, self._bits)).reshape(*x.shape[:-1], self._bits.shape[0])
+        bits = x.astype(mx.bfloat16).view(mx.uint16)  # MLX rounds the input (one pass; NumPy's to_bits takes five)
+        mx.eval(bits)
+        flat = np.asarray(bits).reshape(-1, x.shape[-1])
+        out = mx.array(matmul_bits(flat, self._bits)).reshape(*x.shape[:-1], self._bits.shape[0])
         return out + self["bias"] if "bias" in self else out
 
 
