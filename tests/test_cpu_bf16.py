@@ -82,10 +82,10 @@ def test_bf16_llm_runs_in_numpy(tiny_checkpoint, bf16_everywhere, monkeypatch):
 
     emulated = asr.load_model(str(tiny_checkpoint), dtype="float32").net.llm
     emulated.update(tree_map(lambda a: a.astype(mx.bfloat16).astype(mx.float32), emulated.parameters()))
-    fp32_mm = cpu_llm._mm
-    monkeypatch.setattr(cpu_llm, "_mm", lambda x, w: fp32_mm(cpu_bf16.from_bits(cpu_bf16.to_bits(x)), w))
+    fp32_product = cpu_llm._product
+    monkeypatch.setattr(cpu_llm, "_product", lambda x, w: fp32_product(cpu_bf16.from_bits(cpu_bf16.to_bits(x)), w))
     assert _greedy(emulated, prompts, True, monkeypatch) == ours
-    monkeypatch.setattr(cpu_llm, "_mm", fp32_mm)
+    monkeypatch.setattr(cpu_llm, "_product", fp32_product)
 
     first = _greedy(llm, prompts, False, monkeypatch)  # MLX's own bf16 path
     assert [t[:2] for t in first] == [t[:2] for t in ours]

@@ -23,6 +23,14 @@ CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
 needs_cuda = pytest.mark.skipif(not CUDA, reason="MLX's CUDA backend is not available here")
 
 
+@pytest.fixture(autouse=True)
+def _mlx_decoders_on_the_cpu(monkeypatch):
+    """These tests drive MLX's decoders; on a CPU with MKL's bf16 products a bf16 LLM would go to asr.cpu_llm."""
+    from asr import cpu_bf16
+
+    monkeypatch.setattr(cpu_bf16, "available", lambda: False)
+
+
 def _mlx_gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu_=False, rows=2):
     """What a cuda_decode gemv launch computes, in MLX operations."""
     if norm is not None:

@@ -7,6 +7,7 @@ random-weight checkpoint and a real clip, as Claude Desktop would (2025-11-25 ha
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -93,7 +94,9 @@ async def call_every_tool(client: Client, port: int, *, expect_text: str | None,
 
 
 def _params(command: str, args: list[str], env: dict[str, str]) -> StdioServerParameters:
-    return StdioServerParameters(command=command, args=args, env=env, cwd=str(REPO))
+    # the switches that choose the server's compute paths follow the test run's (FUNASR_NANO_CPU_BF16=0, ...)
+    passed = {k: v for k, v in os.environ.items() if k in ("FUNASR_NANO_CPU_BF16", "FUNASR_NANO_BLAS")}
+    return StdioServerParameters(command=command, args=args, env={**passed, **env}, cwd=str(REPO))
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -142,8 +145,11 @@ async def test_stdio_console_script_with_tiny_model(tmp_path, tiny_model):
         with anyio.fail_after(120):
             async with Client(stdio_client(_params(command, pre, env), errlog=err), mode="legacy") as client:
                 # random weights: 'auto' lets the repetition guard end the garbage early (faster than 'en')
+                # dtype auto: fp32 on a CPU, bf16 where MKL's bf16 products are (asr.cpu_bf16)
+                from asr import cpu_bf16
+
                 out = await call_every_tool(client, port, expect_text=None, language="auto",
-                                            expect_dtype="float32")  # dtype auto: fp32 on a CPU
+                                            expect_dtype="bfloat16" if cpu_bf16.available() else "float32")
     assert out.model.name.endswith("Fun-ASR-Nano-tiny") and out.timings.generated_tokens > 0
     logged = errlog.read_text()
     assert "ready after" in logged
