@@ -1,4 +1,5 @@
-"""bf16 x bf16 -> fp32 matrix products on x86-64 CPUs through Intel MKL (AMX / AVX512-BF16), for asr.cpu_llm.
+"""bf16 x bf16 -> fp32 matrix products on x86-64 CPUs through Intel MKL (AMX / AVX512-BF16): the bf16 LLM in
+asr.cpu_llm and, with encoder_dtype="bfloat16", the encoder's linear layers (Linear below).
 
 A bf16 LLM on the CPU: MLX 0.32's CPU backend has no fast bf16 products, and NumPy has no bf16 type. MKL's
 `cblas_gemm_bf16bf16f32` runs on the AMX tiles or AVX512-BF16 units of recent Intel Xeons (and AVX512-BF16 on AMD
@@ -8,9 +9,9 @@ fp32 sgemm, and one decode token's 28 layers stream in 57 ms instead of 80 ms (d
 The numbers are those of a bf16 model: weights bf16 (the stored bits, zero-copy from MLX), each product's input
 rounded to bf16 (round to nearest even), fp32 accumulation and output; everything else in asr.cpu_llm stays fp32.
 
-Used only when MKL is loaded in this process (`pip install funasr-nano-mlx[mkl]`, which also brings threadpoolctl; asr._blas loads it) and the CPU
-reports `avx512_bf16` or `amx_bf16`; otherwise a bf16 LLM on the CPU runs on MLX (slow) and `dtype="auto"` is fp32.
-`FUNASR_NANO_CPU_BF16=0` turns this path off.
+Used only when MKL is loaded in this process (`pip install funasr-nano-mlx[mkl]`, which also brings threadpoolctl;
+asr._blas loads MKL) and the CPU reports `avx512_bf16` or `amx_bf16`; otherwise a bf16 LLM on the CPU runs on MLX
+(slow) and `dtype="auto"` is fp32. `FUNASR_NANO_CPU_BF16=0` turns this path off.
 """
 
 from __future__ import annotations
