@@ -25,9 +25,8 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
 
-from . import _blas
+from . import _blas, linear_nn
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -131,13 +130,11 @@ class Linear(nn.Module):
         self.weight = weight.astype(mx.bfloat16)
         if bias is not None:
             self.bias = bias.astype(mx.float32)
-        self._bits = None
+        bits = self.weight.view(mx.uint16)
+        mx.eval(bits)
+        self._bits = np.asarray(bits)  # the weight's bits as NumPy, zero-copy (a plain attribute, not a parameter)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self._bits is None:  # zero-copy view of the weight's bits, made once
-            bits = self.weight.view(mx.uint16)
-            mx.eval(bits)
-            self._bits = np.asarray(bits)
         bits = x.astype(mx.bfloat16).view(mx.uint16)  # MLX rounds the input (one pass; NumPy's to_bits takes five)
         mx.eval(bits)
         flat = np.asarray(bits).reshape(-1, x.shape[-1])
@@ -146,17 +143,6 @@ class Linear(nn.Module):
 
 
 def use_bf16_products(module: nn.Module) -> int:
-    """Compute `module` in fp32 with every unquantized nn.Linear's weight rounded to bf16 and its product run
-    through MKL (Linear); return how many layers were replaced."""
-    count = 0
-
-    def swap(m: nn.Module) -> nn.Module:
-        nonlocal count
-        if type(m) is nn.Linear:
-            count += 1
-            return Linear(m.weight, m.get("bias"))
-        return m
-
-    module.set_dtype(mx.float32)  # norms, FSMN taps, biases: fp32 (bf16 ones upcast exactly)
-    module.update_modules(tree_map(swap, module.leaf_modules(), is_leaf=nn.Module.is_module))
-    return count
+    """Give every unquantized nn.Linear of an fp32 `module` a bf16 weight whose product runs through MKL (Linear);
+    the rest of the module stays fp32. Returns how many layers were replaced."""
+    return linear_nn.replace_linears(module, lambda m: Linear(m.weight, m.get("bias")))

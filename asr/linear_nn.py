@@ -14,6 +14,8 @@ agree with nn.Linear's to rounding. Not used off CUDA: CPU BLAS and Metal have n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
@@ -49,21 +51,35 @@ def applies() -> bool:
     return ENABLED and _on_cuda()
 
 
-def use_nn_layout(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
-    """Replace every fp32, unquantized nn.Linear under `module` (but not under its children named in `skip`) by its
-    LinearNN; return how many were replaced."""
+def replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module | None],
+                    skip: tuple[str, ...] = ()) -> int:
+    """Replace every unquantized nn.Linear under `module` (but not under its children named in `skip`) by
+    `make(linear)` where that is not None; return how many were replaced."""
     count = 0
 
     def swap(m: nn.Module) -> nn.Module:
         nonlocal count
-        if type(m) is nn.Linear and m.weight.dtype == mx.float32:
-            count += 1
-            new = LinearNN.of(m)
-            del m["weight"]  # the [out, in] copy goes now, not after the last layer: one extra weight at a time
-            return new
-        return m
+        new = make(m) if type(m) is nn.Linear else None
+        if new is None:
+            return m
+        count += 1
+        return new
 
     leaves = module.leaf_modules()
     module.update_modules({k: v if k in skip else tree_map(swap, v, is_leaf=nn.Module.is_module)
                            for k, v in leaves.items()})
     return count
+
+
+def use_nn_layout(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """Replace every fp32, unquantized nn.Linear under `module` (but not under its children named in `skip`) by its
+    LinearNN; return how many were replaced."""
+
+    def make(m: nn.Linear) -> LinearNN | None:
+        if m.weight.dtype != mx.float32:
+            return None
+        new = LinearNN.of(m)
+        del m["weight"]  # the [out, in] copy goes now, not after the last layer: one extra weight at a time
+        return new
+
+    return replace_linears(module, make, skip)

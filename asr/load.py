@@ -132,8 +132,9 @@ def load_model(
     """Load a model from an official directory, a Hugging Face repo id, or a converted directory.
 
     dtype: the LLM's compute dtype: "auto" (bfloat16 on a GPU, float32 on a CPU, where MLX has no fast bf16
-    kernels, unless asr.cpu_bf16 has MKL's bf16 products), "bfloat16", "float32" (the parity dtype) or "float16". encoder_dtype: the audio encoder's
-    (float32 default; bfloat16 is faster on GPUs and, with MKL's bf16 products, on CPUs; never float16, whose range the adaptor overflows).
+    kernels, unless asr.cpu_bf16 has MKL's bf16 products), "bfloat16", "float32" (the parity dtype) or "float16".
+    encoder_dtype: the audio encoder's (float32 default; bfloat16 is faster on GPUs and, with MKL's bf16 products,
+    on CPUs; never float16, whose range the adaptor overflows).
     quantize: 4 or 8 to quantize the LLM's linear layers and embeddings (cached after the first time).
     """
     dtype = _normalize_dtype(dtype)
@@ -180,17 +181,20 @@ def _load_net(model_dir: Path, cfg: ModelConfig, dtype: str, encoder_dtype: str,
     net = FunASRNanoNet(cfg)
     _strict_check({k: tuple(v.shape) for k, v in weights.items()},
                   {k: tuple(v.shape) for k, v in tree_flatten(net.parameters())}, str(path))
+    # a bf16 encoder on a CPU with MKL's bf16 products: loaded fp32, then only its linear weights become bf16
+    bf16_products = encoder_dtype == "bfloat16" and cpu_bf16.applies()
+    encoder_load = "float32" if bf16_products else encoder_dtype
     cast = {}
     for k, v in weights.items():
         if k.startswith("llm."):
             cast[k] = v.astype(DTYPES[dtype])
         elif k.startswith("encoder."):
-            cast[k] = v.astype(DTYPES[encoder_dtype])
+            cast[k] = v.astype(DTYPES[encoder_load])
         else:
             cast[k] = v.astype(mx.float32)
     net.load_weights(list(cast.items()), strict=True)
     del weights, cast
-    if encoder_dtype == "bfloat16" and cpu_bf16.applies():  # bf16 encoder on a CPU: fp32 with MKL's bf16 products
+    if bf16_products:
         cpu_bf16.use_bf16_products(net.encoder)
     if linear_nn.applies():  # the audio path's fp32 products in the layout MLX's CUDA graphs can update (linear_nn)
         linear_nn.use_nn_layout(net, skip=("llm",))
