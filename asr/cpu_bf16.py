@@ -85,7 +85,12 @@ def numpy_blas_serial() -> contextlib.AbstractContextManager:
 def to_bits(x: np.ndarray) -> np.ndarray:
     """fp32 -> bf16 bit patterns (uint16), rounded to nearest even like MLX's and PyTorch's casts (no NaNs here)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    t = u >> np.uint32(16)  # in place from here: one temporary (a 183x2048 input: 0.6 ms, 2.2 ms with five)
+    t &= np.uint32(1)
+    t += np.uint32(0x7FFF)
+    t += u
+    t >>= np.uint32(16)
+    return t.astype(np.uint16)
 
 
 def from_bits(bits: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cuda_encoder
+from . import cpu_encoder, cuda_encoder
 from .attention import attention
 
 
@@ -141,6 +141,8 @@ class SenseVoiceEncoder(nn.Module):
 
     def __call__(self, xs: mx.array, lengths: mx.array | None = None) -> mx.array:
         """xs: [B, L, input_size] fp32 features; lengths: [B] valid rows (None: all valid)."""
+        if cpu_encoder.applies(self):  # the CPU: NumPy and the BLAS, utterance by utterance (asr.cpu_encoder)
+            return cpu_encoder.NumpyEncoder.of(self)(xs, lengths)
         B, L, D = xs.shape
         mask = attn_mask = rows = None
         if cuda_encoder.applies(xs, self.cfg.attention_heads, self.cfg.output_size):

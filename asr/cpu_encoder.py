@@ -1,0 +1,251 @@
+"""The SAN-M audio encoder on the CPU through NumPy and the process's BLAS, on the model's own weights.
+
+Why a second runner for the CPU: MLX 0.32's CPU backend evaluates a SAN-M layer's ~40 element-wise operations one
+at a time, each a pass of its own (a LayerNorm ~0.6 ms, the FSMN memory ~2 ms, the softmax's `exp` one element at a
+time), so an encoder layer of an 11 s clip cost ~13 ms, of which its four products were 7.5 ms. Here every product
+is one BLAS call on strided views (q, k and v are read in place from the fused qkv output, each head's scores are
+one call, biases and residuals ride in the call's C += A B^T), and the rest are NumPy's vectorised passes. Measured
+on the project's 2-core VM (docs/performance.md): see "CPU encoder".
+
+Products go to `cblas_sgemm` of the BLAS that asr._blas loaded (MKL or OpenBLAS), else to NumPy's matmul; a bf16
+encoder (`encoder_dtype="bfloat16"`, asr.cpu_bf16.Linear layers) multiplies through MKL's bf16 kernels with each
+input rounded to bf16 (as cpu_bf16.Linear does). The attention products and everything else stay fp32 either way.
+
+Each utterance of a padded batch runs on its own valid rows: the mask of the MLX encoder makes a valid row's value
+independent of the padding, so the values agree (to rounding) and padding costs nothing; padded rows come out 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import _blas, cpu_bf16
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+@functools.cache
+def _sgemm():
+    """cblas_sgemm of the BLAS asr._blas loaded (MKL, OpenBLAS), or None (NumPy's matmul does the products)."""
+    if not _blas.loaded:
+        return None
+    fn = getattr(ctypes.CDLL(_blas.loaded), "cblas_sgemm", None)
+    if fn is None:
+        return None
+    i, p = ctypes.c_int, ctypes.c_void_p
+    fn.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+    fn.restype = None
+    return fn
+
+
+def _row_stride(a: np.ndarray) -> int:
+    """The leading dimension (in elements) of a 2-D view with contiguous rows."""
+    if a.ndim != 2 or (a.shape[1] > 1 and a.strides[1] != a.itemsize):
+        raise ValueError(f"product operand {a.shape} {a.strides} has no contiguous rows")
+    return max(a.strides[0] // a.itemsize, a.shape[1])
+
+
+def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, trans_b: bool = True, alpha: float = 1.0,
+         beta: float = 0.0) -> np.ndarray:
+    """out = alpha * a @ op(b) + beta * out, with op(b) = b.T (trans_b) or b; all 2-D views with contiguous rows
+    (any row stride). fp32 operands go to the BLAS's sgemm; bf16 bits (uint16) to MKL's bf16 product."""
+    m, k = a.shape
+    n = b.shape[0] if trans_b else b.shape[1]
+    if (b.shape[1] if trans_b else b.shape[0]) != k or out.shape != (m, n):
+        raise ValueError(f"product shapes do not match: {a.shape} {b.shape} -> {out.shape}")
+    if a.dtype != b.dtype or a.dtype not in (np.float32, np.uint16) or out.dtype != np.float32:
+        raise ValueError(f"product types do not match: {a.dtype} {b.dtype} -> {out.dtype}")
+    lda, ldb, ldc = _row_stride(a), _row_stride(b), _row_stride(out)
+    if a.dtype == np.uint16:
+        fn = cpu_bf16._gemm()
+        if fn is None:  # the same numbers through NumPy (tests without MKL)
+            a, b = cpu_bf16.from_bits(a), cpu_bf16.from_bits(b)
+    else:
+        fn = _sgemm()
+    if fn is None:
+        prod = a @ (b.T if trans_b else b)
+        if alpha != 1.0:
+            prod *= np.float32(alpha)
+        if beta == 0.0:
+            out[...] = prod
+        else:
+            if beta != 1.0:
+                out *= np.float32(beta)
+            out += prod
+        return out
+    fn(_ROW_MAJOR, _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data,
+       ldb, beta, out.ctypes.data, ldc)
+    return out
+
+
+def _np(a: mx.array) -> np.ndarray:
+    """An fp32 NumPy array of an MLX array (a zero-copy view where it is fp32)."""
+    if a.dtype != mx.float32:
+        a = a.astype(mx.float32)
+    mx.eval(a)
+    return np.asarray(a)
+
+
+class _Linear:
+    """A linear layer's weight [out, in] (fp32, or bf16 bits for cpu_bf16.Linear) and fp32 bias."""
+
+    def __init__(self, layer: nn.Module):
+        self.weight = layer._bits if isinstance(layer, cpu_bf16.Linear) else _np(layer.weight)
+        self.bias = _np(layer.bias) if "bias" in layer else None
+        self.bf16 = self.weight.dtype == np.uint16
+
+    def into(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out += x @ weight.T (the bias not included)."""
+        return gemm(cpu_bf16.to_bits(x) if self.bf16 else x, self.weight, out, beta=1.0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x @ weight.T + bias."""
+        out = np.empty((x.shape[0], self.weight.shape[0]), np.float32)
+        if self.bias is None:
+            out[...] = 0.0
+        else:
+            out[...] = self.bias
+        return self.into(x, out)
+
+
+class _LayerNorm:
+    def __init__(self, norm: nn.LayerNorm):
+        self.weight, self.bias, self.eps = _np(norm.weight), _np(norm.bias), np.float32(norm.eps)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        n = np.float32(x.shape[-1])
+        y = x - np.add.reduce(x, axis=-1, keepdims=True) / n
+        var = np.add.reduce(np.square(y), axis=-1, keepdims=True) / n
+        y *= np.float32(1.0) / np.sqrt(var + self.eps)
+        y *= self.weight
+        y += self.bias
+        return y
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module):
+        a = layer.self_attn
+        self.residual = layer.residual
+        self.heads = a.heads
+        self.norm1, self.norm2 = _LayerNorm(layer.norm1), _LayerNorm(layer.norm2)
+        self.qkv, self.out = _Linear(a.linear_q_k_v), _Linear(a.linear_out)
+        self.w_1, self.w_2 = _Linear(layer.feed_forward.w_1), _Linear(layer.feed_forward.w_2)
+        self.taps = np.ascontiguousarray(_np(a.fsmn_weight)[:, :, 0].T)  # [K, C]
+        self.left_pad = a.left_pad
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x [L, D_in] -> [L, D]: pre-norm SAN-M attention + FSMN memory, then the pre-norm feed-forward."""
+        qkv = self.qkv(self.norm1(x))
+        dim = qkv.shape[1] // 3
+        v = qkv[:, 2 * dim:]
+        y = self._memory(v)  # FSMN(v) + v
+        y += self.out.bias
+        if self.residual:
+            y += x
+        self.out.into(self._attention(qkv, dim), y)  # y = x + linear_out(attention) + memory
+        f = self.w_1(self.norm2(y))
+        np.maximum(f, np.float32(0.0), out=f)
+        y += self.w_2.bias
+        return self.w_2.into(f, y)
+
+    def _memory(self, v: np.ndarray) -> np.ndarray:
+        """v plus its depthwise convolution over time (zero padding), tap by tap."""
+        L, C = v.shape
+        K = self.taps.shape[0]
+        padded = np.zeros((L + K - 1, C), np.float32)
+        padded[self.left_pad: self.left_pad + L] = v
+        out = v.copy()
+        tmp = np.empty((L, C), np.float32)
+        for i in range(K):
+            np.multiply(padded[i: i + L], self.taps[i], out=tmp)
+            out += tmp
+        return out
+
+    def _attention(self, qkv: np.ndarray, dim: int) -> np.ndarray:
+        """softmax(q k^T / sqrt(d_k)) v per head, read in place from qkv [L, 3D]; returns [L, D]."""
+        L = qkv.shape[0]
+        d_k = dim // self.heads
+        scale = d_k**-0.5
+        scores = np.empty((self.heads, L, L), np.float32)
+        out = np.empty((L, dim), np.float32)
+        for h in range(self.heads):
+            q, k = qkv[:, h * d_k: (h + 1) * d_k], qkv[:, dim + h * d_k: dim + (h + 1) * d_k]
+            gemm(q, k, scores[h], alpha=scale)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        for h in range(self.heads):
+            v = qkv[:, 2 * dim + h * d_k: 2 * dim + (h + 1) * d_k]
+            gemm(scores[h], v, out[:, h * d_k: (h + 1) * d_k], trans_b=False)
+        return out
+
+
+def applies(encoder: nn.Module) -> bool:
+    """True while MLX computes on the CPU and every linear layer of the encoder is fp32 nn.Linear or
+    cpu_bf16.Linear (a bf16-cast or quantized encoder stays on MLX)."""
+    if mx.default_device() != mx.cpu:
+        return False
+    for _, m in encoder.named_modules():
+        if isinstance(m, cpu_bf16.Linear):
+            continue
+        if isinstance(m, nn.Linear | nn.QuantizedLinear) and (type(m) is not nn.Linear
+                                                               or m.weight.dtype != mx.float32):
+            return False
+    return encoder.tp_norm.weight.dtype == mx.float32
+
+
+class NumpyEncoder:
+    """The encoder's layers as NumPy arrays; calling it runs a padded batch, utterance by utterance."""
+
+    @classmethod
+    def of(cls, encoder: nn.Module) -> NumpyEncoder:
+        """Built on first use and kept on the encoder (a plain attribute, not a parameter)."""
+        runner = getattr(encoder, "_numpy_encoder", None)
+        if runner is None:
+            runner = cls(encoder)
+            encoder._numpy_encoder = runner
+        return runner
+
+    def __init__(self, encoder: nn.Module):
+        from .encoder import sinusoidal_position_encoding
+
+        self._positions = sinusoidal_position_encoding
+        self.dim = encoder.cfg.output_size
+        self.layers = [_Layer(layer) for layer in encoder.encoders0 + encoder.encoders]
+        self.after_norm = _LayerNorm(encoder.after_norm)
+        self.tp_layers = [_Layer(layer) for layer in encoder.tp_encoders]
+        self.tp_norm = _LayerNorm(encoder.tp_norm)
+        self._table = np.zeros((0, encoder.cfg.input_size), np.float32)
+
+    def positions(self, length: int) -> np.ndarray:
+        """The first `length` rows of the sinusoidal position table (MLX's own values, grown as needed)."""
+        if self._table.shape[0] < length:
+            self._table = _np(self._positions(max(length, 2 * self._table.shape[0]), self._table.shape[1]))
+        return self._table[:length]
+
+    def one(self, feats: np.ndarray) -> np.ndarray:
+        """feats [L, input_size] fp32 -> [L, D]."""
+        x = feats * np.float32(math.sqrt(self.dim)) + self.positions(feats.shape[0])
+        for layer in self.layers:
+            x = layer(x)
+        x = self.after_norm(x)
+        for layer in self.tp_layers:
+            x = layer(x)
+        return self.tp_norm(x)
+
+    def __call__(self, xs: mx.array, lengths: mx.array | None = None) -> mx.array:
+        """xs [B, L, input_size] fp32, lengths [B] valid rows (None: all) -> [B, L, D] (padded rows 0)."""
+        B, L, _ = xs.shape
+        feats = _np(xs)
+        counts = [L] * B if lengths is None else [int(n) for n in np.asarray(lengths)]
+        out = np.zeros((B, L, self.dim), np.float32)
+        for b, n in enumerate(counts):
+            if n > 0:
+                out[b, :n] = self.one(feats[b, :n])
+        return mx.array(out)

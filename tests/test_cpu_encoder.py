@@ -1,0 +1,123 @@
+"""asr.cpu_encoder: the NumPy SAN-M encoder against MLX's (which it replaces on the CPU), its batching, its bf16
+products and its BLAS calls on strided views."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from asr import cpu_bf16, cpu_encoder
+from asr.encoder import EncoderConfig, SenseVoiceEncoder
+
+CPU = mx.default_device() == mx.cpu
+needs_cpu = pytest.mark.skipif(not CPU, reason="the NumPy encoder runs where MLX computes on the CPU")
+
+
+def _encoder(seed: int = 0) -> SenseVoiceEncoder:
+    """3 + 1 SAN-M layers of the real widths, random weights (a non-zero FSMN and LayerNorm affine)."""
+    mx.random.seed(seed)
+    enc = SenseVoiceEncoder(EncoderConfig(num_blocks=3, tp_blocks=1))
+    for layer in enc.encoders0 + enc.encoders + enc.tp_encoders:
+        layer.self_attn.fsmn_weight = mx.random.normal(layer.self_attn.fsmn_weight.shape) * 0.3
+        for norm in (layer.norm1, layer.norm2):
+            norm.weight = 1 + 0.1 * mx.random.normal(norm.weight.shape)
+            norm.bias = 0.1 * mx.random.normal(norm.bias.shape)
+    mx.eval(enc.parameters())
+    return enc
+
+
+def _mlx(enc, *args, monkeypatch) -> np.ndarray:
+    """The same encoder through MLX's own operations."""
+    monkeypatch.setattr(cpu_encoder, "applies", lambda e: False)
+    out = np.array(enc(*args))
+    monkeypatch.undo()
+    return out
+
+
+def _close(a: np.ndarray, b: np.ndarray, tol: float) -> None:
+    assert a.shape == b.shape and a.dtype == np.float32
+    assert np.abs(a - b).max() <= tol * np.abs(b).max(), np.abs(a - b).max()
+
+
+@needs_cpu
+def test_matches_mlx_encoder(monkeypatch):
+    enc = _encoder()
+    assert cpu_encoder.applies(enc)
+    xs = mx.random.normal((1, 97, 560), key=mx.random.key(1))
+    ours = np.array(enc(xs))
+    assert enc._numpy_encoder is cpu_encoder.NumpyEncoder.of(enc)  # built once, kept on the encoder
+    ref = _mlx(enc, xs, monkeypatch=monkeypatch)
+    _close(ours, ref, 1e-5)
+    assert np.abs(ref).max() > 1.0  # a real signal, not a collapsed one
+
+
+@needs_cpu
+def test_padded_batch_is_each_utterance_alone(monkeypatch):
+    """Each row of a padded batch equals that utterance encoded alone; its padded rows are 0; the valid rows agree
+    with MLX's masked batch."""
+    enc = _encoder(1)
+    lengths = [60, 41, 1]
+    xs = mx.random.normal((3, 60, 560), key=mx.random.key(2))
+    ours = np.array(enc(xs, mx.array(lengths)))
+    ref = _mlx(enc, xs, mx.array(lengths), monkeypatch=monkeypatch)
+    for b, n in enumerate(lengths):
+        alone = np.array(enc(xs[b: b + 1, :n]))[0]
+        assert np.array_equal(ours[b, :n], alone)
+        assert not ours[b, n:].any()
+        _close(ours[b, :n], ref[b, :n], 1e-5)
+
+
+@needs_cpu
+def test_bf16_products(monkeypatch):
+    """cpu_bf16.Linear layers: the NumPy encoder reads their bf16 bits and rounds each input as they do."""
+    if not cpu_bf16.available():
+        monkeypatch.setattr(cpu_bf16, "available", lambda: True)
+    enc = _encoder(2)
+    assert cpu_bf16.use_bf16_products(enc) == 4 * 4
+    assert cpu_encoder.applies(enc)
+    xs = mx.random.normal((1, 50, 560), key=mx.random.key(3))
+    ours = np.array(enc(xs))
+    assert cpu_encoder.NumpyEncoder.of(enc).layers[0].qkv.weight.dtype == np.uint16
+    ref = _mlx(enc, xs, monkeypatch=monkeypatch)
+    cos = (ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.min() > 0.9999  # the same bf16 products, summed in another order
+
+
+def test_not_used_for_bf16_cast_or_quantized_encoders():
+    enc = _encoder(3)
+    assert cpu_encoder.applies(enc) == CPU
+    enc.set_dtype(mx.bfloat16)
+    assert not cpu_encoder.applies(enc)
+    enc = _encoder(3)
+    nn.quantize(enc, group_size=64, bits=8, class_predicate=lambda _, m: isinstance(m, nn.Linear)
+                and m.weight.shape[1] % 64 == 0)  # all but the first layer's 560-wide qkv
+    assert not cpu_encoder.applies(enc)
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_gemm_on_strided_views(blas, monkeypatch):
+    """Column blocks of wider arrays in and out (leading dimensions), both transposes, alpha and beta; with the
+    BLAS, and with NumPy where none is loaded."""
+    if not blas:
+        monkeypatch.setattr(cpu_encoder, "_sgemm", lambda: None)
+    rng = np.random.default_rng(4)
+    big = rng.standard_normal((7, 30)).astype(np.float32)
+    a, bt = big[:, 2:10], big[:, 12:20]  # [7, 8] each, row stride 30
+    out = np.zeros((9, 7, 11), np.float32)
+    res = out[1, :, 2:9]  # [7, 7] in a [7, 11] block
+    before = rng.standard_normal((7, 7)).astype(np.float32)
+    res[...] = before
+    cpu_encoder.gemm(a, bt, res, alpha=0.5, beta=1.0)
+    ref = 0.5 * a.astype(np.float64) @ bt.T.astype(np.float64) + before
+    assert np.abs(res - ref).max() < 1e-5
+    assert not out[0].any() and not out[1, :, :2].any() and not out[1, :, 9:].any()  # nothing written outside
+    b = big[:4, 20:27]  # [4, 7] not transposed: [7, 4] @ [4, 7]
+    res2 = np.empty((7, 7), np.float32)
+    cpu_encoder.gemm(big[:, :4], b, res2, trans_b=False)
+    assert np.abs(res2 - big[:, :4] @ b).max() < 1e-5
+    with pytest.raises(ValueError, match="do not match"):
+        cpu_encoder.gemm(a, bt[:, :5], res)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        cpu_encoder.gemm(big[:, ::2][:, :8], bt, np.empty((7, 7), np.float32))
