@@ -16,7 +16,6 @@ asr._blas loads MKL) and the CPU reports `avx512_bf16` or `amx_bf16`; otherwise 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -62,24 +61,6 @@ def _gemm():
 def available() -> bool:
     """True where bf16 products run through MKL's bf16 kernels."""
     return _gemm() is not None
-
-
-@functools.cache
-def _numpy_openblas():
-    """threadpoolctl's handle on the OpenBLAS that NumPy's wheel bundles (None without threadpoolctl)."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController().select(internal_api="openblas")
-
-
-def numpy_blas_serial() -> contextlib.AbstractContextManager:
-    """NumPy's own BLAS on one thread for the block: MKL's OpenMP threads spin-wait between products, and NumPy's
-    OpenBLAS threads (which start for the attention products of a prompt of ~46 tokens and up) then wait for a core.
-    On the 2-core VM a 46-token prefill took 0.8-1.1 s, and 0.28-0.32 s with this."""
-    ctl = _numpy_openblas()
-    return ctl.limit(limits=1) if ctl else contextlib.nullcontext()
 
 
 def to_bits(x: np.ndarray) -> np.ndarray:

@@ -7,9 +7,9 @@ is one BLAS call on strided views (q, k and v are read in place from the fused q
 one call, biases and residuals ride in the call's C += A B^T), and the rest are NumPy's vectorised passes. Measured
 on the project's 2-core VM (docs/performance.md): see "CPU encoder".
 
-Products go to `cblas_sgemm` of the BLAS that asr._blas loaded (MKL or OpenBLAS), else to NumPy's matmul; a bf16
-encoder (`encoder_dtype="bfloat16"`, asr.cpu_bf16.Linear layers) multiplies through MKL's bf16 kernels with each
-input rounded to bf16 (as cpu_bf16.Linear does). The attention products and everything else stay fp32 either way.
+Products go to `cblas_sgemm` of the BLAS that asr._blas loaded (MKL or OpenBLAS; asr.cpu_blas), else to NumPy's
+matmul; a bf16 encoder (`encoder_dtype="bfloat16"`, asr.cpu_bf16.Linear layers) multiplies through MKL's bf16
+kernels with each input rounded to bf16 (as cpu_bf16.Linear does). Attention and everything else stay fp32.
 
 Each utterance of a padded batch runs on its own valid rows: the mask of the MLX encoder makes a valid row's value
 independent of the padding, so the values agree (to rounding) and padding costs nothing; padded rows come out 0.
@@ -17,71 +17,14 @@ independent of the padding, so the values agree (to rounding) and padding costs 
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import _blas, cpu_bf16
-
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-
-
-@functools.cache
-def _sgemm():
-    """cblas_sgemm of the BLAS asr._blas loaded (MKL, OpenBLAS), or None (NumPy's matmul does the products)."""
-    if not _blas.loaded:
-        return None
-    fn = getattr(ctypes.CDLL(_blas.loaded), "cblas_sgemm", None)
-    if fn is None:
-        return None
-    i, p = ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
-    fn.restype = None
-    return fn
-
-
-def _row_stride(a: np.ndarray) -> int:
-    """The leading dimension (in elements) of a 2-D view with contiguous rows."""
-    if a.ndim != 2 or (a.shape[1] > 1 and a.strides[1] != a.itemsize):
-        raise ValueError(f"product operand {a.shape} {a.strides} has no contiguous rows")
-    return max(a.strides[0] // a.itemsize, a.shape[1])
-
-
-def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, trans_b: bool = True, alpha: float = 1.0,
-         beta: float = 0.0) -> np.ndarray:
-    """out = alpha * a @ op(b) + beta * out, with op(b) = b.T (trans_b) or b; all 2-D views with contiguous rows
-    (any row stride). fp32 operands go to the BLAS's sgemm; bf16 bits (uint16) to MKL's bf16 product."""
-    m, k = a.shape
-    n = b.shape[0] if trans_b else b.shape[1]
-    if (b.shape[1] if trans_b else b.shape[0]) != k or out.shape != (m, n):
-        raise ValueError(f"product shapes do not match: {a.shape} {b.shape} -> {out.shape}")
-    if a.dtype != b.dtype or a.dtype not in (np.float32, np.uint16) or out.dtype != np.float32:
-        raise ValueError(f"product types do not match: {a.dtype} {b.dtype} -> {out.dtype}")
-    lda, ldb, ldc = _row_stride(a), _row_stride(b), _row_stride(out)
-    if a.dtype == np.uint16:
-        fn = cpu_bf16._gemm()
-        if fn is None:  # the same numbers through NumPy (tests without MKL)
-            a, b = cpu_bf16.from_bits(a), cpu_bf16.from_bits(b)
-    else:
-        fn = _sgemm()
-    if fn is None:
-        prod = a @ (b.T if trans_b else b)
-        if alpha != 1.0:
-            prod *= np.float32(alpha)
-        if beta == 0.0:
-            out[...] = prod
-        else:
-            if beta != 1.0:
-                out *= np.float32(beta)
-            out += prod
-        return out
-    fn(_ROW_MAJOR, _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, k, alpha, a.ctypes.data, lda, b.ctypes.data,
-       ldb, beta, out.ctypes.data, ldc)
-    return out
+from . import cpu_bf16
+from .cpu_blas import gemm
 
 
 def _np(a: mx.array) -> np.ndarray:

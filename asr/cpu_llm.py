@@ -1,10 +1,11 @@
-"""Qwen3 prefill and greedy decode steps on the CPU through NumPy's BLAS, on the model's own fp32 weights.
+"""Qwen3 prefill and greedy decode steps on the CPU through NumPy and the process's BLAS, on the model's own weights.
 
 Why a second runner for the CPU: MLX 0.32's CPU backend hands every product to `cblas_sgemm` (a one-row product
-packs the whole weight matrix with OpenBLAS) and evaluates `exp`/`sigmoid` one element at a time. NumPy's wheels
-bundle a recent OpenBLAS whose gemv streams the weights at memory speed. Measured on the project's 2-core VM,
-Qwen3-0.6B fp32, one token: 71 ms here against 140 ms (MLX + MKL) and 265 ms (MLX + Debian's OpenBLAS 0.3.21);
-see docs/performance.md. On a GPU (Metal, CUDA) MLX runs the LLM (`llm.FastDecoder`); this file is CPU-only.
+packs the whole weight matrix) and evaluates `exp`/`sigmoid` one element at a time. Here one row is a `cblas_sgemv`
+that streams the weights at memory speed, and the element-wise math is NumPy's (asr.cpu_blas: the BLAS asr._blas
+loaded, else NumPy's own). Measured on the project's 2-core VM, Qwen3-0.6B fp32, one token: 71 ms on NumPy's
+OpenBLAS against 140 ms (MLX + MKL) and 265 ms (MLX + Debian's OpenBLAS 0.3.21); see docs/performance.md. On a
+GPU (Metal, CUDA) MLX runs the LLM (`llm.FastDecoder`); this file is CPU-only.
 
 The math is mlx-lm's/Hugging Face's Qwen3, step for step: RMSNorm, per-head q/k RMSNorm, rotate-half RoPE with the
 model's own inverse frequencies (bf16-rounded like the official code, `llm.HFRoPE`), grouped-query attention
@@ -22,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
 
-from . import cpu_bf16
+from . import cpu_bf16, cpu_blas
 
 CACHE_STEP = 128  # KV cache positions added at a time
 
@@ -79,8 +80,8 @@ class _Norm:
 
 
 def _product(flat: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """flat [M, K] @ w[N, K].T for fp32 w, computed as w @ flat.T: OpenBLAS then streams w once (gemv for one row)."""
-    return w @ flat[0] if flat.shape[0] == 1 else (w @ flat.T).T
+    """flat [M, K] @ w[N, K].T for fp32 w (asr.cpu_blas: the process's BLAS, else NumPy)."""
+    return cpu_blas.linear(flat, w)
 
 
 def _mms(x: np.ndarray, *ws: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -186,8 +187,11 @@ class NumpyQwen3:
         return np.argmax(_mm(h, self.head), axis=-1).astype(np.int32)
 
     def _threads(self):
-        """bf16 weights: MKL computes the products, NumPy's BLAS keeps to one thread (asr.cpu_bf16)."""
-        return cpu_bf16.numpy_blas_serial() if self.embed.dtype == np.uint16 else contextlib.nullcontext()
+        """NumPy's own BLAS (the attention products) on one thread while the loaded BLAS computes the weight
+        products (asr.cpu_blas); without one, NumPy's BLAS computes everything on all its threads."""
+        if self.embed.dtype == np.uint16 or cpu_blas.available():
+            return cpu_blas.numpy_serial()
+        return contextlib.nullcontext()
 
     # --- prefill + steps ---------------------------------------------------------------------------------
     def start(self, embeds: mx.array, left_pad: list[int]):

@@ -57,6 +57,26 @@ def _median_stages(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
+def _merge_rounds(group: list[dict]) -> dict:
+    """One mode's results of several rounds as one: per clip, the median over every round's runs (ours adds the
+    audio decode, timed once per process, to each total) and each round's own median total."""
+    merged = json.loads(json.dumps(group[0]))
+    for ci, clip in enumerate(merged["clips"]):
+        rounds = [r["clips"][ci] for r in group]
+        runs = [run for c in rounds for run in c["runs"]]
+        med = _median_stages(runs)
+        if merged["side"] == "ours":
+            med["audio_decode_s"] = clip["stages"]["audio_decode_s"]
+            med["total_s"] += med["audio_decode_s"]
+        med["duration_s"] = clip["stages"]["duration_s"]
+        med["rtf"] = med["total_s"] / med["duration_s"]
+        med["prefill_tok_s"] = med["prompt_tokens"] / med["prefill_s"]
+        med["decode_tok_s"] = (med["new_tokens"] - 1) / med["decode_s"] if med["decode_s"] > 0 else 0.0
+        clip.update(stages=med, runs=runs, round_totals=[c["stages"]["total_s"] for c in rounds])
+    merged["rounds"] = len(group)
+    return merged
+
+
 def _is_random_checkpoint(model: str) -> bool:
     p = Path(model)
     return (p / "checkpoint_info.json").is_file() or (p / "model" / "checkpoint_info.json").is_file()
@@ -364,7 +384,8 @@ def report(results: list[dict], a: argparse.Namespace) -> str:
     for ci, clip in enumerate(ours[0]["clips"] if ours else official[0]["clips"]):
         first = (ours or official)[0]["clips"][ci]["stages"]
         lines.append(f"\n### {clip['clip']} ({first['duration_s']:.1f} s, {int(first['new_tokens'])} new tokens, "
-                     f"prompt {int(first['prompt_tokens'])} tokens), median of {a.repeats}")
+                     f"prompt {int(first['prompt_tokens'])} tokens), median of {a.repeats * a.rounds}"
+                     + (f" ({a.repeats} in each of {a.rounds} rounds)" if a.rounds > 1 else ""))
         hdr = "| stage | " + " | ".join(names) + " |"
         lines += [hdr, "|" + "---|" * (len(names) + 1)]
         for stage in STAGES:
@@ -380,6 +401,13 @@ def report(results: list[dict], a: argparse.Namespace) -> str:
         for key, fmt in (("prefill_tok_s", "{:.0f}"), ("decode_tok_s", "{:.1f}"), ("rtf", "{:.3f}")):
             cells = [fmt.format(r["clips"][ci]["stages"][key]) for r in ours + official]
             lines.append(f"| {key.replace('_', ' ').replace(' s', '/s')} | " + " | ".join(cells) + " |")
+        if base is not None and a.rounds > 1:  # each round's total ratio: how much the machine's drift moves it
+            base_totals = base["clips"][ci].get("round_totals", [])
+            cells = []
+            for r in ours:
+                totals = r["clips"][ci].get("round_totals", [])
+                cells.append(" ".join(f"{b / o:.2f}x" for b, o in zip(base_totals, totals, strict=False)))
+            lines.append("| total ratio, per round | " + " | ".join(cells + ["-"] * len(official)) + " |")
     if base is not None:
         lines.append(f"\n(x) = {base['mode']} time / ours, measured in this run; "
                      f"official: funasr {base.get('funasr')} torch {base.get('torch')} on {base['device']}")
@@ -430,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--official-device", default="cpu")
     ap.add_argument("--official-dtypes", nargs="*", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--official-first", action="store_true", help="run the official side before ours")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every mode and the official side this many times, alternating which side goes first "
+                         "(a machine whose speed drifts then moves both sides alike); medians over all rounds")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (official side)")
     ap.add_argument("--json", type=Path, help="write all results here")
     ap.add_argument("--from-json", type=Path, help="only print the tables of an earlier --json file")
@@ -442,14 +473,20 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.from_json:
         saved = json.loads(a.from_json.read_text())
-        if "--repeats" in saved["argv"]:
-            a.repeats = int(saved["argv"][saved["argv"].index("--repeats") + 1])
+        for flag in ("--repeats", "--rounds"):
+            if flag in saved["argv"]:
+                setattr(a, flag[2:], int(saved["argv"][saved["argv"].index(flag) + 1]))
         print(report(saved["results"], a))
         return 0
     if not a.model:
         ap.error("--model is required (or set FUNASR_NANO_MODEL)")
     if a.ignore_eos is None:
         a.ignore_eos = _is_random_checkpoint(a.model)
+    missing = [c for c in a.clips if not Path(c).is_file()]
+    if missing:
+        ap.error(f"--clips: no such file: {', '.join(missing)} (give audio file paths)")
+    if a.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     if a._worker:
         res = worker_ours(a) if a._worker == "ours" else worker_official(a)
@@ -465,29 +502,42 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
-        def run_official():
+        def run_official(rnd: int):
             for dt in a.official_dtypes if a.official else []:
                 r = _spawn(a.official_python, [*common, "--_worker", "official", "--official-device",
-                                               a.official_device, "--official-dtype", dt], tmp / f"official-{dt}.json")
+                                               a.official_device, "--official-dtype", dt],
+                           tmp / f"official-{dt}-{rnd}.json")
                 if r:
-                    results.append(r)
+                    results.append({**r, "round": rnd})
                     _save(results, a)
 
-        if a.official_first:
-            run_official()
-        modes = sorted(a.modes, key=lambda m: m != "fp32")  # fp32 first: it is the agreement reference
-        for mode in modes:
-            extra = ["--load-twice"] if a.load_twice else []
-            extra += ["--decode", a.decode]
-            r = _spawn(sys.executable, [*common, *extra, "--_worker", "ours", "--mode", mode,
-                                        "--agreement-dir", str(tmp)], tmp / f"ours-{mode}.json")
-            if r:
-                results.append(r)
-                _save(results, a)
-        if not a.official_first:
-            run_official()
+        def run_ours(rnd: int):
+            modes = sorted(a.modes, key=lambda m: m != "fp32")  # fp32 first: it is the agreement reference
+            for mode in modes if rnd % 2 == 0 else modes[::-1]:
+                extra = ["--load-twice"] if a.load_twice and rnd == 0 else []
+                extra += ["--decode", a.decode]
+                if rnd == 0:  # agreement once, in the round that runs fp32 first
+                    extra += ["--agreement-dir", str(tmp)]
+                r = _spawn(sys.executable, [*common, *extra, "--_worker", "ours", "--mode", mode],
+                           tmp / f"ours-{mode}-{rnd}.json")
+                if r:
+                    results.append({**r, "round": rnd})
+                    _save(results, a)
+
+        for rnd in range(a.rounds):
+            if a.official_first == (rnd % 2 == 0):
+                run_official(rnd)
+                run_ours(rnd)
+            else:
+                run_ours(rnd)
+                run_official(rnd)
     if not results:
         return 1
+    if a.rounds > 1:
+        groups: dict[tuple, list[dict]] = {}
+        for r in results:
+            groups.setdefault((r["side"], r["mode"]), []).append(r)
+        results = [_merge_rounds(g) for g in groups.values()]
     text = report(results, a)
     print(text)
     if a.markdown:

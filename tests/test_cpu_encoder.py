@@ -1,5 +1,5 @@
 """asr.cpu_encoder: the NumPy SAN-M encoder against MLX's (which it replaces on the CPU), its batching, its bf16
-products and its BLAS calls on strided views."""
+products; and asr.cpu_blas, the BLAS calls of the CPU runners on strided views."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from asr import cpu_bf16, cpu_encoder
+from asr import cpu_bf16, cpu_blas, cpu_encoder
 from asr.encoder import EncoderConfig, SenseVoiceEncoder
 
 CPU = mx.default_device() == mx.cpu
@@ -101,7 +101,7 @@ def test_gemm_on_strided_views(blas, monkeypatch):
     """Column blocks of wider arrays in and out (leading dimensions), both transposes, alpha and beta; with the
     BLAS, and with NumPy where none is loaded."""
     if not blas:
-        monkeypatch.setattr(cpu_encoder, "_sgemm", lambda: None)
+        monkeypatch.setattr(cpu_blas, "_sgemm", lambda: None)
     rng = np.random.default_rng(4)
     big = rng.standard_normal((7, 30)).astype(np.float32)
     a, bt = big[:, 2:10], big[:, 12:20]  # [7, 8] each, row stride 30
@@ -109,15 +109,34 @@ def test_gemm_on_strided_views(blas, monkeypatch):
     res = out[1, :, 2:9]  # [7, 7] in a [7, 11] block
     before = rng.standard_normal((7, 7)).astype(np.float32)
     res[...] = before
-    cpu_encoder.gemm(a, bt, res, alpha=0.5, beta=1.0)
+    cpu_blas.gemm(a, bt, res, alpha=0.5, beta=1.0)
     ref = 0.5 * a.astype(np.float64) @ bt.T.astype(np.float64) + before
     assert np.abs(res - ref).max() < 1e-5
     assert not out[0].any() and not out[1, :, :2].any() and not out[1, :, 9:].any()  # nothing written outside
     b = big[:4, 20:27]  # [4, 7] not transposed: [7, 4] @ [4, 7]
     res2 = np.empty((7, 7), np.float32)
-    cpu_encoder.gemm(big[:, :4], b, res2, trans_b=False)
+    cpu_blas.gemm(big[:, :4], b, res2, trans_b=False)
     assert np.abs(res2 - big[:, :4] @ b).max() < 1e-5
     with pytest.raises(ValueError, match="do not match"):
-        cpu_encoder.gemm(a, bt[:, :5], res)
+        cpu_blas.gemm(a, bt[:, :5], res)
     with pytest.raises(ValueError, match="contiguous rows"):
-        cpu_encoder.gemm(big[:, ::2][:, :8], bt, np.empty((7, 7), np.float32))
+        cpu_blas.gemm(big[:, ::2][:, :8], bt, np.empty((7, 7), np.float32))
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_linear_each_row_count(blas, monkeypatch):
+    """cpu_blas.linear (the LLM runner's fp32 products): a gemv for one row, x w^T for a few, (w x^T)^T for more;
+    each equals the float64 product; a mismatched or non-fp32 weight is refused."""
+    if not blas:
+        monkeypatch.setattr(cpu_blas, "_sgemv", lambda: None)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((96, 64)).astype(np.float32)
+    for rows in (1, 3, 4, 5, 46):
+        x = rng.standard_normal((rows, 64)).astype(np.float32)
+        out = cpu_blas.linear(x, w)
+        assert out.shape == (rows, 96) and out.dtype == np.float32
+        assert np.abs(out - x.astype(np.float64) @ w.T.astype(np.float64)).max() < 1e-4
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_blas.linear(x, w[:, :32].copy())
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_blas.linear(x, w.astype(np.float64))
