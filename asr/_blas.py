@@ -5,10 +5,10 @@ with RTLD_GLOBAL *before* `mlx.core` is imported makes the dynamic linker resolv
 symbols to it instead (~30-50x faster matmuls on CPU). This must run before the first `import mlx`;
 `asr/__init__.py` calls it first thing.
 
-Search order: Intel MKL from PyPI in this environment (`pip install mkl`, i.e. the `mkl` extra: its sgemm
-handles one-row products as gemv, ~2x faster than OpenBLAS 0.3.21 for MLX's own decode step, which runs for
-bf16/quantized LLMs on a CPU; the fp32 LLM uses NumPy's BLAS, asr/cpu_llm.py), then the system OpenBLAS
-(Debian/Ubuntu `libopenblas0-pthread`, Fedora, Arch). MLX's CPU matmuls (the encoder) use the one loaded.
+Search order: Intel MKL from PyPI in this environment (`pip install mkl`, i.e. the `mkl` extra: fast one-row
+products and, on CPUs with AMX/AVX512-BF16, bf16 products, asr/cpu_bf16.py), then the system OpenBLAS
+(Debian/Ubuntu `libopenblas0-pthread`, Fedora, Arch). The CPU runners (asr/cpu_encoder.py, asr/cpu_llm.py) call
+the one loaded directly (asr/cpu_blas.py); MLX's own CPU matmuls use it too.
 
 Control with FUNASR_NANO_BLAS: unset/"auto" (search), "off" (keep the bundled BLAS), "openblas" (skip
 MKL), or a path to a shared library.

@@ -59,23 +59,25 @@ def _compute(model=None) -> str:
     try:
         import mlx.core as mx
 
-        from asr import backend, cpu_llm, cuda_decode, cuda_persistent
+        from asr import backend, cpu_encoder, cpu_llm, cuda_decode, cuda_persistent
 
         b = backend.info()
     except Exception:  # noqa: BLE001 - informational only
         return "unknown"
-    llm = getattr(getattr(model, "net", None), "llm", None)  # test doubles have none
-    runner = ""
+    net = getattr(model, "net", None)  # test doubles have none
+    llm = getattr(net, "llm", None)
+    encoder = getattr(net, "encoder", None)
+    runner = "; encoder: NumPy + BLAS (asr/cpu_encoder.py)" if encoder is not None and cpu_encoder.applies(encoder) else ""
     if llm is not None and cpu_llm.applies(llm):
         bf16 = llm.model.embed_tokens.weight.dtype == mx.bfloat16
-        runner = "; LLM: NumPy + MKL bf16 (asr/cpu_llm.py)" if bf16 else "; LLM: NumPy BLAS (asr/cpu_llm.py)"
+        runner += "; LLM: NumPy + MKL bf16 (asr/cpu_llm.py)" if bf16 else "; LLM: NumPy BLAS (asr/cpu_llm.py)"
     elif llm is not None:
         one = cuda_decode.available(llm, 1)
         one_launch = one and cuda_persistent.blocks_for(llm) is not None
         steps = [name for name, used in (("batch of one: one-launch CUDA step", one_launch),
                                          ("batch of one: fused CUDA step", one and not one_launch),
                                          ("batches: CUDA rows step", cuda_decode.rows_available(llm))) if used]
-        runner = f"; LLM {', '.join(steps)} (asr/cuda_decode.py, asr/cuda_persistent.py)" if steps else ""
+        runner += f"; LLM {', '.join(steps)} (asr/cuda_decode.py, asr/cuda_persistent.py)" if steps else ""
     return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']}{runner})"
 
 

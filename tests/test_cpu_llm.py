@@ -109,6 +109,7 @@ def test_server_status_names_the_runner(tiny_model, tiny_checkpoint):
     from server.worker import _compute
 
     assert _compute(tiny_model).startswith("cpu (") and "LLM: NumPy BLAS" in _compute(tiny_model)
+    assert "encoder: NumPy + BLAS (asr/cpu_encoder.py)" in _compute(tiny_model)
     bf16 = _compute(asr.load_model(str(tiny_checkpoint), dtype="bfloat16"))
     assert ("LLM: NumPy + MKL bf16" in bf16) if cpu_bf16.available() else ("NumPy" not in bf16)
     assert "NumPy" not in _compute(object())
