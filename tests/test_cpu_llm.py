@@ -111,5 +111,6 @@ def test_server_status_names_the_runner(tiny_model, tiny_checkpoint):
     assert _compute(tiny_model).startswith("cpu (") and "LLM: NumPy BLAS" in _compute(tiny_model)
     assert "encoder: NumPy + BLAS (asr/cpu_encoder.py)" in _compute(tiny_model)
     bf16 = _compute(asr.load_model(str(tiny_checkpoint), dtype="bfloat16"))
-    assert ("LLM: NumPy + MKL bf16" in bf16) if cpu_bf16.available() else ("NumPy" not in bf16)
+    assert ("LLM: NumPy + MKL bf16" in bf16) if cpu_bf16.available() else ("LLM: NumPy" not in bf16)
+    assert "encoder: NumPy + BLAS" in bf16  # the encoder stays fp32 (encoder_dtype's default)
     assert "NumPy" not in _compute(object())
