@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_adaptor
 from .attention import attention
 from .encoder import FeedForward
 
@@ -78,6 +79,8 @@ class Adaptor(nn.Module):
 
     def __call__(self, x: mx.array, lengths: mx.array | None = None) -> mx.array:
         """x: [B, L, encoder_dim] -> [B, L, llm_dim]."""
+        if cpu_adaptor.applies(self):  # the CPU: NumPy and the BLAS, utterance by utterance (asr.cpu_adaptor)
+            return cpu_adaptor.NumpyAdaptor.of(self)(x, lengths)
         attn_mask = None
         if lengths is not None:
             valid = mx.arange(x.shape[1])[None, :] < lengths[:, None]

@@ -1,5 +1,5 @@
 """Matrix products on NumPy arrays through the one BLAS of this process, for the CPU runners (asr.cpu_encoder,
-asr.cpu_llm).
+asr.cpu_adaptor, asr.cpu_llm).
 
 asr._blas loads an optimised BLAS (MKL, else the system OpenBLAS) for MLX; the runners call its `cblas_sgemm` and
 `cblas_sgemv` directly (ctypes; the GIL is released during the call) on strided views, and MKL's bf16 product

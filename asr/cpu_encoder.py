@@ -185,7 +185,7 @@ class NumpyEncoder:
     def __call__(self, xs: mx.array, lengths: mx.array | None = None) -> mx.array:
         """xs [B, L, input_size] fp32, lengths [B] valid rows (None: all) -> [B, L, D] (padded rows 0)."""
         B, L, _ = xs.shape
-        feats = _np(xs)
+        feats = np.ascontiguousarray(_np(xs))
         counts = [L] * B if lengths is None else [int(n) for n in np.asarray(lengths)]
         out = np.zeros((B, L, self.dim), np.float32)
         for b, n in enumerate(counts):

@@ -140,3 +140,40 @@ def test_linear_each_row_count(blas, monkeypatch):
         cpu_blas.linear(x, w[:, :32].copy())
     with pytest.raises(ValueError, match="does not match"):
         cpu_blas.linear(x, w.astype(np.float64))
+
+
+def _adaptor(seed: int = 4):
+    from asr.adaptor import Adaptor, AdaptorConfig
+
+    mx.random.seed(seed)
+    ada = Adaptor(AdaptorConfig())  # the released shape: 512 -> 2048 -> 1024, two 8-head blocks
+    for block in ada.blocks:
+        for norm in (block.norm1, block.norm2):
+            norm.weight = 1 + 0.1 * mx.random.normal(norm.weight.shape)
+            norm.bias = 0.1 * mx.random.normal(norm.bias.shape)
+    mx.eval(ada.parameters())
+    return ada
+
+
+@needs_cpu
+def test_adaptor_matches_mlx_alone_and_batched(monkeypatch):
+    """asr.cpu_adaptor: one utterance and a padded batch against the MLX adaptor (valid rows; padded rows 0)."""
+    from asr import cpu_adaptor
+
+    ada = _adaptor()
+    assert cpu_adaptor.applies(ada)
+    xs = mx.random.normal((3, 40, 512), key=mx.random.key(6))
+    lengths = [40, 23, 1]
+    one = np.array(ada(xs[:1]))
+    ours = np.array(ada(xs, mx.array(lengths)))
+    monkeypatch.setattr(cpu_adaptor, "applies", lambda a: False)
+    ref_one = np.array(ada(xs[:1]))
+    ref = np.array(ada(xs, mx.array(lengths)))
+    monkeypatch.undo()
+    _close(one, ref_one, 1e-5)
+    assert np.abs(ref_one).max() > 1.0
+    for b, n in enumerate(lengths):
+        _close(ours[b, :n], ref[b, :n], 1e-5)
+        assert not ours[b, n:].any()
+    nn.quantize(ada, group_size=64, bits=8)
+    assert not cpu_adaptor.applies(ada)

@@ -1,0 +1,99 @@
+"""The audio adaptor on the CPU through NumPy and the process's BLAS (as asr.cpu_encoder does for the encoder).
+
+MLX's CPU backend runs the adaptor's LayerNorms, softmax and activations one operation at a time; here each product
+is one BLAS call (asr.cpu_blas) on strided views and the rest NumPy's vectorised passes, and every heavy product of
+a CPU transcription stays on the main thread's BLAS. Same math as asr.adaptor: Linear-ReLU-Linear, then pre-norm
+transformer layers (LayerNorm eps 1e-12, multi-head attention with separate q/k/v, ReLU feed-forward). A padded
+batch runs utterance by utterance on its valid rows (the MLX adaptor masks padded keys, so valid rows do not depend
+on the padding); padded rows come out 0.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cpu_blas import gemm
+from .cpu_encoder import _LayerNorm, _Linear, _np
+
+
+def applies(adaptor: nn.Module) -> bool:
+    """True while MLX computes on the CPU and every linear layer of the adaptor is an fp32 nn.Linear."""
+    if mx.default_device() != mx.cpu:
+        return False
+    return all(type(m) is nn.Linear and m.weight.dtype == mx.float32
+               for _, m in adaptor.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear))
+
+
+class _Block:
+    def __init__(self, block: nn.Module):
+        a = block.self_attn
+        self.heads = a.heads
+        self.norm1, self.norm2 = _LayerNorm(block.norm1), _LayerNorm(block.norm2)
+        self.q, self.k, self.v, self.out = (_Linear(m) for m in (a.linear_q, a.linear_k, a.linear_v, a.linear_out))
+        self.w_1, self.w_2 = _Linear(block.feed_forward.w_1), _Linear(block.feed_forward.w_2)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x [L, D] -> x + attention(norm1(x)), then + feed_forward(norm2(x))."""
+        h = self.norm1(x)
+        y = x + self.out.bias
+        self.out.into(self._attention(self.q(h), self.k(h), self.v(h)), y)
+        f = self.w_1(self.norm2(y))
+        np.maximum(f, np.float32(0.0), out=f)
+        y += self.w_2.bias
+        return self.w_2.into(f, y)
+
+    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        L, D = q.shape
+        d_k = D // self.heads
+        scores = np.empty((self.heads, L, L), np.float32)
+        for h in range(self.heads):
+            cols = slice(h * d_k, (h + 1) * d_k)
+            gemm(q[:, cols], k[:, cols], scores[h], alpha=d_k**-0.5)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = np.empty((L, D), np.float32)
+        for h in range(self.heads):
+            cols = slice(h * d_k, (h + 1) * d_k)
+            gemm(scores[h], v[:, cols], out[:, cols], trans_b=False)
+        return out
+
+
+class NumpyAdaptor:
+    """The adaptor's layers as NumPy arrays; calling it runs a padded batch, utterance by utterance."""
+
+    @classmethod
+    def of(cls, adaptor: nn.Module) -> NumpyAdaptor:
+        """Built on first use and kept on the adaptor (a plain attribute, not a parameter)."""
+        runner = getattr(adaptor, "_numpy_adaptor", None)
+        if runner is None:
+            runner = cls(adaptor)
+            adaptor._numpy_adaptor = runner
+        return runner
+
+    def __init__(self, adaptor: nn.Module):
+        self.linear1, self.linear2 = _Linear(adaptor.linear1), _Linear(adaptor.linear2)
+        self.blocks = [_Block(b) for b in adaptor.blocks]
+        self.dim = adaptor.cfg.llm_dim
+
+    def one(self, x: np.ndarray) -> np.ndarray:
+        """x [L, encoder_dim] fp32 -> [L, llm_dim]."""
+        h = self.linear1(x)
+        np.maximum(h, np.float32(0.0), out=h)
+        h = self.linear2(h)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def __call__(self, xs: mx.array, lengths: mx.array | None = None) -> mx.array:
+        """xs [B, L, encoder_dim], lengths [B] valid rows (None: all) -> [B, L, llm_dim] (padded rows 0)."""
+        B, L, _ = xs.shape
+        x = np.ascontiguousarray(_np(xs))
+        counts = [L] * B if lengths is None else [int(n) for n in np.asarray(lengths)]
+        out = np.zeros((B, L, self.dim), np.float32)
+        for b, n in enumerate(counts):
+            if n > 0:
+                out[b, :n] = self.one(x[b, :n])
+        return mx.array(out)
