@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_blas import gemm
-from .cpu_encoder import _LayerNorm, _Linear, _np
+from .cpu_encoder import _LayerNorm, _Linear, add_feed_forward, attention, per_utterance
+from .kept import KeptOn
 
 
 def applies(adaptor: nn.Module) -> bool:
@@ -38,40 +38,15 @@ class _Block:
         """x [L, D] -> x + attention(norm1(x)), then + feed_forward(norm2(x))."""
         h = self.norm1(x)
         y = x + self.out.bias
-        self.out.into(self._attention(self.q(h), self.k(h), self.v(h)), y)
-        f = self.w_1(self.norm2(y))
-        np.maximum(f, np.float32(0.0), out=f)
-        y += self.w_2.bias
-        return self.w_2.into(f, y)
-
-    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        L, D = q.shape
-        d_k = D // self.heads
-        scores = np.empty((self.heads, L, L), np.float32)
-        for h in range(self.heads):
-            cols = slice(h * d_k, (h + 1) * d_k)
-            gemm(q[:, cols], k[:, cols], scores[h], alpha=d_k**-0.5)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = np.empty((L, D), np.float32)
-        for h in range(self.heads):
-            cols = slice(h * d_k, (h + 1) * d_k)
-            gemm(scores[h], v[:, cols], out[:, cols], trans_b=False)
-        return out
+        self.out.into(attention(self.q(h), self.k(h), self.v(h), self.heads), y)
+        return add_feed_forward(y, self.norm2, self.w_1, self.w_2)
 
 
-class NumpyAdaptor:
-    """The adaptor's layers as NumPy arrays; calling it runs a padded batch, utterance by utterance."""
+class NumpyAdaptor(KeptOn):
+    """The adaptor's layers as NumPy arrays; calling it runs a padded batch, utterance by utterance.
+    `NumpyAdaptor.of(adaptor)` builds it on first use and keeps it on the adaptor (asr.kept)."""
 
-    @classmethod
-    def of(cls, adaptor: nn.Module) -> NumpyAdaptor:
-        """Built on first use and kept on the adaptor (a plain attribute, not a parameter)."""
-        runner = getattr(adaptor, "_numpy_adaptor", None)
-        if runner is None:
-            runner = cls(adaptor)
-            adaptor._numpy_adaptor = runner
-        return runner
+    ATTR = "_numpy_adaptor"
 
     def __init__(self, adaptor: nn.Module):
         self.linear1, self.linear2 = _Linear(adaptor.linear1), _Linear(adaptor.linear2)
@@ -89,11 +64,4 @@ class NumpyAdaptor:
 
     def __call__(self, xs: mx.array, lengths: mx.array | None = None) -> mx.array:
         """xs [B, L, encoder_dim], lengths [B] valid rows (None: all) -> [B, L, llm_dim] (padded rows 0)."""
-        B, L, _ = xs.shape
-        x = np.ascontiguousarray(_np(xs))
-        counts = [L] * B if lengths is None else [int(n) for n in np.asarray(lengths)]
-        out = np.zeros((B, L, self.dim), np.float32)
-        for b, n in enumerate(counts):
-            if n > 0:
-                out[b, :n] = self.one(x[b, :n])
-        return mx.array(out)
+        return per_utterance(self.one, xs, lengths, self.dim)

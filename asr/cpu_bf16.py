@@ -9,8 +9,7 @@ fp32 sgemm, and one decode token's 28 layers stream in 57 ms instead of 80 ms (d
 The numbers are those of a bf16 model: weights bf16 (the stored bits, zero-copy from MLX), each product's input
 rounded to bf16 (round to nearest even), fp32 accumulation and output; everything else in asr.cpu_llm stays fp32.
 
-Used only when MKL is loaded in this process (`pip install funasr-nano-mlx[mkl]`, which also brings threadpoolctl;
-asr._blas loads MKL) and the CPU reports `avx512_bf16` or `amx_bf16`; otherwise a bf16 LLM on the CPU runs on MLX
+Used only when MKL is loaded in this process (`pip install funasr-nano-mlx[mkl]`; asr._blas loads it) and the CPU reports `avx512_bf16` or `amx_bf16`; otherwise a bf16 LLM on the CPU runs on MLX
 (slow) and `dtype="auto"` is fp32. `FUNASR_NANO_CPU_BF16=0` turns this path off.
 """
 
@@ -27,7 +26,6 @@ import numpy as np
 
 from . import _blas, linear_nn
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -90,13 +88,9 @@ def matmul_bits(xb: np.ndarray, w: np.ndarray) -> np.ndarray:
     n = w.shape[0]
     if w.shape[1] != k or w.dtype != np.uint16 or xb.dtype != np.uint16 or not w.flags.c_contiguous:
         raise ValueError(f"bf16 product: weight {w.shape} {w.dtype} does not match input {xb.shape} {xb.dtype}")
-    xb = np.ascontiguousarray(xb)
-    gemm = _gemm()
-    if gemm is None:  # the same numbers through NumPy (tests; never chosen by cpu_llm.applies)
-        return from_bits(xb) @ from_bits(w).T
-    out = np.empty((m, n), np.float32)
-    gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, m, n, k, 1.0, xb.ctypes.data, k, w.ctypes.data, k, 0.0, out.ctypes.data, n)
-    return out
+    from .cpu_blas import gemm  # (cpu_blas imports this module)
+
+    return gemm(np.ascontiguousarray(xb), w, np.empty((m, n), np.float32))
 
 
 def applies() -> bool:

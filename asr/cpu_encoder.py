@@ -25,6 +25,7 @@ import numpy as np
 
 from . import cpu_bf16
 from .cpu_blas import gemm
+from .kept import KeptOn
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -91,11 +92,9 @@ class _Layer:
         y += self.out.bias
         if self.residual:
             y += x
-        self.out.into(self._attention(qkv, dim), y)  # y = x + linear_out(attention) + memory
-        f = self.w_1(self.norm2(y))
-        np.maximum(f, np.float32(0.0), out=f)
-        y += self.w_2.bias
-        return self.w_2.into(f, y)
+        att = attention(qkv[:, :dim], qkv[:, dim: 2 * dim], v, self.heads)  # q, k, v read in place
+        self.out.into(att, y)  # y = x + linear_out(attention) + memory
+        return add_feed_forward(y, self.norm2, self.w_1, self.w_2)
 
     def _memory(self, v: np.ndarray) -> np.ndarray:
         """v plus its depthwise convolution over time (zero padding), tap by tap."""
@@ -110,23 +109,32 @@ class _Layer:
             out += tmp
         return out
 
-    def _attention(self, qkv: np.ndarray, dim: int) -> np.ndarray:
-        """softmax(q k^T / sqrt(d_k)) v per head, read in place from qkv [L, 3D]; returns [L, D]."""
-        L = qkv.shape[0]
-        d_k = dim // self.heads
-        scale = d_k**-0.5
-        scores = np.empty((self.heads, L, L), np.float32)
-        out = np.empty((L, dim), np.float32)
-        for h in range(self.heads):
-            q, k = qkv[:, h * d_k: (h + 1) * d_k], qkv[:, dim + h * d_k: dim + (h + 1) * d_k]
-            gemm(q, k, scores[h], alpha=scale)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        for h in range(self.heads):
-            v = qkv[:, 2 * dim + h * d_k: 2 * dim + (h + 1) * d_k]
-            gemm(scores[h], v, out[:, h * d_k: (h + 1) * d_k], trans_b=False)
-        return out
+
+def add_feed_forward(y: np.ndarray, norm: _LayerNorm, w_1: _Linear, w_2: _Linear) -> np.ndarray:
+    """y += w_2(relu(w_1(norm(y)))), in place; returns y."""
+    f = w_1(norm(y))
+    np.maximum(f, np.float32(0.0), out=f)
+    y += w_2.bias
+    return w_2.into(f, y)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int) -> np.ndarray:
+    """softmax(q k^T / sqrt(d_k)) v per head over [L, D] views (any row stride: columns of a fused qkv output
+    are read in place), one BLAS call per head and product; returns [L, D]."""
+    L, D = q.shape
+    d_k = D // heads
+    scores = np.empty((heads, L, L), np.float32)
+    for h in range(heads):
+        cols = slice(h * d_k, (h + 1) * d_k)
+        gemm(q[:, cols], k[:, cols], scores[h], alpha=d_k**-0.5)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.empty((L, D), np.float32)
+    for h in range(heads):
+        cols = slice(h * d_k, (h + 1) * d_k)
+        gemm(scores[h], v[:, cols], out[:, cols], trans_b=False)
+    return out
 
 
 def applies(encoder: nn.Module) -> bool:
@@ -143,22 +151,13 @@ def applies(encoder: nn.Module) -> bool:
     return encoder.tp_norm.weight.dtype == mx.float32
 
 
-class NumpyEncoder:
-    """The encoder's layers as NumPy arrays; calling it runs a padded batch, utterance by utterance."""
+class NumpyEncoder(KeptOn):
+    """The encoder's layers as NumPy arrays; calling it runs a padded batch, utterance by utterance.
+    `NumpyEncoder.of(encoder)` builds it on first use and keeps it on the encoder (asr.kept)."""
 
-    @classmethod
-    def of(cls, encoder: nn.Module) -> NumpyEncoder:
-        """Built on first use and kept on the encoder (a plain attribute, not a parameter)."""
-        runner = getattr(encoder, "_numpy_encoder", None)
-        if runner is None:
-            runner = cls(encoder)
-            encoder._numpy_encoder = runner
-        return runner
+    ATTR = "_numpy_encoder"
 
     def __init__(self, encoder: nn.Module):
-        from .encoder import sinusoidal_position_encoding
-
-        self._positions = sinusoidal_position_encoding
         self.dim = encoder.cfg.output_size
         self.layers = [_Layer(layer) for layer in encoder.encoders0 + encoder.encoders]
         self.after_norm = _LayerNorm(encoder.after_norm)
@@ -169,7 +168,10 @@ class NumpyEncoder:
     def positions(self, length: int) -> np.ndarray:
         """The first `length` rows of the sinusoidal position table (MLX's own values, grown as needed)."""
         if self._table.shape[0] < length:
-            self._table = _np(self._positions(max(length, 2 * self._table.shape[0]), self._table.shape[1]))
+            from .encoder import sinusoidal_position_encoding  # (encoder imports this module)
+
+            grown = max(length, 2 * self._table.shape[0])
+            self._table = _np(sinusoidal_position_encoding(grown, self._table.shape[1]))
         return self._table[:length]
 
     def one(self, feats: np.ndarray) -> np.ndarray:
@@ -184,11 +186,17 @@ class NumpyEncoder:
 
     def __call__(self, xs: mx.array, lengths: mx.array | None = None) -> mx.array:
         """xs [B, L, input_size] fp32, lengths [B] valid rows (None: all) -> [B, L, D] (padded rows 0)."""
-        B, L, _ = xs.shape
-        feats = np.ascontiguousarray(_np(xs))
-        counts = [L] * B if lengths is None else [int(n) for n in np.asarray(lengths)]
-        out = np.zeros((B, L, self.dim), np.float32)
-        for b, n in enumerate(counts):
-            if n > 0:
-                out[b, :n] = self.one(feats[b, :n])
-        return mx.array(out)
+        return per_utterance(self.one, xs, lengths, self.dim)
+
+
+def per_utterance(one, xs: mx.array, lengths: mx.array | None, dim: int) -> mx.array:
+    """A padded batch [B, L, D_in] through `one` ([n, D_in] -> [n, dim]) utterance by utterance on its valid rows
+    (lengths [B], None: all); padded rows come out 0."""
+    B, L, _ = xs.shape
+    x = np.ascontiguousarray(_np(xs))
+    counts = [L] * B if lengths is None else [int(n) for n in np.asarray(lengths)]
+    out = np.zeros((B, L, dim), np.float32)
+    for b, n in enumerate(counts):
+        if n > 0:
+            out[b, :n] = one(x[b, :n])
+    return mx.array(out)

@@ -24,6 +24,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 
 from . import cpu_bf16, cpu_blas
+from .kept import KeptOn
 
 CACHE_STEP = 128  # KV cache positions added at a time
 
@@ -100,17 +101,11 @@ def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return _mms(x, w)[0]
 
 
-class NumpyQwen3:
-    """The model's LLM as NumPy arrays: `start` prefills a batch, the returned step decodes one token per row."""
+class NumpyQwen3(KeptOn):
+    """The model's LLM as NumPy arrays: `start` prefills a batch, the returned step decodes one token per row.
+    `NumpyQwen3.of(model)` builds it on first use and keeps it on the model (asr.kept)."""
 
-    @classmethod
-    def of(cls, model: qwen3.Model) -> NumpyQwen3:
-        """Built on first use and kept on the model (a plain attribute, not a parameter)."""
-        runner = getattr(model, "_numpy_qwen3", None)
-        if runner is None:
-            runner = cls(model)
-            model._numpy_qwen3 = runner
-        return runner
+    ATTR = "_numpy_qwen3"
 
     def __init__(self, model: qwen3.Model):
         m = model.model

@@ -18,6 +18,7 @@ from mlx_lm.models.activations import swiglu
 
 from . import cpu_llm, cuda_decode, cuda_persistent
 from .errors import ModelLoadError, TranscriptionCancelled
+from .kept import KeptOn
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
 CACHE_STEP = 128  # the fast decoder's KV cache grows by this many positions (each size is compiled once)
@@ -303,7 +304,7 @@ class _FusedLinear:
         return x @ self._w_t
 
 
-class FastDecoder:
+class FastDecoder(KeptOn):
     """Greedy decode steps for an mlx-lm Qwen3 on MLX (GPUs; on a CPU only for non-fp32 LLMs, see cpu_llm).
 
     - q/k/v and gate/up are fused into one matmul each (4 matmuls a layer instead of 7);
@@ -321,14 +322,7 @@ class FastDecoder:
     Tokens equal mlx-lm's own step (same layers, same cache contents; masked positions add exact zeros).
     """
 
-    @classmethod
-    def of(cls, model: qwen3.Model) -> FastDecoder:
-        """The model's decoder, built on first use (kept on the model as a plain attribute, not a parameter)."""
-        dec = getattr(model, "_fast_decoder", None)
-        if dec is None:
-            dec = cls(model)
-            model._fast_decoder = dec
-        return dec
+    ATTR = "_fast_decoder"  # FastDecoder.of(model): built on first use, kept on the model (asr.kept)
 
     def __init__(self, model: qwen3.Model):
         self.model = model

@@ -57,6 +57,16 @@ def _median_stages(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
+def _with_rates(med: dict, duration_s: float) -> dict:
+    """Median stages plus duration, real-time factor and tok/s (the first new token comes out of the prefill:
+    decode time covers the other new_tokens - 1)."""
+    med["duration_s"] = duration_s
+    med["rtf"] = med["total_s"] / duration_s
+    med["prefill_tok_s"] = med["prompt_tokens"] / med["prefill_s"]
+    med["decode_tok_s"] = (med["new_tokens"] - 1) / med["decode_s"] if med["decode_s"] > 0 else 0.0
+    return med
+
+
 def _merge_rounds(group: list[dict]) -> dict:
     """One mode's results of several rounds as one: per clip, the median over every round's runs (ours adds the
     audio decode, timed once per process, to each total) and each round's own median total."""
@@ -68,10 +78,7 @@ def _merge_rounds(group: list[dict]) -> dict:
         if merged["side"] == "ours":
             med["audio_decode_s"] = clip["stages"]["audio_decode_s"]
             med["total_s"] += med["audio_decode_s"]
-        med["duration_s"] = clip["stages"]["duration_s"]
-        med["rtf"] = med["total_s"] / med["duration_s"]
-        med["prefill_tok_s"] = med["prompt_tokens"] / med["prefill_s"]
-        med["decode_tok_s"] = (med["new_tokens"] - 1) / med["decode_s"] if med["decode_s"] > 0 else 0.0
+        _with_rates(med, clip["stages"]["duration_s"])
         clip.update(stages=med, runs=runs, round_totals=[c["stages"]["total_s"] for c in rounds])
     merged["rounds"] = len(group)
     return merged
@@ -154,11 +161,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
         med = _median_stages(runs)
         med["audio_decode_s"] = audio.decode_s
         med["total_s"] += audio.decode_s
-        med["duration_s"] = audio.duration_s
-        med["rtf"] = med["total_s"] / audio.duration_s
-        med["prefill_tok_s"] = med["prompt_tokens"] / med["prefill_s"]
-        # the first new token comes out of the prefill: decode time covers the other new_tokens - 1
-        med["decode_tok_s"] = (med["new_tokens"] - 1) / med["decode_s"] if med["decode_s"] > 0 else 0.0
+        _with_rates(med, audio.duration_s)
         clip = {"clip": Path(path).name, "stages": med, "tokens": tokens, "runs": runs}
         if a.agreement_dir:
             clip["agreement"] = _agreement(a, Path(path).stem, llm, emb, tokens, teacher_forced_logits)
@@ -319,10 +322,7 @@ def worker_official(a: argparse.Namespace) -> dict:
             run(path)
         runs = [run(path) for _ in range(a.repeats)]
         med = _median_stages(runs)
-        med["duration_s"] = soundfile.info(path).duration
-        med["rtf"] = med["total_s"] / med["duration_s"]
-        med["prefill_tok_s"] = med["prompt_tokens"] / med["prefill_s"]
-        med["decode_tok_s"] = (med["new_tokens"] - 1) / med["decode_s"] if med["decode_s"] > 0 else 0.0
+        _with_rates(med, soundfile.info(path).duration)
         clips.append({"clip": Path(path).name, "stages": med, "runs": runs})
     res["clips"] = clips
     if cuda:
