@@ -35,6 +35,9 @@ from mlx_lm.models.activations import swiglu
 
 ENABLED = True  # A/B switch (benchmarks, tools/gpu/probe_step.py)
 COMPILE = True  # False: build the step kernel by kernel every time (A/B switch for tools/gpu/probe_step.py)
+# key/value positions a warp of `attend` loads at a time (attend_head); read when a step is built (A/B switch for
+# tools/gpu/probe_batch.py)
+ATTEND_PAR = 8
 
 _HEADER = """
 template <typename A, typename B> struct same_type { static constexpr bool value = false; };
@@ -128,10 +131,11 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int row) {
 // One query head h of one row, for the token at cache position `last` with RoPE position last - first: `row` holds
 // [q (H*HD) | k (KV*HD) | v (KV*HD)] before the norms; kc/vc point at this row's caches [KV, cap, HD].
 // Warp 0 normalises and rotates q into shared memory; warp 1 does k and writes it to the cache; warp 2 writes v.
-// (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes positions
-// first + warp, + 2 NW, ... two at a time (t and t + NW, their loads in flight together) with an online softmax,
-// and the block merges the warps' partial results into out[0..HD) (rounded to T).
-template <typename T, int H, int KV, int HD, int NW, typename S, typename O>
+// (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes PAR positions
+// at a time (first + PAR warp, ..., then NW PAR further on; all their key and value rows loaded together, since a
+// step's attention is bound by the latency of these reads) with an online softmax, and the block merges the warps'
+// partial results into out[0..HD) (rounded to T).
+template <typename T, int H, int KV, int HD, int NW, int ATTEND_PAR, typename S, typename O>
 __device__ __forceinline__ void attend_head(const S* row, const T* q_norm, const T* k_norm, const float* freqs,
                                             T* kc, T* vc, int cap, int first, int last, int h, float eps,
                                             float scale, O* out) {
@@ -188,28 +192,39 @@ __device__ __forceinline__ void attend_head(const S* row, const T* q_norm, const
     acc[j] = 0.f;
   }
   float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.f;
-  for (int t = first + warp; t <= last; t += 2 * NW) {
-    const bool two = t + NW <= last;
-    const T* kt = kc + (size_t)t * HD;
-    const T* kt2 = kc + (size_t)(two ? t + NW : t) * HD;
-    const T* vt = vc + (size_t)t * HD;
-    const T* vt2 = vc + (size_t)(two ? t + NW : t) * HD;
-    float d = 0.f, d2 = 0.f;
+  for (int t0 = first + warp * ATTEND_PAR; t0 <= last; t0 += NW * ATTEND_PAR) {
+    // this warp's next ATTEND_PAR positions: every key and value row loaded before any is used (positions past
+    // `last` re-read row `last` and weigh nothing)
+    T kr[ATTEND_PAR][R], vr[ATTEND_PAR][R];
 #pragma unroll
-    for (int j = 0; j < R; ++j) {
-      d += q[j] * static_cast<float>(kt[lane + 32 * j]);
-      d2 += q[j] * static_cast<float>(kt2[lane + 32 * j]);
+    for (int u = 0; u < ATTEND_PAR; ++u) {
+      const size_t t = (size_t)(t0 + u <= last ? t0 + u : last) * HD;
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        kr[u][j] = kc[t + lane + 32 * j];
+        vr[u][j] = vc[t + lane + 32 * j];
+      }
     }
-    d = warp_sum(d);
-    d2 = warp_sum(d2);
-    const float m_new = fmaxf(m, two ? fmaxf(d, d2) : d);
-    const float corr = expf(m - m_new);
-    const float p = expf(d - m_new);
-    const float p2 = two ? expf(d2 - m_new) : 0.f;
-    l = l * corr + p + p2;
+    float d[ATTEND_PAR];
+    float m_new = m;
 #pragma unroll
-    for (int j = 0; j < R; ++j) {
-      acc[j] = acc[j] * corr + p * static_cast<float>(vt[lane + 32 * j]) + p2 * static_cast<float>(vt2[lane + 32 * j]);
+    for (int u = 0; u < ATTEND_PAR; ++u) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < R; ++j) s += q[j] * static_cast<float>(kr[u][j]);
+      d[u] = warp_sum(s);
+      if (t0 + u <= last) m_new = fmaxf(m_new, d[u]);
+    }
+    const float corr = expf(m - m_new);
+    l *= corr;
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[j] *= corr;
+#pragma unroll
+    for (int u = 0; u < ATTEND_PAR; ++u) {
+      const float p = t0 + u <= last ? expf(d[u] - m_new) : 0.f;
+      l += p;
+#pragma unroll
+      for (int j = 0; j < R; ++j) acc[j] += p * static_cast<float>(vr[u][j]);
     }
     m = m_new;
   }
@@ -301,9 +316,10 @@ _GEMV = """
 _ATTEND = """
   const int b = blockIdx.x / H, h = blockIdx.x % H;
   const size_t cache_row = (size_t)b * KV * k_cache_shape[2] * HD;
-  attend_head<T, H, KV, HD, NW>(qkv + (size_t)b * (H + 2 * KV) * HD, q_norm, k_norm, freqs,
-                                const_cast<T*>(k_cache) + cache_row, const_cast<T*>(v_cache) + cache_row,
-                                k_cache_shape[2], left_pad[b], slot[0], h, EPS, SCALE, out + ((size_t)b * H + h) * HD);
+  attend_head<T, H, KV, HD, NW, PAR>(qkv + (size_t)b * (H + 2 * KV) * HD, q_norm, k_norm, freqs,
+                                     const_cast<T*>(k_cache) + cache_row, const_cast<T*>(v_cache) + cache_row,
+                                     k_cache_shape[2], left_pad[b], slot[0], h, EPS, SCALE,
+                                     out + ((size_t)b * H + h) * HD);
 """
 
 # grid: B blocks (rows) of 32 * WARPS threads. The residual add and the RMSNorm after it, rounded as MLX rounds
@@ -406,7 +422,8 @@ def attend_launch(dtype, *, batch: int, heads: int, kv_heads: int, head_dim: int
     k_cache, v_cache [batch, kv_heads, capacity, head_dim]) -> [batch, heads * head_dim]."""
     inputs = ["qkv", "q_norm", "k_norm", "freqs", "slot", "left_pad", "k_cache", "v_cache"]
     return _Launch(kernel("attend", _ATTEND, inputs, EPS=eps, SCALE=scale), dict(
-        template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("NW", warps)],
+        template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("NW", warps),
+                  ("PAR", ATTEND_PAR)],
         grid=(32 * warps * batch * heads, 1, 1), threadgroup=(32 * warps, 1, 1),
         output_shapes=[(batch, heads * head_dim)], output_dtypes=[dtype]))
 

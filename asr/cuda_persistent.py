@@ -31,24 +31,54 @@ from .cuda_decode import SMALL_ARRAY, _prepare_caches, _stepper, kernel
 
 ENABLED = os.environ.get("FUNASR_NANO_PERSISTENT", "1") != "0"  # A/B switch (tools/gpu/profile_clip.py, tests)
 NW = 8  # warps a block
+# How the step hides the latency of its weight reads (A/B switches: tools/gpu/probe_step.py --names persist-*):
+# AHEAD: each warp loads its first rows of a product before the grid barrier in front of it (GU_ROWS rows of
+# gate|up a warp, so that one round covers all of them on 132 SMs); L2_AHEAD: the blocks idle during attention
+# pull the layer's gate|up and down weights into L2.
+# ATTN_PAR: key/value positions a warp loads at a time in the attention (asr.cuda_decode's attend_head).
+# TIMING: record each phase's end (tools/gpu/probe_persistent.py reads PersistentStep.times).
+SCHEDULE = dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=8, TIMING=0)
 
 _DEVICE = """
-__device__ __forceinline__ void grid_sync(unsigned int* bar) {
-  // generation barrier: bar[0] counts arrivals, bar[1] is the generation; both persist across launches
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// A grid-wide barrier in two halves on bar (counters that persist across launches: bar[0] counts arrivals, bar[1]
+// is the generation), so that loads that depend on no other block (the next product's weights) are issued between
+// them and their latency overlaps the wait. grid_arrive: this block's writes so far are released to the grid;
+// returns the generation to wait past (thread 0's). grid_wait: returns once every block has arrived, with their
+// writes visible. With `mark` (timing, tools/gpu/probe_persistent.py): mark[0] = the latest time a block arrived,
+// mark[1] = when block 0 left.
+__device__ __forceinline__ unsigned int grid_arrive(unsigned int* bar, unsigned long long* mark) {
   __syncthreads();
+  unsigned int g = 0;
   if (threadIdx.x == 0) {
-    volatile unsigned int* gen = bar + 1;
-    const unsigned int g = *gen;
+    if (mark != nullptr) atomicMax(mark, global_ns());
+    g = ld_acquire(bar + 1);
     __threadfence();
     if (atomicAdd(bar, 1u) == gridDim.x - 1) {
       atomicExch(bar, 0u);
       __threadfence();
       atomicAdd(bar + 1, 1u);
-    } else {
-      while (*gen == g) {
-      }
     }
-    __threadfence();
+  }
+  return g;
+}
+
+__device__ __forceinline__ void grid_wait(const unsigned int* bar, unsigned int g, unsigned long long* mark) {
+  if (threadIdx.x == 0) {
+    while (ld_acquire(bar + 1) == g) {
+    }
+    if (mark != nullptr && blockIdx.x == 0) mark[1] = global_ns();
   }
   __syncthreads();
 }
@@ -70,23 +100,48 @@ __device__ __forceinline__ void load_x(float* xs, const S* src, const T* nw, int
   __syncthreads();
 }
 
-// rows [0, N) of W [NR * N, K] against xs, RG rows a warp at a time (their weights loaded first, all in flight);
-// epi(row, sum of gate or plain row, sum of up row) runs on every lane with the warp's sums
-template <typename T, int K, int RG, int NR, typename F>
-__device__ __forceinline__ void gemv_rows(const T* w, int N, const float* xs, F epi) {
+// the weight rows a warp holds for gemv_rows: RG rows (each NR rows of W [NR * N, K]) as load_row's pieces
+template <typename T, int K, int RG, int NR>
+struct Rows {
+  uint4 raw[RG][NR][K * (int)sizeof(T) / 512];
+};
+
+// the first RG rows this warp takes in gemv_rows of W [NR * N, K], loaded ahead: weights depend on no other block,
+// so they are fetched before the grid barrier that the product waits behind, and their latency overlaps it
+template <typename T, int K, int RG, int NR>
+__device__ __forceinline__ void fetch_rows(const T* w, int N, Rows<T, K, RG, NR>& rows) {
+  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+#pragma unroll
+  for (int r = 0; r < RG; ++r) load_row<T, K, NR>(w, N, gw * RG + r, rows.raw[r]);
+}
+
+// rows [0, N) of W [NR * N, K] against xs, RG rows a warp at a time (their weights loaded first, all in flight;
+// the first RG already in `rows` when FETCHED); epi(row, sum of gate or plain row, sum of up row) runs on every
+// lane with the warp's sums
+template <typename T, int K, int RG, int NR, bool FETCHED, typename F>
+__device__ __forceinline__ void gemv_rows(const T* w, int N, const float* xs, Rows<T, K, RG, NR>& rows, F epi) {
   const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int GW = gridDim.x * (blockDim.x >> 5);
   for (int base = gw * RG; base < N; base += GW * RG) {
-    uint4 raw[RG][NR][K * (int)sizeof(T) / 512];
+    if (!FETCHED || base != gw * RG) {
 #pragma unroll
-    for (int r = 0; r < RG; ++r) load_row<T, K, NR>(w, N, base + r, raw[r]);
+      for (int r = 0; r < RG; ++r) load_row<T, K, NR>(w, N, base + r, rows.raw[r]);
+    }
 #pragma unroll
     for (int r = 0; r < RG; ++r) {
       float acc[NR];
 #pragma unroll
-      for (int s = 0; s < NR; ++s) acc[s] = warp_sum(dot_lane<T, K>(raw[r][s], xs));
+      for (int s = 0; s < NR; ++s) acc[s] = warp_sum(dot_lane<T, K>(rows.raw[r][s], xs));
       if (base + r < N) epi(base + r, acc[0], acc[NR - 1]);
     }
+  }
+}
+
+// bytes [0, n) of p into L2 (prefetch.global.L2, a 128-byte line each), spread over `workers` threads
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t n, int worker, int workers) {
+  const char* c = static_cast<const char*>(p);
+  for (size_t off = (size_t)worker * 128; off < n; off += (size_t)workers * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
   }
 }
 """
@@ -94,6 +149,7 @@ __device__ __forceinline__ void gemv_rows(const T* w, int N, const float* xs, F 
 _BODY = """
   constexpr int QKV = (H + 2 * KV) * HD;
   constexpr int XS = D > H * HD ? (D > FF ? D : FF) : (H * HD > FF ? H * HD : FF);
+  constexpr bool PF = AHEAD != 0;
   __shared__ float xs[XS];
   __shared__ float red[32];
   __shared__ unsigned long long bk[NWARPS];
@@ -107,7 +163,19 @@ _BODY = """
   const int last = at[0];
   const int cap = kc0_shape[2];
   const int token = tok[0];
+  unsigned long long* times = TIMING ? const_cast<unsigned long long*>(tbuf) : nullptr;
+  int phase = 0;
+  unsigned int gen = 0;
+#define ARRIVE gen = grid_arrive(bar, times == nullptr ? nullptr : times + 2 * (1 + phase))
+#define WAIT grid_wait(bar, gen, times == nullptr ? nullptr : times + 2 * (1 + phase++))
+  if (times != nullptr && blockIdx.x == 0 && tid == 0) times[0] = global_ns();
 $TABLES
+  // weight rows loaded ahead of the barrier before their product (AHEAD): q|k|v and the head share one shape
+  Rows<T, D, 4, 1> r_qkv;
+  Rows<T, H * HD, 1, 1> r_o;
+  Rows<T, D, GU_ROWS, 2> r_gu;
+  Rows<T, FF, 1, 1> r_d;
+  if (PF) fetch_rows(WQKV[0], QKV, r_qkv);
   for (int l = 0; l < LAYERS; ++l) {
     // 1. RMSNorm + q|k|v (layer 0 reads the token's embedding; block 0 keeps it as the residual stream)
     if (l == 0) {
@@ -119,26 +187,35 @@ $TABLES
     } else {
       load_x<T>(xs, x, LN1[l], D, EPS, red);
     }
-    gemv_rows<T, D, 4, 1>(WQKV[l], QKV, xs, [&](int row, float a, float) {
+    gemv_rows<T, D, 4, 1, PF>(WQKV[l], QKV, xs, r_qkv, [&](int row, float a, float) {
       if (lane == 0) qkv[row] = static_cast<float>(static_cast<T>(a));
     });
-    grid_sync(bar);
-    // 2. attention: block h < H takes query head h
+    ARRIVE;
+    if (PF) fetch_rows(WO[l], D, r_o);
+    WAIT;
+    // 2. attention: block h < H takes query head h; the other blocks pull the MLP's weights into L2 (L2_AHEAD)
     if (blockIdx.x < H) {
-      attend_head<T, H, KV, HD, NWARPS>(static_cast<const float*>(qkv), QN[l], KN[l], freqs, const_cast<T*>(KC[l]),
+      attend_head<T, H, KV, HD, NWARPS, ATTN_PAR>(static_cast<const float*>(qkv), QN[l], KN[l], freqs, const_cast<T*>(KC[l]),
                                         const_cast<T*>(VC[l]), cap, 0, last, blockIdx.x, EPS, SCALE,
                                         att + blockIdx.x * HD);
+    } else if (L2_AHEAD) {
+      const int worker = (blockIdx.x - H) * blockDim.x + tid, workers = (gridDim.x - H) * blockDim.x;
+      prefetch_l2(WGU[l], (size_t)2 * FF * D * sizeof(T), worker, workers);
+      prefetch_l2(WD[l], (size_t)D * FF * sizeof(T), worker, workers);
     }
-    grid_sync(bar);
+    ARRIVE;
+    WAIT;
     // 3. x = x + o(att)
     load_x<T>(xs, att, nullptr, H * HD, 0.f, red);
-    gemv_rows<T, H * HD, 1, 1>(WO[l], D, xs, [&](int row, float a, float) {
+    gemv_rows<T, H * HD, 1, 1, PF>(WO[l], D, xs, r_o, [&](int row, float a, float) {
       if (lane == 0) x[row] = static_cast<float>(static_cast<T>(__ldcg(x + row) + static_cast<float>(static_cast<T>(a))));
     });
-    grid_sync(bar);
+    ARRIVE;
+    if (PF) fetch_rows(WGU[l], FF, r_gu);
+    WAIT;
     // 4. RMSNorm + gate|up + SwiGLU
     load_x<T>(xs, x, LN2[l], D, EPS, red);
-    gemv_rows<T, D, 2, 2>(WGU[l], FF, xs, [&](int row, float a0, float a1) {
+    gemv_rows<T, D, GU_ROWS, 2, PF>(WGU[l], FF, xs, r_gu, [&](int row, float a0, float a1) {
       if (lane == 0) {
         const float gt = static_cast<float>(static_cast<T>(a0));
         const float u = static_cast<float>(static_cast<T>(a1));
@@ -147,24 +224,37 @@ $TABLES
         hid[row] = static_cast<float>(static_cast<T>(silu * u));
       }
     });
-    grid_sync(bar);
+    ARRIVE;
+    if (PF) fetch_rows(WD[l], D, r_d);
+    WAIT;
     // 5. x = x + down(hid)
     load_x<T>(xs, hid, nullptr, FF, 0.f, red);
-    gemv_rows<T, FF, 1, 1>(WD[l], D, xs, [&](int row, float a, float) {
+    gemv_rows<T, FF, 1, 1, PF>(WD[l], D, xs, r_d, [&](int row, float a, float) {
       if (lane == 0) x[row] = static_cast<float>(static_cast<T>(__ldcg(x + row) + static_cast<float>(static_cast<T>(a))));
     });
-    grid_sync(bar);
+    ARRIVE;
+    if (PF) {
+      if (l + 1 < LAYERS) {
+        fetch_rows(WQKV[l + 1], QKV, r_qkv);
+      } else {
+        fetch_rows(head, V, r_qkv);
+      }
+    }
+    WAIT;
   }
   // final RMSNorm + LM head: the first row of the largest rounded logit
   load_x<T>(xs, x, norm, D, EPS, red);
   unsigned long long best = 0ull;
-  gemv_rows<T, D, 4, 1>(head, V, xs, [&](int row, float a, float) {
+  gemv_rows<T, D, 4, 1, PF>(head, V, xs, r_qkv, [&](int row, float a, float) {
     const unsigned long long k = argmax_key(static_cast<float>(static_cast<T>(a)), row);
     best = k > best ? k : best;
   });
   best = block_max_key(best, bk);
   if (tid == 0) keys[blockIdx.x] = best;
-  grid_sync(bar);
+  ARRIVE;
+  WAIT;
+#undef ARRIVE
+#undef WAIT
   if (blockIdx.x == 0 && warp == 0) {
     unsigned long long b = 0ull;
     for (int i = lane; i < gridDim.x; i += 32) {
@@ -179,6 +269,7 @@ $TABLES
     if (lane == 0) {
       out[0] = (int)(0xFFFFFFFFu - (unsigned int)(b & 0xFFFFFFFFull));
       at_out[0] = last + 1;
+      if (times != nullptr) times[1] = global_ns();
     }
   }
 """
@@ -188,7 +279,7 @@ _PER_LAYER = ("ln1", "ln2", "qn", "kn", "wqkv", "wo", "wgu", "wd", "kc", "vc")
 
 def _source(layers: int) -> tuple[str, list[str]]:
     """The kernel body for `layers` layers and its input names (per-layer arrays as pointer tables)."""
-    names = ["tok", "at", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "attbuf", "hbuf", "keybuf", "barrier"]
+    names = ["tok", "at", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "attbuf", "hbuf", "keybuf", "barrier", "tbuf"]
     tables = []
     for kind in _PER_LAYER:
         names += [f"{kind}{i}" for i in range(layers)]
@@ -251,15 +342,17 @@ class PersistentStep:
             return mx.zeros((max(n, 64),), dtype=dtype)
 
         self.fixed = [self.embed, p.freqs, m.norm.weight, head, scratch(dim), scratch((heads + 2 * kv_heads) * head_dim),
-                      scratch(heads * head_dim), scratch(inter), scratch(blocks, mx.uint64), scratch(2, mx.uint32)]
+                      scratch(heads * head_dim), scratch(inter), scratch(blocks, mx.uint64), scratch(2, mx.uint32),
+                      scratch(2 * (5 * len(plans) + 2), mx.uint64)]
         mx.eval(self.fixed)
+        self.times = self.fixed[-1]  # with SCHEDULE["TIMING"]: [start, end] then [last arrival, block 0 left] a phase
         per_layer = [[q.ln1, q.ln2, q.q_norm, q.k_norm, q.qkv.weight, q.o.weight, q.gate_up.weight, q.down.weight]
                      for q in plans]
         # every input but the token, position and caches, in _source's order (built once, not per token)
         self.constant = self.fixed + [a for kind in zip(*per_layer, strict=True) for a in kind]
         self.options = dict(
             template=[("T", dtype), ("LAYERS", len(plans)), ("D", dim), ("FF", inter), ("H", heads), ("KV", kv_heads),
-                      ("HD", head_dim), ("V", head.shape[0])],
+                      ("HD", head_dim), ("V", head.shape[0]), *SCHEDULE.items()],
             grid=(blocks * 32 * NW, 1, 1), threadgroup=(32 * NW, 1, 1),
             output_shapes=[(SMALL_ARRAY,), (SMALL_ARRAY,)], output_dtypes=[mx.int32, mx.int32])
 

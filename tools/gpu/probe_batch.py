@@ -2,7 +2,7 @@
 
 For a checkpoint and clips repeated to --segments rows: features, encoder, adaptor, prompt building, prefill and
 decode, median of --repeats after a warm-up, for the encoder in fp32 and in bf16 and for two decode steps
-(asr.cuda_decode.RowsStep, the masked MLX step). Then the whole batch end to end, as examples/benchmark.py times it.
+(asr.cuda_decode.RowsStep with each --attend-par, the masked MLX step). Then the whole batch end to end, as examples/benchmark.py times it.
 Usage:
   python3 tools/gpu/probe_batch.py --model /root/ck/full --clips a.wav b.wav [--segments 64] [--tokens 32]
 """
@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--encoder-dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--attend-par", type=int, nargs="+", default=[cuda_decode.ATTEND_PAR],
+                    help="RowsStep's attention: key/value positions a warp loads at a time (cuda_decode.ATTEND_PAR)")
     a = ap.parse_args()
     print("device", mx.default_device(), "mlx", mx.__version__)
     models = {d: asr.load_model(a.model, dtype="bfloat16", encoder_dtype=d) for d in a.encoder_dtypes}
@@ -66,8 +68,10 @@ def main() -> None:
         ms, (prompts, plens) = timed(lambda r=rows, c=counts: model.prompt_batch(r, c, ids), a.repeats)
         print(f"prompt_batch          {ms:8.2f} ms")
         llm = model.net.llm
-        for name, enabled in (("RowsStep", True), ("masked MLX step", False)):
-            cuda_decode.ENABLED = enabled
+        default_par = cuda_decode.ATTEND_PAR
+        variants = [(f"RowsStep par{n}", True, n) for n in a.attend_par] + [("masked MLX step", False, default_par)]
+        for name, enabled, par in variants:
+            cuda_decode.ENABLED, cuda_decode.ATTEND_PAR = enabled, par
             llm._fast_decoder = None
             runs = [greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens,
                                          repetition_guard=False) for _ in range(a.repeats + 1)][1:]
@@ -75,7 +79,7 @@ def main() -> None:
             dec = statistics.median(r[0].decode_s for r in runs) * 1e3
             print(f"decode {name:16s} prefill {pre:7.2f} ms, decode {dec:8.2f} ms "
                   f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step)")
-        cuda_decode.ENABLED = True
+        cuda_decode.ENABLED, cuda_decode.ATTEND_PAR = True, default_par
         llm._fast_decoder = None
         for dtype, m in models.items():
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
-from asr import cuda_decode
+from asr import cuda_decode, cuda_persistent
 from asr import llm as L
 
 CONFIG = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
@@ -79,6 +79,15 @@ FusedEager = variant((cuda_decode, "COMPILE", False))
 NoRows = variant((cuda_decode, "rows_available", lambda model: False))
 # the masked, compiled batch step even for a batch of one (what it did before the mask-free path)
 Masked = variant((cuda_decode, "ENABLED", False), base=_MaskedAtOne)
+
+
+# the one-launch step (asr.cuda_persistent) with each weight-latency schedule, and the five-kernels-a-layer FusedStep
+PERSISTENT = {
+    "persist-base": dict(AHEAD=0, L2_AHEAD=0, GU_ROWS=2, ATTN_PAR=2, TIMING=0),
+    "persist-ahead": dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=8, TIMING=0),
+    "persist-ahead-l2": dict(AHEAD=1, L2_AHEAD=1, GU_ROWS=3, ATTN_PAR=8, TIMING=0),
+}
+Fused = variant((cuda_persistent, "ENABLED", False))
 
 
 def knockout(*parts: str):
@@ -178,7 +187,8 @@ def main() -> None:
     for n in (100, 400):
         print(f"chain of {n} rms_norm kernels: {tiny_chain(n, 20, True):.3f} ms ({tiny_chain(n, 20, True) / n * 1e3:.1f} us each)")
     variants = [("FastDecoder", L.FastDecoder), ("unfused", Unfused), ("fused-eager", FusedEager), ("masked", Masked),
-                ("no-rows", NoRows)]
+                ("no-rows", NoRows), ("fused", Fused)]
+    variants += [(name, variant((cuda_persistent, "SCHEDULE", s))) for name, s in PERSISTENT.items()]
     variants = [v for v in variants if v[0] in a.names] if a.names else variants[: a.variants]
     if a.knockouts:
         variants = [("FastDecoder", L.FastDecoder)] + [(k, knockout(*k.split("+"))) for k in a.knockouts]
