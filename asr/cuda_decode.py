@@ -35,9 +35,12 @@ from mlx_lm.models.activations import swiglu
 
 ENABLED = True  # A/B switch (benchmarks, tools/gpu/probe_step.py)
 COMPILE = True  # False: build the step kernel by kernel every time (A/B switch for tools/gpu/probe_step.py)
-# key/value positions a warp of `attend` loads at a time (attend_head); read when a step is built (A/B switch for
-# tools/gpu/probe_batch.py)
+# key/value positions a warp of `attend` loads at a time (attend_head), read when a step is built. A batch of one is
+# bound by the latency of these reads: 8 (asr.cuda_persistent's SCHEDULE has its own). RowsStep at a batch of 64
+# has 1,024 blocks to hide it and fewer registers matter more: 2 (H200, tools/gpu/probe_batch.py --attend-par 8 2
+# 8 2: 4.61 / 4.80 ms a step against 5.05 / 5.17 for 8).
 ATTEND_PAR = 8
+ROWS_ATTEND_PAR = 2
 
 _HEADER = """
 template <typename A, typename B> struct same_type { static constexpr bool value = false; };
@@ -417,13 +420,13 @@ def argmax_of_keys(keys: mx.array) -> mx.array:
 
 
 def attend_launch(dtype, *, batch: int, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float,
-                  warps: int) -> _Launch:
+                  warps: int, par: int) -> _Launch:
     """Inputs (qkv [batch, (heads + 2 kv_heads) head_dim], q_norm, k_norm, freqs, slot [1], left_pad [batch],
     k_cache, v_cache [batch, kv_heads, capacity, head_dim]) -> [batch, heads * head_dim]."""
     inputs = ["qkv", "q_norm", "k_norm", "freqs", "slot", "left_pad", "k_cache", "v_cache"]
     return _Launch(kernel("attend", _ATTEND, inputs, EPS=eps, SCALE=scale), dict(
         template=[("T", dtype), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("NW", warps),
-                  ("PAR", ATTEND_PAR)],
+                  ("PAR", par)],
         grid=(32 * warps * batch * heads, 1, 1), threadgroup=(32 * warps, 1, 1),
         output_shapes=[(batch, heads * head_dim)], output_dtypes=[dtype]))
 
@@ -479,7 +482,8 @@ class FusedStep:
         dtype = self.embed.dtype
         self._qkv = gemv_launch(p.qkv.weight.shape, dtype, norm=True, eps=p.eps)
         self._attend = attend_launch(dtype, batch=1, heads=p.q_shape[1], kv_heads=p.kv_shape[1],
-                                     head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=16)
+                                     head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=16,
+                                     par=ATTEND_PAR)
         self._o = gemv_launch(p.o.weight.shape, dtype, res=True, rows=1)
         self._gate_up = gemv_launch(p.gate_up.weight.shape, dtype, norm=True, eps=p.eps, swiglu=True)
         self._down = gemv_launch(p.down.weight.shape, dtype, res=True, rows=1)
@@ -533,7 +537,8 @@ class RowsStep:
             p = self.layers[0]
             found = self._launches[batch] = (
                 attend_launch(p.ln1.dtype, batch=batch, heads=p.q_shape[1], kv_heads=p.kv_shape[1],
-                              head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=4),
+                              head_dim=p.q_shape[3], eps=p.eps, scale=p.scale, warps=4,
+                              par=ROWS_ATTEND_PAR),
                 add_norm_launch(p.ln1.dtype, batch=batch, dim=p.ln1.shape[0], eps=p.eps))
         return found
 

@@ -96,7 +96,7 @@ def _emulated(monkeypatch) -> None:
 
         return run
 
-    def attend_launch(dtype, *, batch, heads, kv_heads, head_dim, eps, scale, warps):
+    def attend_launch(dtype, *, batch, heads, kv_heads, head_dim, eps, scale, warps, par):
         def run(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache):
             assert k_cache.shape[0] == batch and k_cache.shape[-1] == head_dim
             return _mlx_attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, heads=heads,
@@ -270,10 +270,12 @@ def _gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu=False, rows=2):
     return launch(x, norm if norm is not None else x, w, res if res is not None else x)
 
 
-def _attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, *, heads, kv_heads, eps, scale, warps):
+def _attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, *, heads, kv_heads, eps, scale, warps,
+            par):
     """One cuda_decode attend launch (writes k_cache/v_cache at slot[0] in place)."""
     launch = cuda_decode.attend_launch(qkv.dtype, batch=k_cache.shape[0], heads=heads, kv_heads=kv_heads,
-                                       head_dim=k_cache.shape[-1], eps=eps, scale=scale, warps=warps)
+                                       head_dim=k_cache.shape[-1], eps=eps, scale=scale, warps=warps,
+                                       par=par)
     return launch(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache)
 
 
@@ -324,11 +326,13 @@ def test_gemv_argmax_is_the_first_largest_value(dtype, n, k):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("pos,pads,warps", [(0, [0], 16), (5, [0], 16), (77, [0], 16), (255, [0], 16), (77, [0], 8),
-                                            (140, [0, 17, 139], 4), (200, [3, 0], 8)])
-def test_attend_matches_mlx(dtype, pos, pads, warps):
-    """attend (rows left-padded differently, grouped queries; the cache capacity read at run time) against MLX
-    operations, including the in-place cache write."""
+@pytest.mark.parametrize("pos,pads,warps,par", [
+    (0, [0], 16, 8), (5, [0], 16, 8), (77, [0], 16, 8), (255, [0], 16, 8), (77, [0], 8, 2), (140, [0, 17, 139], 4, 2),
+    (200, [3, 0], 8, 8), (140, [0, 17, 139], 4, 8), (77, [0], 16, 3), (33, [5], 4, 1)])
+def test_attend_matches_mlx(dtype, pos, pads, warps, par):
+    """attend (rows left-padded differently, grouped queries; the cache capacity read at run time; par positions a
+    warp at a time, which need not divide the row's length) against MLX operations, including the in-place cache
+    write."""
     B, heads, kv_heads, hd, cap = len(pads), 16, 8, 128, 256
     keys = mx.random.split(mx.random.key(1), 5)
     qkv = mx.random.normal((B, (heads + 2 * kv_heads) * hd), key=keys[0]).astype(dtype)
@@ -343,7 +347,7 @@ def test_attend_matches_mlx(dtype, pos, pads, warps):
     slot, left_pad = mx.array([pos], dtype=mx.int32), mx.array(pads, dtype=mx.int32)
     kw = dict(heads=heads, kv_heads=kv_heads, eps=1e-6, scale=hd**-0.5)
     ref = _mlx_attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_ref, v_ref, **kw)
-    ours = _attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, warps=warps, **kw)
+    ours = _attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, warps=warps, par=par, **kw)
     mx.eval(ours)
     _close(ours, ref, dtype)
     # written in place at `pos` (as the MLX ops round it), untouched elsewhere

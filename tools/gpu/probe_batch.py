@@ -41,8 +41,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--encoder-dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--attend-par", type=int, nargs="+", default=[cuda_decode.ATTEND_PAR],
-                    help="RowsStep's attention: key/value positions a warp loads at a time (cuda_decode.ATTEND_PAR)")
+    ap.add_argument("--attend-par", type=int, nargs="+", default=[cuda_decode.ROWS_ATTEND_PAR],
+                    help="RowsStep's attention: key/value positions a warp loads at a time (cuda_decode.ROWS_ATTEND_PAR)")
     a = ap.parse_args()
     print("device", mx.default_device(), "mlx", mx.__version__)
     models = {d: asr.load_model(a.model, dtype="bfloat16", encoder_dtype=d) for d in a.encoder_dtypes}
@@ -68,10 +68,10 @@ def main() -> None:
         ms, (prompts, plens) = timed(lambda r=rows, c=counts: model.prompt_batch(r, c, ids), a.repeats)
         print(f"prompt_batch          {ms:8.2f} ms")
         llm = model.net.llm
-        default_par = cuda_decode.ATTEND_PAR
+        default_par = cuda_decode.ROWS_ATTEND_PAR
         variants = [(f"RowsStep par{n}", True, n) for n in a.attend_par] + [("masked MLX step", False, default_par)]
         for name, enabled, par in variants:
-            cuda_decode.ENABLED, cuda_decode.ATTEND_PAR = enabled, par
+            cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR = enabled, par
             llm._fast_decoder = None
             runs = [greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens,
                                          repetition_guard=False) for _ in range(a.repeats + 1)][1:]
@@ -79,7 +79,7 @@ def main() -> None:
             dec = statistics.median(r[0].decode_s for r in runs) * 1e3
             print(f"decode {name:16s} prefill {pre:7.2f} ms, decode {dec:8.2f} ms "
                   f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step)")
-        cuda_decode.ENABLED, cuda_decode.ATTEND_PAR = True, default_par
+        cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR = True, default_par
         llm._fast_decoder = None
         for dtype, m in models.items():
 
