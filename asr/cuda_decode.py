@@ -36,7 +36,7 @@ from mlx_lm.models.activations import swiglu
 ENABLED = True  # A/B switch (benchmarks, tools/gpu/probe_step.py)
 COMPILE = True  # False: build the step kernel by kernel every time (A/B switch for tools/gpu/probe_step.py)
 # key/value positions a warp of `attend` loads at a time (attend_head), read when a step is built. A batch of one is
-# bound by the latency of these reads: 8 (asr.cuda_persistent's SCHEDULE has its own). RowsStep at a batch of 64
+# bound by the latency of these reads: 8 (asr.cuda_persistent's SCHEDULE starts from it). RowsStep at a batch of 64
 # has 1,024 blocks to hide it and fewer registers matter more: 2 (H200, tools/gpu/probe_batch.py --attend-par 8 2
 # 8 2: 4.61 / 4.80 ms a step against 5.05 / 5.17 for 8).
 ATTEND_PAR = 8

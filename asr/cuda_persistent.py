@@ -27,17 +27,16 @@ import os
 
 import mlx.core as mx
 
-from .cuda_decode import SMALL_ARRAY, _prepare_caches, _stepper, kernel
+from .cuda_decode import ATTEND_PAR, SMALL_ARRAY, _prepare_caches, _stepper, kernel
 
 ENABLED = os.environ.get("FUNASR_NANO_PERSISTENT", "1") != "0"  # A/B switch (tools/gpu/profile_clip.py, tests)
 NW = 8  # warps a block
-# How the step hides the latency of its weight reads (A/B switches: tools/gpu/probe_step.py --names persist-*):
+# How the step hides the latency of its weight reads (A/B switches: tools/gpu/probe_persistent.py --schedules):
 # AHEAD: each warp loads its first rows of a product before the grid barrier in front of it (GU_ROWS rows of
-# gate|up a warp, so that one round covers all of them on 132 SMs); L2_AHEAD: the blocks idle during attention
-# pull the layer's gate|up and down weights into L2.
+# gate|up a warp, so that one round covers all of them on 132 SMs).
 # ATTN_PAR: key/value positions a warp loads at a time in the attention (asr.cuda_decode's attend_head).
 # TIMING: record each phase's end (tools/gpu/probe_persistent.py reads PersistentStep.times).
-SCHEDULE = dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=8, TIMING=0)
+SCHEDULE = dict(AHEAD=1, GU_ROWS=3, ATTN_PAR=ATTEND_PAR, TIMING=0)
 
 _DEVICE = """
 __device__ __forceinline__ unsigned long long global_ns() {
@@ -136,14 +135,6 @@ __device__ __forceinline__ void gemv_rows(const T* w, int N, const float* xs, Ro
     }
   }
 }
-
-// bytes [0, n) of p into L2 (prefetch.global.L2, a 128-byte line each), spread over `workers` threads
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t n, int worker, int workers) {
-  const char* c = static_cast<const char*>(p);
-  for (size_t off = (size_t)worker * 128; off < n; off += (size_t)workers * 128) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
-  }
-}
 """
 
 _BODY = """
@@ -193,15 +184,11 @@ $TABLES
     ARRIVE;
     if (PF) fetch_rows(WO[l], D, r_o);
     WAIT;
-    // 2. attention: block h < H takes query head h; the other blocks pull the MLP's weights into L2 (L2_AHEAD)
+    // 2. attention: block h < H takes query head h
     if (blockIdx.x < H) {
       attend_head<T, H, KV, HD, NWARPS, ATTN_PAR>(static_cast<const float*>(qkv), QN[l], KN[l], freqs, const_cast<T*>(KC[l]),
                                         const_cast<T*>(VC[l]), cap, 0, last, blockIdx.x, EPS, SCALE,
                                         att + blockIdx.x * HD);
-    } else if (L2_AHEAD) {
-      const int worker = (blockIdx.x - H) * blockDim.x + tid, workers = (gridDim.x - H) * blockDim.x;
-      prefetch_l2(WGU[l], (size_t)2 * FF * D * sizeof(T), worker, workers);
-      prefetch_l2(WD[l], (size_t)D * FF * sizeof(T), worker, workers);
     }
     ARRIVE;
     WAIT;

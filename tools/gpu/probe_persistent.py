@@ -22,26 +22,19 @@ from asr import cuda_persistent
 from asr import llm as L
 
 SCHEDULES = {
-    "base": dict(AHEAD=0, L2_AHEAD=0, GU_ROWS=2, ATTN_PAR=2),
-    "ahead": dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=2),
-    "par8": dict(AHEAD=0, L2_AHEAD=0, GU_ROWS=2, ATTN_PAR=8),
-    "ahead-par4": dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=4),
-    "ahead-par8": dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=8),
-    "ahead-par16": dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=16),
+    "base": dict(AHEAD=0, GU_ROWS=2, ATTN_PAR=2),
+    "ahead": dict(AHEAD=1, GU_ROWS=3, ATTN_PAR=2),
+    "par8": dict(AHEAD=0, GU_ROWS=2, ATTN_PAR=8),
+    "ahead-par4": dict(AHEAD=1, GU_ROWS=3, ATTN_PAR=4),
+    "ahead-par8": dict(AHEAD=1, GU_ROWS=3, ATTN_PAR=8),
+    "ahead-par16": dict(AHEAD=1, GU_ROWS=3, ATTN_PAR=16),
 }
 KINDS = ("qkv", "attention", "o", "gate|up", "down")
-
-
-def _fresh(model) -> None:
-    for k in list(vars(model)):
-        if k.startswith("_fast"):
-            delattr(model, k)
 
 
 def phases(model, schedule: dict, steps: int, prompt: int = 46) -> dict[str, tuple[float, float]]:
     """Mean per-step (work, barrier) microseconds by phase kind, and the kernel's span."""
     cuda_persistent.SCHEDULE = dict(schedule, TIMING=1)
-    _fresh(model)
     cache = [BatchKVCache([0]) for _ in model.layers]
     emb = (mx.random.normal((1, prompt, model.args.hidden_size), key=mx.random.key(1)) * 0.05).astype(mx.bfloat16)
     logits = L.last_logits(model, mx.zeros((1, prompt), dtype=mx.int32), cache, emb)
@@ -88,7 +81,6 @@ def main() -> None:
     ref = None
     for name in a.schedules + a.schedules:
         cuda_persistent.SCHEDULE = dict(SCHEDULES[name], TIMING=0)
-        _fresh(model)
         wall, host, toks = time_decoder(L.FastDecoder(model), model, 1, a.steps)
         ref = toks if ref is None else ref
         same = sum(x == y for x, y in zip(ref[0], toks[0], strict=True))

@@ -81,12 +81,7 @@ NoRows = variant((cuda_decode, "rows_available", lambda model: False))
 Masked = variant((cuda_decode, "ENABLED", False), base=_MaskedAtOne)
 
 
-# the one-launch step (asr.cuda_persistent) with each weight-latency schedule, and the five-kernels-a-layer FusedStep
-PERSISTENT = {
-    "persist-base": dict(AHEAD=0, L2_AHEAD=0, GU_ROWS=2, ATTN_PAR=2, TIMING=0),
-    "persist-ahead": dict(AHEAD=1, L2_AHEAD=0, GU_ROWS=3, ATTN_PAR=8, TIMING=0),
-    "persist-ahead-l2": dict(AHEAD=1, L2_AHEAD=1, GU_ROWS=3, ATTN_PAR=8, TIMING=0),
-}
+# the five-kernels-a-layer FusedStep instead of the one-launch step (its schedules: tools/gpu/probe_persistent.py)
 Fused = variant((cuda_persistent, "ENABLED", False))
 
 
@@ -188,7 +183,6 @@ def main() -> None:
         print(f"chain of {n} rms_norm kernels: {tiny_chain(n, 20, True):.3f} ms ({tiny_chain(n, 20, True) / n * 1e3:.1f} us each)")
     variants = [("FastDecoder", L.FastDecoder), ("unfused", Unfused), ("fused-eager", FusedEager), ("masked", Masked),
                 ("no-rows", NoRows), ("fused", Fused)]
-    variants += [(name, variant((cuda_persistent, "SCHEDULE", s))) for name, s in PERSISTENT.items()]
     variants = [v for v in variants if v[0] in a.names] if a.names else variants[: a.variants]
     if a.knockouts:
         variants = [("FastDecoder", L.FastDecoder)] + [(k, knockout(*k.split("+"))) for k in a.knockouts]
