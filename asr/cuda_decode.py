@@ -131,49 +131,102 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int row) {
   return ((unsigned long long)ord << 32) | (unsigned long long)(0xFFFFFFFFu - (unsigned int)row);
 }
 
+// this lane's R = HD / 32 elements (lane + 32 j) of the head vector src, RMS-normalised with nw and rotated to RoPE
+// position pos (rotate-half: element j pairs with j + HD / 2, in this same lane), each op rounded to T as MLX
+// rounds it
+template <typename T, int HD, typename S>
+__device__ __forceinline__ void norm_rope_lane(const S* src, const T* nw, const float* freqs, int pos, float eps,
+                                               float (&e)[HD / 32]) {
+  constexpr int R = HD / 32;
+  constexpr int HALF = R / 2;
+  const int lane = threadIdx.x & 31;
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    e[j] = ldf(src + lane + 32 * j);
+    ss += e[j] * e[j];
+  }
+  const float r = rsqrtf(warp_sum(ss) / HD + eps);
+#pragma unroll
+  for (int j = 0; j < R; ++j) e[j] = static_cast<float>(nw[lane + 32 * j] * static_cast<T>(e[j] * r));
+#pragma unroll
+  for (int j = 0; j < HALF; ++j) {
+    const float inv_freq = 1.0 / freqs[lane + 32 * j];
+    const float theta = static_cast<float>(pos) * inv_freq;
+    const float c = cosf(theta), s = sinf(theta);
+    const float x1 = e[j], x2 = e[j + HALF];
+    e[j] = static_cast<float>(static_cast<T>(x1 * c - x2 * s));
+    e[j + HALF] = static_cast<float>(static_cast<T>(x1 * s + x2 * c));
+  }
+}
+
+// a warp's online softmax over the positions t0, t0 + 1, ..., t0 + PAR - 1, then STEP further on, up to `last`
+// (kc / vc: [cap, HD] of one kv head; q already scaled): m, l and acc carry the running max, sum and weighted values.
+// A warp's PAR key and value rows are all loaded before any is used (a step's attention is bound by the latency of
+// these reads); positions past `last` re-read row `last` and weigh nothing.
+template <typename T, int HD, int PAR>
+__device__ __forceinline__ void attend_span(const float (&q)[HD / 32], const T* kc, const T* vc, int t_begin, int step,
+                                            int last, float& m, float& l, float (&acc)[HD / 32]) {
+  constexpr int R = HD / 32;
+  const int lane = threadIdx.x & 31;
+  for (int t0 = t_begin; t0 <= last; t0 += step) {
+    T kr[PAR][R], vr[PAR][R];
+#pragma unroll
+    for (int u = 0; u < PAR; ++u) {
+      const size_t t = (size_t)(t0 + u <= last ? t0 + u : last) * HD;
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        kr[u][j] = kc[t + lane + 32 * j];
+        vr[u][j] = vc[t + lane + 32 * j];
+      }
+    }
+    float d[PAR];
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < PAR; ++u) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < R; ++j) s += q[j] * static_cast<float>(kr[u][j]);
+      d[u] = warp_sum(s);
+      if (t0 + u <= last) m_new = fmaxf(m_new, d[u]);
+    }
+    const float corr = expf(m - m_new);
+    l *= corr;
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[j] *= corr;
+#pragma unroll
+    for (int u = 0; u < PAR; ++u) {
+      const float p = t0 + u <= last ? expf(d[u] - m_new) : 0.f;
+      l += p;
+#pragma unroll
+      for (int j = 0; j < R; ++j) acc[j] += p * static_cast<float>(vr[u][j]);
+    }
+    m = m_new;
+  }
+}
+
 // One query head h of one row, for the token at cache position `last` with RoPE position last - first: `row` holds
 // [q (H*HD) | k (KV*HD) | v (KV*HD)] before the norms; kc/vc point at this row's caches [KV, cap, HD].
 // Warp 0 normalises and rotates q into shared memory; warp 1 does k and writes it to the cache; warp 2 writes v.
-// (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes PAR positions
-// at a time (first + PAR warp, ..., then NW PAR further on; all their key and value rows loaded together, since a
-// step's attention is bound by the latency of these reads) with an online softmax, and the block merges the warps'
-// partial results into out[0..HD) (rounded to T).
+// (The blocks of the query heads that share a kv head write the same k and v.) Then every warp takes ATTEND_PAR
+// positions at a time (first + ATTEND_PAR warp, ..., then NW ATTEND_PAR further on: attend_span), and the block
+// merges the warps' partial results into out[0..HD) (rounded to T).
 template <typename T, int H, int KV, int HD, int NW, int ATTEND_PAR, typename S, typename O>
 __device__ __forceinline__ void attend_head(const S* row, const T* q_norm, const T* k_norm, const float* freqs,
                                             T* kc, T* vc, int cap, int first, int last, int h, float eps,
                                             float scale, O* out) {
   constexpr int R = HD / 32;
-  constexpr int HALF = R / 2;
   __shared__ float qs[HD];
   __shared__ float ms[NW], ls[NW];
   __shared__ float accs[NW][HD];
   const int g = h / (H / KV);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int pos = last - first;
   kc += (size_t)g * cap * HD;
   vc += (size_t)g * cap * HD;
   if (warp < 2) {
-    const S* src = row + (warp == 0 ? h * HD : H * HD + g * HD);
-    const T* nw = warp == 0 ? q_norm : k_norm;
     float e[R];
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < R; ++j) {
-      e[j] = ldf(src + lane + 32 * j);
-      ss += e[j] * e[j];
-    }
-    const float r = rsqrtf(warp_sum(ss) / HD + eps);
-#pragma unroll
-    for (int j = 0; j < R; ++j) e[j] = static_cast<float>(nw[lane + 32 * j] * static_cast<T>(e[j] * r));
-#pragma unroll
-    for (int j = 0; j < HALF; ++j) {
-      const float inv_freq = 1.0 / freqs[lane + 32 * j];
-      const float theta = static_cast<float>(pos) * inv_freq;
-      const float c = cosf(theta), s = sinf(theta);
-      const float x1 = e[j], x2 = e[j + HALF];
-      e[j] = static_cast<float>(static_cast<T>(x1 * c - x2 * s));
-      e[j + HALF] = static_cast<float>(static_cast<T>(x1 * s + x2 * c));
-    }
+    norm_rope_lane<T, HD>(row + (warp == 0 ? h * HD : H * HD + g * HD), warp == 0 ? q_norm : k_norm, freqs,
+                          last - first, eps, e);
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       if (warp == 0) {
@@ -195,42 +248,7 @@ __device__ __forceinline__ void attend_head(const S* row, const T* q_norm, const
     acc[j] = 0.f;
   }
   float m = -cuda::std::numeric_limits<float>::infinity(), l = 0.f;
-  for (int t0 = first + warp * ATTEND_PAR; t0 <= last; t0 += NW * ATTEND_PAR) {
-    // this warp's next ATTEND_PAR positions: every key and value row loaded before any is used (positions past
-    // `last` re-read row `last` and weigh nothing)
-    T kr[ATTEND_PAR][R], vr[ATTEND_PAR][R];
-#pragma unroll
-    for (int u = 0; u < ATTEND_PAR; ++u) {
-      const size_t t = (size_t)(t0 + u <= last ? t0 + u : last) * HD;
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        kr[u][j] = kc[t + lane + 32 * j];
-        vr[u][j] = vc[t + lane + 32 * j];
-      }
-    }
-    float d[ATTEND_PAR];
-    float m_new = m;
-#pragma unroll
-    for (int u = 0; u < ATTEND_PAR; ++u) {
-      float s = 0.f;
-#pragma unroll
-      for (int j = 0; j < R; ++j) s += q[j] * static_cast<float>(kr[u][j]);
-      d[u] = warp_sum(s);
-      if (t0 + u <= last) m_new = fmaxf(m_new, d[u]);
-    }
-    const float corr = expf(m - m_new);
-    l *= corr;
-#pragma unroll
-    for (int j = 0; j < R; ++j) acc[j] *= corr;
-#pragma unroll
-    for (int u = 0; u < ATTEND_PAR; ++u) {
-      const float p = t0 + u <= last ? expf(d[u] - m_new) : 0.f;
-      l += p;
-#pragma unroll
-      for (int j = 0; j < R; ++j) acc[j] += p * static_cast<float>(vr[u][j]);
-    }
-    m = m_new;
-  }
+  attend_span<T, HD, ATTEND_PAR>(q, kc, vc, first + warp * ATTEND_PAR, NW * ATTEND_PAR, last, m, l, acc);
   if (lane == 0) {
     ms[warp] = m;
     ls[warp] = l;
@@ -364,16 +382,18 @@ _kernels: dict[tuple, object] = {}
 
 
 def kernel(kind: str, source: str, inputs: list[str], outputs: tuple[str, ...] = ("out",), header: str = "",
-           **constants: float) -> object:
+           shared_memory: int = 0, **constants: float) -> object:
     """The mx.fast.cuda_kernel for `kind` (made once), with float constants written into the source as literals
-    (one kernel per value) and this module's device helpers (_HEADER, then `header`) in front."""
-    key = (kind, *sorted(constants.items()))
+    (one kernel per value) and this module's device helpers (_HEADER, then `header`) in front; `shared_memory`:
+    bytes of dynamic shared memory a block gets."""
+    key = (kind, shared_memory, *sorted(constants.items()))
     found = _kernels.get(key)
     if found is None:
         for name, value in constants.items():
             source = source.replace(name, f"{float(value)!r}f")
         found = mx.fast.cuda_kernel(name=f"funasr_{kind}_{len(_kernels)}", input_names=inputs,
-                                    output_names=list(outputs), source=source, header=_HEADER + header)
+                                    output_names=list(outputs), source=source, header=_HEADER + header,
+                                    shared_memory=shared_memory)
         _kernels[key] = found
     return found
 

@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 from mlx_lm.models.activations import swiglu
 
-from . import cpu_llm, cuda_decode, cuda_persistent
+from . import cpu_llm, cuda_decode, cuda_persistent, cuda_rows
 from .errors import ModelLoadError, TranscriptionCancelled
 from .kept import KeptOn
 
@@ -334,6 +334,7 @@ class FastDecoder(KeptOn):
         self._plans: list[_LayerPlan] | None = None
         self._fused_step: cuda_persistent.PersistentStep | cuda_decode.FusedStep | None = None
         self._rows_step: cuda_decode.RowsStep | None = None
+        self._rows_one: cuda_rows.PersistentRows | bool | None = None  # False: cannot run here (cuda_rows.make)
         compile_ = COMPILE_DECODE if COMPILE_DECODE is not None else mx.default_device().type == mx.gpu
         self._step = mx.compile(self._forward) if compile_ else self._forward
 
@@ -347,6 +348,11 @@ class FastDecoder(KeptOn):
                     self.model, self._layer_plans())
             return self._fused_step.start(kv, prompt_slots)
         if cuda_decode.rows_available(self.model):
+            if 1 < len(left_pad) <= cuda_rows.MAX_ROWS:
+                if self._rows_one is None:
+                    self._rows_one = cuda_rows.make(self.model, self._layer_plans()) or False
+                if self._rows_one:
+                    return self._rows_one.start(kv, prompt_slots, left_pad)
             if self._rows_step is None:
                 self._rows_step = cuda_decode.RowsStep(self.model, self._layer_plans())
             return self._rows_step.start(kv, prompt_slots, left_pad)

@@ -16,7 +16,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
-from asr import cuda_decode, cuda_persistent
+from asr import cuda_decode, cuda_persistent, cuda_rows
 from asr import llm as llm_mod
 
 CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
@@ -436,6 +436,7 @@ def test_compiled_rows_step_tokens_match_masked_step(dtype, bits, monkeypatch):
         nn.quantize(llm, group_size=64, bits=bits)
         mx.eval(llm.parameters())
     assert cuda_decode.supports_rows(llm)
+    monkeypatch.setattr(cuda_rows, "ENABLED", False)  # bf16 batches would take the one-launch step
     monkeypatch.setattr(cuda_decode, "ENABLED", False)
     first, cache, P, pad = _prefill_rows(llm, [30, 9, 21])
     theirs = _run_rows(llm_mod.FastDecoder(llm).start(cache, P, pad), first, 150)
@@ -469,3 +470,59 @@ def test_one_launch_step_only_where_every_block_fits(monkeypatch):
     monkeypatch.setattr(cuda_persistent, "kernel", lambda *args, **kwargs: None)  # no NVRTC off CUDA
     step = cuda_persistent.make(llm, plans)
     assert isinstance(step, cuda_persistent.PersistentStep) and step.options["grid"][0] == 132 * 32 * cuda_persistent.NW
+
+
+# 40 and 64 rows of other prompt lengths (3 and 4 row tiles of 16 in PersistentRows)
+ROWS_40 = [40 - (i * 7) % 23 for i in range(40)]
+ROWS_64 = [25 - (i * 5) % 17 for i in range(64)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("config,lengths", [(SMALL, [30, 9, 21]), (SMALL, ROWS_40), (WIDE, ROWS_64)],
+                         ids=["small-3-rows", "small-40-rows", "qwen3-0.6b-widths-64-rows"])
+def test_one_launch_rows_step_tokens_match_masked_step(config, lengths, monkeypatch):
+    """Teacher-forced on the masked MLX step's tokens, the one-launch batched step (PersistentRows: tensor-core
+    products) predicts the same next token at nearly every one of 150 steps in every row, and as often as RowsStep
+    does. (The masked step's attention rounds its scores to bf16, where both of these keep float32, so over many
+    rows a few near-ties flip in each; RowsStep's rate is the yardstick.)"""
+    llm = _small(mx.bfloat16, config)
+    assert cuda_rows.fits(llm)
+    monkeypatch.setattr(cuda_decode, "ENABLED", False)
+    first, cache, P, pad = _prefill_rows(llm, lengths)
+    theirs = _run_rows(llm_mod.FastDecoder(llm).start(cache, P, pad), first, 150)
+    assert min(len(set(t)) for t in theirs) > 5, "degenerate tokens make this comparison meaningless"
+    monkeypatch.setattr(cuda_decode, "ENABLED", True)
+    same = {}
+    for one_launch in (False, True):
+        monkeypatch.setattr(cuda_rows, "ENABLED", one_launch)
+        dec = llm_mod.FastDecoder(llm)
+        first, cache, P, pad = _prefill_rows(llm, lengths)
+        ours = _run_rows(dec.start(cache, P, pad), first, 150, forced=theirs)
+        assert isinstance(dec._rows_one, cuda_rows.PersistentRows) == one_launch
+        same[one_launch] = [sum(a == b for a, b in zip(o, t, strict=True)) for o, t in zip(ours, theirs, strict=True)]
+    total = 150 * len(lengths)
+    assert min(same[True]) >= 135, f"tokens equal per row: {same[True]}"
+    assert sum(same[True]) >= sum(same[False]) - total // 100, (
+        f"PersistentRows {sum(same[True])}/{total}, RowsStep {sum(same[False])}/{total} tokens equal")
+
+
+def test_one_launch_rows_step_only_where_it_fits(monkeypatch):
+    """PersistentRows takes unquantized bf16 models only (mma's operands), needs every block resident (as
+    PersistentStep), and can be switched off; where make() says no, FastDecoder keeps RowsStep."""
+    llm = _small(mx.bfloat16)
+    plans = llm_mod.FastDecoder(llm)._layer_plans()
+    assert cuda_rows.fits(llm) and not cuda_rows.fits(_small(mx.float32))
+    quantized = _small(mx.bfloat16)
+    nn.quantize(quantized, group_size=64, bits=4)
+    assert not cuda_rows.fits(quantized)
+    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: None)
+    assert cuda_rows.make(llm, plans) is None
+    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 132)
+    monkeypatch.setattr(cuda_rows, "kernel", lambda *args, **kwargs: None)  # no NVRTC off CUDA
+    monkeypatch.setattr(cuda_rows, "ENABLED", False)
+    assert cuda_rows.make(llm, plans) is None
+    monkeypatch.setattr(cuda_rows, "ENABLED", True)
+    step = cuda_rows.make(llm, plans)
+    assert isinstance(step, cuda_rows.PersistentRows) and step.blocks == 132
+    with pytest.raises(ValueError, match="2 to 64 rows"):
+        step.start([], 5, [0] * 65)

@@ -59,7 +59,10 @@ class Nvrtc:
             if name.startswith("libnvrtc-builtins.so"):
                 ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
         self.lib = ctypes.CDLL(os.path.join(lib, "libnvrtc.so.13"))
-        self.options = [b"--device-as-default-execution-space", b"--gpu-architecture=compute_90a"]
+        arch = b"--gpu-architecture=sm_90a" if os.environ.get("PTXAS_VERBOSE") else b"--gpu-architecture=compute_90a"
+        self.options = [b"--device-as-default-execution-space", arch]
+        if os.environ.get("PTXAS_VERBOSE"):  # a cubin, with ptxas's registers / spills per kernel in the log
+            self.options.append(b"--ptxas-options=-v")
         self.options += [f"--include-path={p}".encode() for p in include]
 
     def compile(self, source: str, name: str) -> tuple[bool, str]:
@@ -99,6 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--show", action="store_true", help="print each source")
+    ap.add_argument("--wide", action="store_true", help="Qwen3-0.6B's widths (2 layers) instead of the small model's")
     args = ap.parse_args()
     root = os.environ.get("NVRTC_ROOT", "/tmp/nvrtc/nvidia/cu13")
     inc = os.environ.get("MLX_INCLUDE", "/tmp/mlxinc/mlx/include")
@@ -114,13 +118,16 @@ def main() -> None:
     config = dict(model_type="qwen3", hidden_size=256, num_hidden_layers=2, intermediate_size=768,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-6, vocab_size=1000,
                   rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=4096)
+    if args.wide:
+        config.update(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                      vocab_size=151936)
     for dtype in args.dtypes:
         model = L.build_llm(config)
         model.set_dtype(getattr(mx, dtype))
         dec = L.FastDecoder(model)
         step = cuda_decode.FusedStep(model, dec._layer_plans())
         cache = [KVCache() for _ in model.layers]
-        emb = mx.zeros((1, 5, 256), dtype=getattr(mx, dtype))
+        emb = mx.zeros((1, 5, config["hidden_size"]), dtype=getattr(mx, dtype))
         L.last_logits(model, mx.zeros((1, 5), dtype=mx.int32), cache, emb)
         kv = [[L._grow(c.keys[..., :5, :], 6), L._grow(c.values[..., :5, :], 6)] for c in cache]
         step._step = step._forward  # trace eagerly: the recorder runs on the CPU
@@ -134,6 +141,13 @@ def main() -> None:
 
         one = cuda_persistent.PersistentStep(model, dec._layer_plans(), 132)
         mx.eval(one.start([[mx.array(k), mx.array(v)] for k, v in kv], 5)(mx.array([1], dtype=mx.int32)))
+        from asr import cuda_rows  # the one-launch batched step (bf16 only), at 3 and 64 rows
+
+        if cuda_rows.fits(model):
+            rows1 = cuda_rows.PersistentRows(model, dec._layer_plans(), 132)
+            for n in (3, 64):
+                kvn = [[mx.repeat(k, n, axis=0), mx.repeat(v, n, axis=0)] for k, v in kv]
+                mx.eval(rows1.start(kvn, 5, [0] * n)(mx.zeros((n,), dtype=mx.int32)))
         from asr import cuda_encoder  # the encoder's kernels (asr.encoder calls them with these shapes)
 
         qkv = mx.zeros((2, 7, 3 * 512), dtype=getattr(mx, dtype))
@@ -144,6 +158,8 @@ def main() -> None:
     for key, text in Recorder.seen.items():
         ok, log = nvrtc.compile(text, key)
         print(f"{'ok  ' if ok else 'FAIL'} {key}")
+        if os.environ.get("PTXAS_VERBOSE") and ok:
+            print("   ", " ".join(line.strip() for line in log.splitlines() if "registers" in line or "spill" in line))
         if args.show or not ok:
             print(text if args.show else "", log)
         failed += not ok

@@ -2,7 +2,8 @@
 
 For a checkpoint and clips repeated to --segments rows: features, encoder, adaptor, prompt building, prefill and
 decode, median of --repeats after a warm-up, for the encoder in fp32 and in bf16 and for two decode steps
-(asr.cuda_decode.RowsStep with each --attend-par, the masked MLX step). Then the whole batch end to end, as examples/benchmark.py times it.
+(asr.cuda_rows.PersistentRows, asr.cuda_decode.RowsStep with each --attend-par, the masked MLX step; tokens compared
+with the first's). Then the whole batch end to end, as examples/benchmark.py times it.
 Usage:
   python3 tools/gpu/probe_batch.py --model /root/ck/full --clips a.wav b.wav [--segments 64] [--tokens 32]
 """
@@ -16,7 +17,7 @@ import time
 import asr
 import mlx.core as mx
 
-from asr import cuda_decode
+from asr import cuda_decode, cuda_rows
 from asr.audio import load_audio
 from asr.frontend import audio_token_count, features_padded
 from asr.llm import greedy_decode_padded
@@ -69,17 +70,24 @@ def main() -> None:
         print(f"prompt_batch          {ms:8.2f} ms")
         llm = model.net.llm
         default_par = cuda_decode.ROWS_ATTEND_PAR
-        variants = [(f"RowsStep par{n}", True, n) for n in a.attend_par] + [("masked MLX step", False, default_par)]
-        for name, enabled, par in variants:
-            cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR = enabled, par
+        variants = ([("PersistentRows", True, default_par, True)]
+                    + [(f"RowsStep par{n}", True, n, False) for n in a.attend_par]
+                    + [("masked MLX step", False, default_par, False)])
+        first = None
+        for name, enabled, par, one_launch in variants:
+            cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = enabled, par, one_launch
             llm._fast_decoder = None
             runs = [greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens,
                                          repetition_guard=False) for _ in range(a.repeats + 1)][1:]
             pre = statistics.median(r[0].prefill_s for r in runs) * 1e3
             dec = statistics.median(r[0].decode_s for r in runs) * 1e3
+            tokens = [t.tokens for t in runs[0]]
+            first = first or tokens
+            same = sum(x == y for r, q in zip(tokens, first, strict=True) for x, y in zip(r, q, strict=False))
             print(f"decode {name:16s} prefill {pre:7.2f} ms, decode {dec:8.2f} ms "
-                  f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step)")
-        cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR = True, default_par
+                  f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step), "
+                  f"tokens equal to the first variant's: {same}/{sum(len(q) for q in first)}")
+        cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = True, default_par, True
         llm._fast_decoder = None
         for dtype, m in models.items():
 

@@ -1,0 +1,534 @@
+"""A batch's whole decode step of a Qwen3 in ONE CUDA kernel launch, with tensor-core products (PersistentRows).
+
+RowsStep (asr.cuda_decode) runs a batch's step as ~230 kernels (cuBLAS products and custom kernels) and on MLX's
+CUDA backend each kernel costs host time, so at 64 rows the step waited on the host: ~2.8-4.1 ms a step against
+~1.9 ms of GPU work (tools/gpu/probe_batch.py). Here one launch does the step, as asr.cuda_persistent does for a
+batch of one: one block per SM, all resident, meeting at grid-wide barriers between phases:
+
+  start: each row's embedding (the residual stream x, float) and its RMSNorm (A, bf16) | per layer:
+  q|k|v product | attention (items (row, query head), one a warp: attend_warp) |
+  o product, summed over K in KB slices whose partial sums go to a buffer | residual add of those sums + RMSNorm |
+  gate|up product + SwiGLU | down product (K in KB slices, as o) | residual add + the next RMSNorm (or the final
+  one) | end: the LM head, each row's largest argmax key kept per block and then over the blocks (atomicMax).
+
+Products run on tensor cores (`mma.sync` m16n8k16, bf16 operands, float32 sums): the rows (up to MAX_ROWS) are MT
+tiles of 16, W's rows tiles of 8. A block stages its slice of A (the activations, bf16) in shared memory once and
+its warps read it from there; a warp loads its W rows straight from memory (each weight is read once a step).
+Within each 32-wide k chunk, lane (g, t) holds elements 8t..8t+7 of A rows g and g + 8 and of W row g, in 16-byte
+loads: both operands take the same permutation of k, which the sum does not see.
+
+Rounding follows RowsStep (each op's result rounded to bf16 where MLX rounds it); sums run in another order than
+cuBLAS's, so logits agree to rounding, not bit for bit. bf16 models only (mma takes bf16 operands; an fp32 model
+keeps RowsStep), 2..MAX_ROWS rows; larger batches keep RowsStep. Buffers other blocks wrote in the same launch are
+read through L2 (`__ldcg`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from . import cuda_persistent
+from .cuda_decode import SMALL_ARRAY, _prepare_caches, _stepper, kernel, supports
+
+ENABLED = os.environ.get("FUNASR_NANO_PERSISTENT_ROWS", "1") != "0"  # A/B switch (tools/gpu/probe_batch.py, tests)
+MAX_ROWS = 64
+NW = 8  # warps a block
+KB = 8  # slices of K for the o and down products (a block takes one slice of one 64-column tile)
+ATTN_PAR = 8  # loads of key and value rows a lane of attend_warp has in flight (x 2 positions a warp, head_dim 128)
+SMEM_LIMIT = 200 * 1024  # dynamic shared memory this kernel may ask for (an SM of sm_80/sm_90 has 227 KB)
+
+_DEVICE = """
+__device__ __forceinline__ void mma_bf16(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                         unsigned b0, unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A [MT * 16, KL] (columns [k0, k0 + KL) of a row-major [., K] bf16 buffer other blocks wrote) into shared memory,
+// rows KL / 8 + 4 16-byte words apart (the 64-byte pad keeps a quarter-warp's reads off each other's banks). The
+// copies are cp.async through L2 (no registers, so all of a thread's copies are in flight at once).
+template <int MT, int K, int KL>
+__device__ __forceinline__ void stage_a(uint4* sa, const __nv_bfloat16* a, int k0) {
+  constexpr int RW = KL / 8, SKU = KL / 8 + 4;
+  const uint4* src = reinterpret_cast<const uint4*>(a + k0);
+  for (int i = threadIdx.x; i < MT * 16 * RW; i += NWARPS * 32) {
+    const int r = i / RW, c = i % RW;
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(sa + r * SKU + c));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src + (size_t)r * (K / 8) + c) : "memory");
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+}
+
+// acc = A (shared memory, stage_a's layout, KL columns) times W rows wr[j] (each pointing at its row's element
+// k0, this lane's 16-byte word already added) over columns [k0, k0 + CH * 32) of A. The weights of P chunks are in
+// flight ahead of the chunk being summed (all CH when P >= CH).
+template <int MT, int NTW, int KL, int CH, int P>
+__device__ __forceinline__ void warp_tile(float (&acc)[MT][NTW][4], const uint4* sa, int k0,
+                                          const uint4* const (&wr)[NTW]) {
+  constexpr int SKU = KL / 8 + 4, AHEAD = P < CH ? P : CH;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < NTW; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+  uint4 bw[AHEAD][NTW];
+#pragma unroll
+  for (int c = 0; c < AHEAD; ++c)
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) bw[c][j] = __ldg(wr[j] + c * 4);
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    uint4 al[MT], ah[MT];
+    const int kq = k0 / 8 + c * 4 + t;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      al[m] = sa[(m * 16 + g) * SKU + kq];
+      ah[m] = sa[(m * 16 + g + 8) * SKU + kq];
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int j = 0; j < NTW; ++j) {
+        mma_bf16(acc[m][j], al[m].x, ah[m].x, al[m].y, ah[m].y, bw[c % AHEAD][j].x, bw[c % AHEAD][j].y);
+        mma_bf16(acc[m][j], al[m].z, ah[m].z, al[m].w, ah[m].w, bw[c % AHEAD][j].z, bw[c % AHEAD][j].w);
+      }
+    if (c + AHEAD < CH) {
+#pragma unroll
+      for (int j = 0; j < NTW; ++j) bw[c % AHEAD][j] = __ldg(wr[j] + (c + AHEAD) * 4);
+    }
+  }
+}
+
+// A [MT * 16, K] (bf16, staged whole) times W^T, W [N, K] (PAIR: [2N, K], gate rows then up rows; epi gets both
+// sums of a column): a warp takes NTW n8 tiles (PAIR: NTW / 2 gate tiles and the matching up tiles) over a K / KS
+// slice, the KS warps of a column tile sum in shared memory `part` in a fixed order, and epi(row, column, sum,
+// up sum) runs once per output of rows [0, B)
+template <int K, int MT, int NTW, int KS, bool PAIR, typename F>
+__device__ __forceinline__ void product(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N, int B,
+                                        float* part, F epi) {
+  constexpr int MP = MT * 16, NT = NWARPS / KS, TW = PAIR ? NTW / 2 : NTW, CW = TW * 8, BW = NT * CW;
+  constexpr int KSL = K / KS, PW = NTW * 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kt = warp % KS, nt = warp / KS;
+  const int tiles = (N + BW - 1) / BW;
+  if (blockIdx.x >= tiles) return;
+  stage_a<MT, K, K>(sa, a, 0);
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int c0 = tile * BW + nt * CW;
+    const uint4* wr[NTW];
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      const int col = min(c0 + (j % TW) * 8 + g, N - 1);
+      wr[j] = reinterpret_cast<const uint4*>(w + ((size_t)(PAIR && j >= TW ? N : 0) + col) * K + kt * KSL) + t;
+    }
+    float acc[MT][NTW][4];
+    warp_tile<MT, NTW, K, KSL / 32, KSL / 32>(acc, sa, kt * KSL, wr);
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int j = 0; j < NTW; ++j) {
+        float* p = part + (warp * MP + m * 16 + g) * PW + j * 8 + 2 * t;
+        p[0] = acc[m][j][0];
+        p[1] = acc[m][j][1];
+        p[8 * PW] = acc[m][j][2];
+        p[8 * PW + 1] = acc[m][j][3];
+      }
+    __syncthreads();
+    for (int e = threadIdx.x; e < B * BW; e += blockDim.x) {
+      const int r = e / BW, cb = e % BW, n = cb / CW, cw = cb % CW;
+      const int col = tile * BW + cb;
+      if (col < N) {
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+          const float* p = part + ((n * KS + k) * MP + r) * PW;
+          s0 += p[cw];
+          if (PAIR) s1 += p[cw + CW];
+        }
+        epi(r, col, s0, s1);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// A [MT * 16, K] times W^T (W [N, K]) with K cut in KB slices: a block takes 64 columns (one n8 tile a warp) of one
+// slice, and the partial sums go to out [KB, MT * 16, N] (summed by the phase after the barrier, in slice order)
+template <int K, int MT, int KB>
+__device__ __forceinline__ void product_slices(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N,
+                                               float* out) {
+  constexpr int MP = MT * 16, KL = K / KB, BW = NWARPS * 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int ctiles = (N + BW - 1) / BW;
+  for (int tile = blockIdx.x; tile < ctiles * KB; tile += gridDim.x) {
+    const int kb = tile / ctiles, c0 = (tile % ctiles) * BW + warp * 8;
+    if (tile != blockIdx.x) __syncthreads();  // the previous tile's warps are done with sa
+    stage_a<MT, K, KL>(sa, a, kb * KL);
+    const uint4* wr[1] = {reinterpret_cast<const uint4*>(w + (size_t)min(c0 + g, N - 1) * K + kb * KL) + t};
+    float acc[MT][1][4];
+    warp_tile<MT, 1, KL, KL / 32, KL / 32>(acc, sa, 0, wr);
+    const int col = c0 + 2 * t;
+    if (col < N) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        float* p = out + ((size_t)kb * MP + m * 16 + g) * N + col;
+        __stcg(reinterpret_cast<float2*>(p), make_float2(acc[m][0][0], acc[m][0][1]));
+        __stcg(reinterpret_cast<float2*>(p + 8 * (size_t)N), make_float2(acc[m][0][2], acc[m][0][3]));
+      }
+    }
+  }
+}
+
+// One query head h of one row by one warp (asr.cuda_decode's attend_head does the same with a block): q/k RMSNorm
+// and RoPE (norm_rope_lane), the new k and v written at `last` (the warps of the heads sharing a kv head write the
+// same values), then the online softmax over positions first..last with 16-byte loads: HD / 8 lanes (a group) take
+// one position, 8 elements a lane, so a warp reads 32 / (HD / 8) positions at a time, PAR times over; the groups'
+// partial results merge at the end. qw: this warp's HD floats of shared memory.
+template <typename T, int H, int KV, int HD, int PAR>
+__device__ __forceinline__ void attend_warp(const float* row, const T* q_norm, const T* k_norm, const float* freqs,
+                                            T* kc, T* vc, int cap, int first, int last, int h, float eps,
+                                            float scale, T* out, float* qw) {
+  constexpr int R = HD / 32, LP = HD / 8, GROUPS = 32 / LP;
+  constexpr float NEG = -cuda::std::numeric_limits<float>::infinity();
+  const int lane = threadIdx.x & 31, g = h / (H / KV), grp = lane / LP, sub = lane % LP;
+  kc += (size_t)g * cap * HD;
+  vc += (size_t)g * cap * HD;
+  {
+    float q[R], k[R];
+    norm_rope_lane<T, HD>(row + h * HD, q_norm, freqs, last - first, eps, q);
+    norm_rope_lane<T, HD>(row + H * HD + g * HD, k_norm, freqs, last - first, eps, k);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      kc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(k[j]);
+      vc[(size_t)last * HD + lane + 32 * j] = static_cast<T>(__ldcg(row + H * HD + KV * HD + g * HD + lane + 32 * j));
+      qw[lane + 32 * j] = q[j] * scale;
+    }
+  }
+  __syncwarp();  // the lanes read back what the warp's other lanes wrote
+  float qv[8], acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    qv[i] = qw[8 * sub + i];
+    acc[i] = 0.f;
+  }
+  float m = NEG, l = 0.f;
+  for (int t0 = first; t0 <= last; t0 += GROUPS * PAR) {  // the same trips for every lane (shuffles inside)
+    uint4 kr[PAR], vr[PAR];
+#pragma unroll
+    for (int u = 0; u < PAR; ++u) {
+      const int t = min(t0 + u * GROUPS + grp, last);
+      kr[u] = *reinterpret_cast<const uint4*>(kc + (size_t)t * HD + 8 * sub);
+      vr[u] = *reinterpret_cast<const uint4*>(vc + (size_t)t * HD + 8 * sub);
+    }
+    float d[PAR];
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < PAR; ++u) {
+      const T* kp = reinterpret_cast<const T*>(&kr[u]);
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s += qv[i] * static_cast<float>(kp[i]);
+#pragma unroll
+      for (int off = 1; off < LP; off <<= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+      d[u] = s;
+      if (t0 + u * GROUPS + grp <= last) m_new = fmaxf(m_new, s);
+    }
+    const float corr = m == NEG ? 0.f : expf(m - m_new);  // nothing summed yet: l and acc are 0
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] *= corr;
+#pragma unroll
+    for (int u = 0; u < PAR; ++u) {
+      const float p = t0 + u * GROUPS + grp <= last ? expf(d[u] - m_new) : 0.f;
+      const T* vp = reinterpret_cast<const T*>(&vr[u]);
+      l += p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] += p * static_cast<float>(vp[i]);
+    }
+    m = m_new;
+  }
+#pragma unroll
+  for (int off = LP; off < 32; off <<= 1) {  // merge the groups
+    const float mo = __shfl_xor_sync(0xffffffff, m, off), lo = __shfl_xor_sync(0xffffffff, l, off);
+    const float mn = fmaxf(m, mo);
+    const float f = m == NEG ? 0.f : expf(m - mn), fo = mo == NEG ? 0.f : expf(mo - mn);
+    l = l * f + lo * fo;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = acc[i] * f + __shfl_xor_sync(0xffffffff, acc[i], off) * fo;
+    m = mn;
+  }
+  if (grp == 0) {
+    uint4 o;
+    T* op = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) op[i] = static_cast<T>(acc[i] / l);
+    *reinterpret_cast<uint4*>(out + 8 * sub) = o;
+  }
+}
+
+// the LM head over A [MT * 16, K] (staged whole): each row's largest argmax key over this block's columns of
+// W [N, K] (NTW n8 tiles a warp, AHEAD chunks of weights in flight), then atomicMax into keys[row]; `best` holds a
+// key per row (shared)
+template <int K, int MT, int NTW, int AHEAD>
+__device__ __forceinline__ void head_argmax(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N, int B,
+                                            unsigned long long* best, unsigned long long* keys) {
+  constexpr int CW = NTW * 8, BW = NWARPS * CW;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int tiles = (N + BW - 1) / BW;
+  if (blockIdx.x >= tiles) return;
+  for (int i = threadIdx.x; i < MT * 16; i += blockDim.x) best[i] = 0ull;
+  stage_a<MT, K, K>(sa, a, 0);
+  unsigned long long kbest[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) kbest[m][0] = kbest[m][1] = 0ull;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int c0 = tile * BW + warp * CW;
+    const uint4* wr[NTW];
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) wr[j] = reinterpret_cast<const uint4*>(w + (size_t)min(c0 + j * 8 + g, N - 1) * K) + t;
+    float acc[MT][NTW][4];
+    warp_tile<MT, NTW, K, K / 32, AHEAD>(acc, sa, 0, wr);
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int j = 0; j < NTW; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = c0 + j * 8 + 2 * t + (e & 1);
+          if (col < N) {
+            const unsigned long long k = argmax_key(static_cast<float>(static_cast<__nv_bfloat16>(acc[m][j][e])), col);
+            kbest[m][e >> 1] = k > kbest[m][e >> 1] ? k : kbest[m][e >> 1];
+          }
+        }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      unsigned long long k = kbest[m][h];
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        const unsigned long long o = __shfl_xor_sync(0xffffffff, k, off);
+        k = o > k ? o : k;
+      }
+      if (t == 0) atomicMax(best + m * 16 + g + 8 * h, k);
+    }
+  __syncthreads();
+  for (int r = threadIdx.x; r < B; r += blockDim.x) atomicMax(keys + r, best[r]);
+}
+"""
+
+_BODY = """
+  constexpr int QKV = (H + 2 * KV) * HD;
+  constexpr int MP = MT * 16;
+  extern __shared__ uint4 sa[];
+  __shared__ float part[NWARPS * MP * 16];
+  __shared__ float red[32];
+  __shared__ float qbuf[NWARPS * HD];
+  __shared__ unsigned long long best[MP];
+  const int tid = threadIdx.x;
+  const int B = tok_shape[0];
+  float* x = const_cast<float*>(xbuf);
+  float* qkv = const_cast<float*>(qkvbuf);
+  float* psum = const_cast<float*>(pbuf);
+  T* an = const_cast<T*>(abuf);
+  T* att = const_cast<T*>(attbuf);
+  T* hid = const_cast<T*>(hbuf);
+  unsigned int* bar = const_cast<unsigned int*>(barrier);
+  unsigned long long* keys = const_cast<unsigned long long*>(keybuf);
+  const int last = at[0];
+  const int cap = kc0_shape[2];
+  unsigned int gen = 0;
+#define SYNC_GRID gen = grid_arrive(bar, nullptr); grid_wait(bar, gen, nullptr)
+$TABLES
+  // row b's RMSNorm with weight nw: an[b] = nw * T(x[b] * r), as mx.fast.rms_norm rounds it (x read through L2)
+  auto norm_row = [&](int b, const T* nw) {
+    float ss = 0.f;
+    for (int i = tid; i < D; i += blockDim.x) {
+      const float v = __ldcg(x + (size_t)b * D + i);
+      ss += v * v;
+    }
+    const float r = rsqrtf(block_sum(ss, red) / D + EPS);
+    for (int i = tid; i < D; i += blockDim.x) an[(size_t)b * D + i] = nw[i] * static_cast<T>(__ldcg(x + (size_t)b * D + i) * r);
+    __syncthreads();
+  };
+  // x[b] = T(x[b] + T(sum of the KB partial sums)) then an[b] = its RMSNorm with nw (RowsStep's add_norm)
+  auto add_norm_row = [&](int b, const T* nw) {
+    for (int i = tid; i < D; i += blockDim.x) {
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < KB; ++k) s += __ldcg(psum + ((size_t)k * MP + b) * D + i);
+      const size_t j = (size_t)b * D + i;
+      x[j] = static_cast<float>(static_cast<T>(__ldcg(x + j) + static_cast<float>(static_cast<T>(s))));
+    }
+    __syncthreads();
+    norm_row(b, nw);
+  };
+  // start: the embeddings and the first RMSNorm; block 0 clears the argmax keys
+  for (int b = blockIdx.x; b < B; b += gridDim.x) {
+    const T* e = embed + (size_t)tok[b] * D;
+    for (int i = tid; i < D; i += blockDim.x) x[(size_t)b * D + i] = static_cast<float>(e[i]);
+    __syncthreads();
+    norm_row(b, LN1[0]);
+  }
+  if (blockIdx.x == 0) {
+    for (int i = tid; i < MP; i += blockDim.x) keys[i] = 0ull;
+  }
+  SYNC_GRID;
+  for (int l = 0; l < LAYERS; ++l) {
+    // 1. q|k|v
+    product<D, MT, 2, 8, false>(sa, an, WQKV[l], QKV, B, part, [&](int r, int c, float s, float) {
+      qkv[(size_t)r * QKV + c] = static_cast<float>(static_cast<T>(s));
+    });
+    SYNC_GRID;
+    // 2. attention: items (row, query head), one a warp
+    for (int item = blockIdx.x * NWARPS + (tid >> 5); item < B * H; item += gridDim.x * NWARPS) {
+      const int b = item / H, h = item % H;
+      const size_t crow = (size_t)b * KV * cap * HD;
+      attend_warp<T, H, KV, HD, ATTN_PAR>(static_cast<const float*>(qkv) + (size_t)b * QKV, QN[l], KN[l], freqs,
+                                          const_cast<T*>(KC[l]) + crow, const_cast<T*>(VC[l]) + crow, cap, pad[b],
+                                          last, h, EPS, SCALE, att + ((size_t)b * H + h) * HD, qbuf + (tid >> 5) * HD);
+    }
+    SYNC_GRID;
+    // 3. o, in K slices
+    product_slices<H * HD, MT, KB>(sa, att, WO[l], D, psum);
+    SYNC_GRID;
+    // 4. residual add + RMSNorm
+    for (int b = blockIdx.x; b < B; b += gridDim.x) add_norm_row(b, LN2[l]);
+    SYNC_GRID;
+    // 5. gate|up + SwiGLU
+    product<D, MT, 2, 8, true>(sa, an, WGU[l], FF, B, part, [&](int r, int c, float a0, float a1) {
+      const float gt = static_cast<float>(static_cast<T>(a0));
+      const float u = static_cast<float>(static_cast<T>(a1));
+      const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gt))));
+      const float silu = static_cast<float>(static_cast<T>(gt * sg));
+      hid[(size_t)r * FF + c] = static_cast<T>(silu * u);
+    });
+    SYNC_GRID;
+    // 6. down, in K slices
+    product_slices<FF, MT, KB>(sa, hid, WD[l], D, psum);
+    SYNC_GRID;
+    // 7. residual add + the next layer's RMSNorm (or the final one)
+    for (int b = blockIdx.x; b < B; b += gridDim.x) add_norm_row(b, l + 1 < LAYERS ? LN1[l + 1] : norm);
+    SYNC_GRID;
+  }
+  // the LM head: each row's first largest rounded logit
+  head_argmax<D, MT, HEAD_NTW, HEAD_AHEAD>(sa, an, head, V, B, best, keys);
+  SYNC_GRID;
+#undef SYNC_GRID
+  if (blockIdx.x == 0) {
+    for (int b = tid; b < B; b += blockDim.x) out[b] = (int)(0xFFFFFFFFu - (unsigned int)(__ldcg(keys + b) & 0xFFFFFFFFull));
+    if (tid == 0) at_out[0] = last + 1;
+  }
+"""
+
+_PER_LAYER = ("ln1", "ln2", "qn", "kn", "wqkv", "wo", "wgu", "wd", "kc", "vc")
+_FIXED = ("tok", "at", "pad", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "abuf", "attbuf", "hbuf", "pbuf",
+          "keybuf", "barrier")
+
+
+def _source(layers: int) -> tuple[str, list[str]]:
+    """The kernel body for `layers` layers and its input names (per-layer arrays as pointer tables)."""
+    names = list(_FIXED)
+    tables = []
+    for kind in _PER_LAYER:
+        names += [f"{kind}{i}" for i in range(layers)]
+        tables.append(f"  const T* const {kind.upper()}[LAYERS] = {{{', '.join(f'{kind}{i}' for i in range(layers))}}};")
+    return _BODY.replace("$TABLES", "\n".join(tables)), names
+
+
+def _shape(model) -> dict[str, int]:
+    m = model.model
+    a = m.layers[0].self_attn
+    hd = a.q_norm.weight.shape[0]
+    return dict(D=m.embed_tokens.weight.shape[1], H=a.n_heads, KV=a.n_kv_heads, HD=hd,
+                FF=m.layers[0].mlp.down_proj.weight.shape[1], V=m.embed_tokens.weight.shape[0])
+
+
+def shared_bytes(model) -> int:
+    """Dynamic shared memory the kernel asks for: the largest staged A (MAX_ROWS rows of the whole hidden size, or
+    of a K slice of the o and down products), rows padded by 64 bytes (stage_a). At least 48 KB + 1: MLX raises the
+    kernel's limit only above 48,000 bytes, and static plus dynamic shared memory past 48 KB needs it raised."""
+    s = _shape(model)
+    width = max(s["D"], s["H"] * s["HD"] // KB, s["FF"] // KB)
+    return max(MAX_ROWS * (width + 32) * 2, 48 * 1024 + 16)
+
+
+def fits(model) -> bool:
+    """Whether PersistentRows takes `model` (on any device): FusedStep's bf16 models (`supports`), widths that its
+    k slices divide (multiples of 256, so that every warp's share is whole 32-wide chunks), head_dim up to 256
+    (attend_warp: HD / 8 lanes a position) and a staged A that fits in shared memory."""
+    if not supports(model) or model.model.embed_tokens.weight.dtype != mx.bfloat16:
+        return False
+    s = _shape(model)
+    return (all(d % 256 == 0 for d in (s["D"], s["H"] * s["HD"], s["FF"])) and s["HD"] <= 256
+            and shared_bytes(model) <= SMEM_LIMIT)
+
+
+def make(model, plans: list) -> PersistentRows | None:
+    """PersistentRows for this model on this device, or None where it cannot run: disabled, a model it does not
+    take (`fits`), or no grid whose blocks are all resident (asr.cuda_persistent.blocks_for)."""
+    if not ENABLED or not fits(model):
+        return None
+    blocks = cuda_persistent.blocks_for(model)
+    return PersistentRows(model, plans, blocks) if blocks else None
+
+
+class PersistentRows:
+    """A batch's step (2..MAX_ROWS rows, left-padded to one prompt length) of a bf16 mlx-lm Qwen3 as one kernel
+    launch, on FastDecoder's layer plans (see the module docstring); same interface as asr.cuda_decode.RowsStep."""
+
+    def __init__(self, model, plans: list, blocks: int) -> None:
+        p = plans[0]
+        m = model.model
+        s = _shape(model)
+        self.embed = m.embed_tokens.weight
+        head = self.embed if model.args.tie_word_embeddings else model.lm_head.weight
+        source, self.names = _source(len(plans))
+        source = source.replace("NWARPS", str(NW))
+        header = cuda_persistent._DEVICE + _DEVICE.replace("NWARPS", str(NW))
+        self.kernel = kernel(f"rows{len(plans)}", source, self.names, ("out", "at_out"), header=header, EPS=p.eps,
+                             SCALE=p.scale, shared_memory=shared_bytes(model))
+
+        def scratch(n: int, dtype=mx.float32) -> mx.array:
+            return mx.zeros((max(n, 64),), dtype=dtype)  # device memory: see asr.cuda_persistent
+
+        qkv = (s["H"] + 2 * s["KV"]) * s["HD"]
+        bf16 = mx.bfloat16
+        self.fixed = [self.embed, p.freqs, m.norm.weight, head, scratch(MAX_ROWS * s["D"]), scratch(MAX_ROWS * qkv),
+                      scratch(MAX_ROWS * s["D"], bf16), scratch(MAX_ROWS * s["H"] * s["HD"], bf16),
+                      scratch(MAX_ROWS * s["FF"], bf16), scratch(KB * MAX_ROWS * s["D"]),
+                      scratch(MAX_ROWS, mx.uint64), scratch(2, mx.uint32)]
+        mx.eval(self.fixed)
+        per_layer = [[q.ln1, q.ln2, q.q_norm, q.k_norm, q.qkv.weight, q.o.weight, q.gate_up.weight, q.down.weight]
+                     for q in plans]
+        # every input but the tokens, position, padding and caches, in _source's order (built once)
+        self.constant = self.fixed + [a for kind in zip(*per_layer, strict=True) for a in kind]
+        self.template = [("T", bf16), ("LAYERS", len(plans)), ("D", s["D"]), ("FF", s["FF"]), ("H", s["H"]),
+                         ("KV", s["KV"]), ("HD", s["HD"]), ("V", s["V"]), ("KB", KB), ("ATTN_PAR", ATTN_PAR),
+                         ("HEAD_NTW", 4), ("HEAD_AHEAD", 4)]
+        self.blocks = blocks
+
+    def start(self, kv: list, prompt_slots: int, left_pad: list[int]):
+        """A step function tokens [B] -> [B] (2 <= B <= MAX_ROWS) continuing after `prompt_slots` cached positions."""
+        rows = len(left_pad)
+        if not 1 < rows <= MAX_ROWS:
+            raise ValueError(f"PersistentRows takes 2 to {MAX_ROWS} rows, not {rows}")
+        pad = mx.array(left_pad + [0] * (SMALL_ARRAY - len(left_pad)), dtype=mx.int32)
+        options = dict(template=[*self.template, ("MT", -(-rows // 16))],
+                       grid=(self.blocks * 32 * NW, 1, 1), threadgroup=(32 * NW, 1, 1),
+                       output_shapes=[(max(rows, SMALL_ARRAY),), (SMALL_ARRAY,)], output_dtypes=[mx.int32, mx.int32])
+
+        def run(tok: mx.array, at: mx.array, pad_: mx.array, kv_: list) -> tuple[mx.array, mx.array]:
+            inputs = [tok, at, pad_, *self.constant, *(k for k, _ in kv_), *(v for _, v in kv_)]
+            nxt, at_next = self.kernel(inputs=inputs, **options)
+            return nxt[:rows], at_next
+
+        return _stepper(run, _prepare_caches(kv), prompt_slots, pad)
