@@ -36,7 +36,8 @@ ENABLED = os.environ.get("FUNASR_NANO_PERSISTENT_ROWS", "1") != "0"  # A/B switc
 MAX_ROWS = 64
 NW = 8  # warps a block
 KB = 8  # slices of K for the o and down products (a block takes one slice of one 64-column tile)
-ATTN_PAR = 8  # loads of key and value rows a lane of attend_warp has in flight (x 2 positions a warp, head_dim 128)
+TIMING = 0  # 1: record when each phase ends (PersistentRows.times; tools/gpu/probe_batch.py), read by start()
+ATTN_PAR = 6  # loads of key and value rows a lane of attend_warp has in flight (x 2 positions a warp at head_dim 128; 8 spills registers)
 SMEM_LIMIT = 200 * 1024  # dynamic shared memory this kernel may ask for (an SM of sm_80/sm_90 has 227 KB)
 
 _DEVICE = """
@@ -64,72 +65,103 @@ __device__ __forceinline__ void stage_a(uint4* sa, const __nv_bfloat16* a, int k
   __syncthreads();
 }
 
-// acc = A (shared memory, stage_a's layout, KL columns) times W rows wr[j] (each pointing at its row's element
-// k0, this lane's 16-byte word already added) over columns [k0, k0 + CH * 32) of A. The weights of P chunks are in
-// flight ahead of the chunk being summed (all CH when P >= CH).
-template <int MT, int NTW, int KL, int CH, int P>
-__device__ __forceinline__ void warp_tile(float (&acc)[MT][NTW][4], const uint4* sa, int k0,
-                                          const uint4* const (&wr)[NTW]) {
-  constexpr int SKU = KL / 8 + 4, AHEAD = P < CH ? P : CH;
+// bw[c][j] = chunk c (32 elements of k) of this lane's 16-byte words of W rows wr[j] (each pointing at its row's
+// first element of the warp's k range, this lane's word already added)
+template <int NTW, int CH>
+__device__ __forceinline__ void load_chunks(uint4 (&bw)[CH][NTW], const uint4* const (&wr)[NTW]) {
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) bw[c][j] = __ldg(wr[j] + c * 4);
+}
+
+// acc += A chunk c (shared memory, stage_a's layout with KL columns, from column k0 + 32 c) times W chunk bw
+template <int MT, int NTW, int KL>
+__device__ __forceinline__ void mma_chunk(float (&acc)[MT][NTW][4], const uint4* sa, int k0, int c,
+                                          const uint4 (&bw)[NTW]) {
+  constexpr int SKU = KL / 8 + 4;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int kq = k0 / 8 + c * 4 + t;
+  uint4 al[MT], ah[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    al[m] = sa[(m * 16 + g) * SKU + kq];
+    ah[m] = sa[(m * 16 + g + 8) * SKU + kq];
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+      mma_bf16(acc[m][j], al[m].x, ah[m].x, al[m].y, ah[m].y, bw[j].x, bw[j].y);
+      mma_bf16(acc[m][j], al[m].z, ah[m].z, al[m].w, ah[m].w, bw[j].z, bw[j].w);
+    }
+}
+
+template <int MT, int NTW>
+__device__ __forceinline__ void zero(float (&acc)[MT][NTW][4]) {
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int j = 0; j < NTW; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
-  uint4 bw[AHEAD][NTW];
-#pragma unroll
-  for (int c = 0; c < AHEAD; ++c)
-#pragma unroll
-    for (int j = 0; j < NTW; ++j) bw[c][j] = __ldg(wr[j] + c * 4);
-#pragma unroll
-  for (int c = 0; c < CH; ++c) {
-    uint4 al[MT], ah[MT];
-    const int kq = k0 / 8 + c * 4 + t;
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      al[m] = sa[(m * 16 + g) * SKU + kq];
-      ah[m] = sa[(m * 16 + g + 8) * SKU + kq];
-    }
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int j = 0; j < NTW; ++j) {
-        mma_bf16(acc[m][j], al[m].x, ah[m].x, al[m].y, ah[m].y, bw[c % AHEAD][j].x, bw[c % AHEAD][j].y);
-        mma_bf16(acc[m][j], al[m].z, ah[m].z, al[m].w, ah[m].w, bw[c % AHEAD][j].z, bw[c % AHEAD][j].w);
-      }
-    if (c + AHEAD < CH) {
-#pragma unroll
-      for (int j = 0; j < NTW; ++j) bw[c % AHEAD][j] = __ldg(wr[j] + (c + AHEAD) * 4);
-    }
-  }
 }
 
-// A [MT * 16, K] (bf16, staged whole) times W^T, W [N, K] (PAIR: [2N, K], gate rows then up rows; epi gets both
-// sums of a column): a warp takes NTW n8 tiles (PAIR: NTW / 2 gate tiles and the matching up tiles) over a K / KS
-// slice, the KS warps of a column tile sum in shared memory `part` in a fixed order, and epi(row, column, sum,
-// up sum) runs once per output of rows [0, B)
-template <int K, int MT, int NTW, int KS, bool PAIR, typename F>
-__device__ __forceinline__ void product(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N, int B,
-                                        float* part, F epi) {
-  constexpr int MP = MT * 16, NT = NWARPS / KS, TW = PAIR ? NTW / 2 : NTW, CW = TW * 8, BW = NT * CW;
-  constexpr int KSL = K / KS, PW = NTW * 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int kt = warp % KS, nt = warp / KS;
-  const int tiles = (N + BW - 1) / BW;
-  if (blockIdx.x >= tiles) return;
-  stage_a<MT, K, K>(sa, a, 0);
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int c0 = tile * BW + nt * CW;
-    const uint4* wr[NTW];
+// A product's tiling. product(): a warp takes NTW n8 tiles of W's rows (PAIR: NTW / 2 gate tiles and the matching up
+// tiles, W [2N, K] holding gate rows then up rows) over a K / KS slice; a block's NWARPS / KS warp tiles side by side
+// make a column tile of BW columns. product_slices(): K cut in KB slices across blocks, a warp takes one n8 tile of
+// one slice, NWARPS of them side by side (SLICES).
+template <int K, int NTW, int KS, bool PAIR, int KB = 1, bool SLICES = false>
+struct Tiling {
+  static constexpr int NT = NWARPS / KS, TW = PAIR ? NTW / 2 : NTW, CW = TW * 8, BW = NT * CW;
+  static constexpr int KSL = K / KB / KS, CH = KSL / 32;
+  // the tiles of N columns (x KB slices)
+  static __device__ __forceinline__ int tiles(int N) { return (N + BW - 1) / BW * KB; }
+  // this lane's W row pointers for `tile`
+  static __device__ __forceinline__ void rows(const __nv_bfloat16* w, int N, int tile, const uint4* (&wr)[NTW]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int ctiles = (N + BW - 1) / BW, kb = tile / ctiles;
+    const int c0 = (tile % ctiles) * BW + (warp / KS) * CW, k0 = kb * (K / KB) + (warp % KS) * KSL;
 #pragma unroll
     for (int j = 0; j < NTW; ++j) {
       const int col = min(c0 + (j % TW) * 8 + g, N - 1);
-      wr[j] = reinterpret_cast<const uint4*>(w + ((size_t)(PAIR && j >= TW ? N : 0) + col) * K + kt * KSL) + t;
+      wr[j] = reinterpret_cast<const uint4*>(w + ((size_t)(PAIR && j >= TW ? N : 0) + col) * K + k0) + t;
     }
+  }
+  // the weights of this block's first tile, loaded ahead (before the grid barrier in front of the product: they
+  // depend on no other block, so their latency overlaps the wait)
+  static __device__ __forceinline__ void fetch(const __nv_bfloat16* w, int N, uint4 (&bw)[CH][NTW]) {
+    if (blockIdx.x < tiles(N)) {
+      const uint4* wr[NTW];
+      rows(w, N, blockIdx.x, wr);
+      load_chunks<NTW, CH>(bw, wr);
+    }
+  }
+};
+
+// A [MT * 16, K] (bf16, staged whole) times W^T (Tiling<K, NTW, KS, PAIR>): the KS warps of a column tile sum in
+// shared memory `part` in a fixed order, and epi(row, column, sum, up sum) runs once per output of rows [0, B).
+// bw: the block's first tile's weights (Tiling::fetch); each next tile's are loaded before this one's sums.
+template <int K, int MT, int NTW, int KS, bool PAIR, typename F>
+__device__ __forceinline__ void product(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N, int B,
+                                        float* part, uint4 (&bw)[K / KS / 32][NTW], F epi) {
+  using Tl = Tiling<K, NTW, KS, PAIR>;
+  constexpr int MP = MT * 16, PW = NTW * 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kt = warp % KS;
+  const int tiles = Tl::tiles(N);
+  if (blockIdx.x >= tiles) return;
+  stage_a<MT, K, K>(sa, a, 0);
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     float acc[MT][NTW][4];
-    warp_tile<MT, NTW, K, KSL / 32, KSL / 32>(acc, sa, kt * KSL, wr);
+    zero(acc);
+#pragma unroll
+    for (int c = 0; c < Tl::CH; ++c) mma_chunk<MT, NTW, K>(acc, sa, kt * Tl::KSL, c, bw[c]);
+    if (tile + gridDim.x < tiles) {
+      const uint4* wr[NTW];
+      Tl::rows(w, N, tile + gridDim.x, wr);
+      load_chunks<NTW, Tl::CH>(bw, wr);
+    }
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -141,16 +173,16 @@ __device__ __forceinline__ void product(uint4* sa, const __nv_bfloat16* a, const
         p[8 * PW + 1] = acc[m][j][3];
       }
     __syncthreads();
-    for (int e = threadIdx.x; e < B * BW; e += blockDim.x) {
-      const int r = e / BW, cb = e % BW, n = cb / CW, cw = cb % CW;
-      const int col = tile * BW + cb;
+    for (int e = threadIdx.x; e < B * Tl::BW; e += blockDim.x) {
+      const int r = e / Tl::BW, cb = e % Tl::BW, n = cb / Tl::CW, cw = cb % Tl::CW;
+      const int col = tile * Tl::BW + cb;
       if (col < N) {
         float s0 = 0.f, s1 = 0.f;
 #pragma unroll
         for (int k = 0; k < KS; ++k) {
           const float* p = part + ((n * KS + k) * MP + r) * PW;
           s0 += p[cw];
-          if (PAIR) s1 += p[cw + CW];
+          if (PAIR) s1 += p[cw + Tl::CW];
         }
         epi(r, col, s0, s1);
       }
@@ -159,22 +191,29 @@ __device__ __forceinline__ void product(uint4* sa, const __nv_bfloat16* a, const
   }
 }
 
-// A [MT * 16, K] times W^T (W [N, K]) with K cut in KB slices: a block takes 64 columns (one n8 tile a warp) of one
-// slice, and the partial sums go to out [KB, MT * 16, N] (summed by the phase after the barrier, in slice order)
+// A [MT * 16, K] times W^T (W [N, K]) with K cut in KB slices (Tiling<K, 1, 1, false, KB, true>): a block takes 64
+// columns (one n8 tile a warp) of one slice, and the partial sums go to out [KB, MT * 16, N] (summed by the phase
+// after the barrier, in slice order). bw: as in product().
 template <int K, int MT, int KB>
 __device__ __forceinline__ void product_slices(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N,
-                                               float* out) {
-  constexpr int MP = MT * 16, KL = K / KB, BW = NWARPS * 8;
+                                               float* out, uint4 (&bw)[K / KB / 32][1]) {
+  using Tl = Tiling<K, 1, 1, false, KB, true>;
+  constexpr int MP = MT * 16, KL = K / KB;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int ctiles = (N + BW - 1) / BW;
-  for (int tile = blockIdx.x; tile < ctiles * KB; tile += gridDim.x) {
-    const int kb = tile / ctiles, c0 = (tile % ctiles) * BW + warp * 8;
+  const int ctiles = (N + Tl::BW - 1) / Tl::BW;
+  for (int tile = blockIdx.x; tile < Tl::tiles(N); tile += gridDim.x) {
+    const int kb = tile / ctiles, col = (tile % ctiles) * Tl::BW + warp * 8 + 2 * t;
     if (tile != blockIdx.x) __syncthreads();  // the previous tile's warps are done with sa
     stage_a<MT, K, KL>(sa, a, kb * KL);
-    const uint4* wr[1] = {reinterpret_cast<const uint4*>(w + (size_t)min(c0 + g, N - 1) * K + kb * KL) + t};
     float acc[MT][1][4];
-    warp_tile<MT, 1, KL, KL / 32, KL / 32>(acc, sa, 0, wr);
-    const int col = c0 + 2 * t;
+    zero(acc);
+#pragma unroll
+    for (int c = 0; c < Tl::CH; ++c) mma_chunk<MT, 1, KL>(acc, sa, 0, c, bw[c]);
+    if (tile + gridDim.x < Tl::tiles(N)) {
+      const uint4* wr[1];
+      Tl::rows(w, N, tile + gridDim.x, wr);
+      load_chunks<1, Tl::CH>(bw, wr);
+    }
     if (col < N) {
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
@@ -274,27 +313,40 @@ __device__ __forceinline__ void attend_warp(const float* row, const T* q_norm, c
 }
 
 // the LM head over A [MT * 16, K] (staged whole): each row's largest argmax key over this block's columns of
-// W [N, K] (NTW n8 tiles a warp, AHEAD chunks of weights in flight), then atomicMax into keys[row]; `best` holds a
-// key per row (shared)
+// W [N, K] (Tiling<K, NTW, 1, false>: NTW n8 tiles a warp), then atomicMax into keys[row]; `best` holds a key per
+// row (shared). A warp's weights stream through bw, AHEAD chunks in flight ahead of the one being summed (across
+// tiles too); bw holds the first tile's first AHEAD chunks on entry (fetch_head).
 template <int K, int MT, int NTW, int AHEAD>
 __device__ __forceinline__ void head_argmax(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N, int B,
-                                            unsigned long long* best, unsigned long long* keys) {
-  constexpr int CW = NTW * 8, BW = NWARPS * CW;
+                                            unsigned long long* best, unsigned long long* keys,
+                                            uint4 (&bw)[AHEAD][NTW]) {
+  using Tl = Tiling<K, NTW, 1, false>;
+  constexpr int CH = K / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int tiles = (N + BW - 1) / BW;
+  const int tiles = Tl::tiles(N);
   if (blockIdx.x >= tiles) return;
   for (int i = threadIdx.x; i < MT * 16; i += blockDim.x) best[i] = 0ull;
   stage_a<MT, K, K>(sa, a, 0);
   unsigned long long kbest[MT][2];
 #pragma unroll
   for (int m = 0; m < MT; ++m) kbest[m][0] = kbest[m][1] = 0ull;
+  const uint4* wr[NTW];
+  const uint4* wn[NTW];
+  Tl::rows(w, N, blockIdx.x, wr);
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int c0 = tile * BW + warp * CW;
-    const uint4* wr[NTW];
-#pragma unroll
-    for (int j = 0; j < NTW; ++j) wr[j] = reinterpret_cast<const uint4*>(w + (size_t)min(c0 + j * 8 + g, N - 1) * K) + t;
+    const int next = tile + gridDim.x < tiles ? tile + gridDim.x : tile;  // the last tile re-reads itself: unused
+    Tl::rows(w, N, next, wn);
     float acc[MT][NTW][4];
-    warp_tile<MT, NTW, K, K / 32, AHEAD>(acc, sa, 0, wr);
+    zero(acc);
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      mma_chunk<MT, NTW, K>(acc, sa, 0, c, bw[c % AHEAD]);
+#pragma unroll
+      for (int j = 0; j < NTW; ++j) {
+        bw[c % AHEAD][j] = c + AHEAD < CH ? __ldg(wr[j] + (c + AHEAD) * 4) : __ldg(wn[j] + (c + AHEAD - CH) * 4);
+      }
+    }
+    const int c0 = (tile % ((N + Tl::BW - 1) / Tl::BW)) * Tl::BW + warp * Tl::CW;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -307,6 +359,8 @@ __device__ __forceinline__ void head_argmax(uint4* sa, const __nv_bfloat16* a, c
             kbest[m][e >> 1] = k > kbest[m][e >> 1] ? k : kbest[m][e >> 1];
           }
         }
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) wr[j] = wn[j];
   }
 #pragma unroll
   for (int m = 0; m < MT; ++m)
@@ -322,6 +376,17 @@ __device__ __forceinline__ void head_argmax(uint4* sa, const __nv_bfloat16* a, c
     }
   __syncthreads();
   for (int r = threadIdx.x; r < B; r += blockDim.x) atomicMax(keys + r, best[r]);
+}
+
+// the head's first AHEAD chunks of this block's first tile (head_argmax's bw on entry)
+template <int K, int NTW, int AHEAD>
+__device__ __forceinline__ void fetch_head(const __nv_bfloat16* w, int N, uint4 (&bw)[AHEAD][NTW]) {
+  using Tl = Tiling<K, NTW, 1, false>;
+  if (blockIdx.x < Tl::tiles(N)) {
+    const uint4* wr[NTW];
+    Tl::rows(w, N, blockIdx.x, wr);
+    load_chunks<NTW, AHEAD>(bw, wr);
+  }
 }
 """
 
@@ -346,8 +411,24 @@ _BODY = """
   const int last = at[0];
   const int cap = kc0_shape[2];
   unsigned int gen = 0;
-#define SYNC_GRID gen = grid_arrive(bar, nullptr); grid_wait(bar, gen, nullptr)
+  // TIMING (tools/gpu/probe_batch.py): block 0 marks the start and the end of every phase's barrier
+  unsigned long long* times = TIMING ? const_cast<unsigned long long*>(tbuf) : nullptr;
+  int phase = 0;
+  if (times != nullptr && blockIdx.x == 0 && tid == 0) times[phase++] = global_ns();
+// between ARRIVE and WAIT, each block loads its first weights of the next product (they depend on no other block)
+#define ARRIVE gen = grid_arrive(bar, nullptr)
+#define WAIT                  \
+  grid_wait(bar, gen, nullptr); \
+  if (times != nullptr && blockIdx.x == 0 && tid == 0) times[phase++] = global_ns()
+#define SYNC_GRID \
+  ARRIVE;         \
+  WAIT
 $TABLES
+  using TQKV = Tiling<D, 2, 8, false>;
+  using TGU = Tiling<D, 2, 8, true>;
+  using TO = Tiling<H * HD, 1, 1, false, KB, true>;
+  using TD = Tiling<FF, 1, 1, false, KB, true>;
+  uint4 w_qkv[TQKV::CH][2], w_gu[TGU::CH][2], w_o[TO::CH][1], w_d[TD::CH][1], w_head[HEAD_AHEAD][HEAD_NTW];
   // row b's RMSNorm with weight nw: an[b] = nw * T(x[b] * r), as mx.fast.rms_norm rounds it (x read through L2)
   auto norm_row = [&](int b, const T* nw) {
     float ss = 0.f;
@@ -381,10 +462,12 @@ $TABLES
   if (blockIdx.x == 0) {
     for (int i = tid; i < MP; i += blockDim.x) keys[i] = 0ull;
   }
-  SYNC_GRID;
+  ARRIVE;
+  TQKV::fetch(WQKV[0], QKV, w_qkv);
+  WAIT;
   for (int l = 0; l < LAYERS; ++l) {
     // 1. q|k|v
-    product<D, MT, 2, 8, false>(sa, an, WQKV[l], QKV, B, part, [&](int r, int c, float s, float) {
+    product<D, MT, 2, 8, false>(sa, an, WQKV[l], QKV, B, part, w_qkv, [&](int r, int c, float s, float) {
       qkv[(size_t)r * QKV + c] = static_cast<float>(static_cast<T>(s));
     });
     SYNC_GRID;
@@ -396,33 +479,44 @@ $TABLES
                                           const_cast<T*>(KC[l]) + crow, const_cast<T*>(VC[l]) + crow, cap, pad[b],
                                           last, h, EPS, SCALE, att + ((size_t)b * H + h) * HD, qbuf + (tid >> 5) * HD);
     }
-    SYNC_GRID;
+    ARRIVE;
+    TO::fetch(WO[l], D, w_o);
+    WAIT;
     // 3. o, in K slices
-    product_slices<H * HD, MT, KB>(sa, att, WO[l], D, psum);
-    SYNC_GRID;
+    product_slices<H * HD, MT, KB>(sa, att, WO[l], D, psum, w_o);
+    ARRIVE;
+    TGU::fetch(WGU[l], FF, w_gu);
+    WAIT;
     // 4. residual add + RMSNorm
     for (int b = blockIdx.x; b < B; b += gridDim.x) add_norm_row(b, LN2[l]);
     SYNC_GRID;
     // 5. gate|up + SwiGLU
-    product<D, MT, 2, 8, true>(sa, an, WGU[l], FF, B, part, [&](int r, int c, float a0, float a1) {
+    product<D, MT, 2, 8, true>(sa, an, WGU[l], FF, B, part, w_gu, [&](int r, int c, float a0, float a1) {
       const float gt = static_cast<float>(static_cast<T>(a0));
       const float u = static_cast<float>(static_cast<T>(a1));
       const float sg = static_cast<float>(static_cast<T>(1.0f / (1.0f + expf(-gt))));
       const float silu = static_cast<float>(static_cast<T>(gt * sg));
       hid[(size_t)r * FF + c] = static_cast<T>(silu * u);
     });
-    SYNC_GRID;
+    ARRIVE;
+    TD::fetch(WD[l], D, w_d);
+    WAIT;
     // 6. down, in K slices
-    product_slices<FF, MT, KB>(sa, hid, WD[l], D, psum);
-    SYNC_GRID;
+    product_slices<FF, MT, KB>(sa, hid, WD[l], D, psum, w_d);
+    ARRIVE;
+    if (l + 1 < LAYERS) TQKV::fetch(WQKV[l + 1], QKV, w_qkv);
+    WAIT;
     // 7. residual add + the next layer's RMSNorm (or the final one)
     for (int b = blockIdx.x; b < B; b += gridDim.x) add_norm_row(b, l + 1 < LAYERS ? LN1[l + 1] : norm);
     SYNC_GRID;
   }
   // the LM head: each row's first largest rounded logit
-  head_argmax<D, MT, HEAD_NTW, HEAD_AHEAD>(sa, an, head, V, B, best, keys);
+  fetch_head<D, HEAD_NTW, HEAD_AHEAD>(head, V, w_head);
+  head_argmax<D, MT, HEAD_NTW, HEAD_AHEAD>(sa, an, head, V, B, best, keys, w_head);
   SYNC_GRID;
 #undef SYNC_GRID
+#undef ARRIVE
+#undef WAIT
   if (blockIdx.x == 0) {
     for (int b = tid; b < B; b += blockDim.x) out[b] = (int)(0xFFFFFFFFu - (unsigned int)(__ldcg(keys + b) & 0xFFFFFFFFull));
     if (tid == 0) at_out[0] = last + 1;
@@ -431,7 +525,8 @@ $TABLES
 
 _PER_LAYER = ("ln1", "ln2", "qn", "kn", "wqkv", "wo", "wgu", "wd", "kc", "vc")
 _FIXED = ("tok", "at", "pad", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "abuf", "attbuf", "hbuf", "pbuf",
-          "keybuf", "barrier")
+          "keybuf", "barrier", "tbuf")
+PHASES = ("q|k|v", "attention", "o", "add+norm", "gate|up", "down", "add+norm'")  # a layer's, as TIMING marks them
 
 
 def _source(layers: int) -> tuple[str, list[str]]:
@@ -505,15 +600,16 @@ class PersistentRows:
         self.fixed = [self.embed, p.freqs, m.norm.weight, head, scratch(MAX_ROWS * s["D"]), scratch(MAX_ROWS * qkv),
                       scratch(MAX_ROWS * s["D"], bf16), scratch(MAX_ROWS * s["H"] * s["HD"], bf16),
                       scratch(MAX_ROWS * s["FF"], bf16), scratch(KB * MAX_ROWS * s["D"]),
-                      scratch(MAX_ROWS, mx.uint64), scratch(2, mx.uint32)]
+                      scratch(MAX_ROWS, mx.uint64), scratch(2, mx.uint32), scratch(len(PHASES) * len(plans) + 3, mx.uint64)]
         mx.eval(self.fixed)
+        self.times = self.fixed[-1]  # with TIMING: the start, then the end of each phase (start, layers', head)
         per_layer = [[q.ln1, q.ln2, q.q_norm, q.k_norm, q.qkv.weight, q.o.weight, q.gate_up.weight, q.down.weight]
                      for q in plans]
         # every input but the tokens, position, padding and caches, in _source's order (built once)
         self.constant = self.fixed + [a for kind in zip(*per_layer, strict=True) for a in kind]
         self.template = [("T", bf16), ("LAYERS", len(plans)), ("D", s["D"]), ("FF", s["FF"]), ("H", s["H"]),
                          ("KV", s["KV"]), ("HD", s["HD"]), ("V", s["V"]), ("KB", KB), ("ATTN_PAR", ATTN_PAR),
-                         ("HEAD_NTW", 4), ("HEAD_AHEAD", 4)]
+                         ("HEAD_NTW", 2), ("HEAD_AHEAD", 8)]
         self.blocks = blocks
 
     def start(self, kv: list, prompt_slots: int, left_pad: list[int]):
@@ -522,7 +618,7 @@ class PersistentRows:
         if not 1 < rows <= MAX_ROWS:
             raise ValueError(f"PersistentRows takes 2 to {MAX_ROWS} rows, not {rows}")
         pad = mx.array(left_pad + [0] * (SMALL_ARRAY - len(left_pad)), dtype=mx.int32)
-        options = dict(template=[*self.template, ("MT", -(-rows // 16))],
+        options = dict(template=[*self.template, ("MT", -(-rows // 16)), ("TIMING", TIMING)],
                        grid=(self.blocks * 32 * NW, 1, 1), threadgroup=(32 * NW, 1, 1),
                        output_shapes=[(max(rows, SMALL_ARRAY),), (SMALL_ARRAY,)], output_dtypes=[mx.int32, mx.int32])
 

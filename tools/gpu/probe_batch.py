@@ -88,6 +88,20 @@ def main() -> None:
                   f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step), "
                   f"tokens equal to the first variant's: {same}/{sum(len(q) for q in first)}")
         cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = True, default_par, True
+        if n <= cuda_rows.MAX_ROWS:  # PersistentRows phase by phase (its last step; in-kernel marks)
+            cuda_rows.TIMING = 1
+            llm._fast_decoder = None
+            greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
+            cuda_rows.TIMING = 0
+            t = llm._fast_decoder._rows_one.times.tolist()
+            d = [(y - x) / 1e3 for x, y in zip(t, t[1:], strict=False)]
+            layers = (len(t) - 3) // len(cuda_rows.PHASES)
+            per = {p: sum(d[1 + i * len(cuda_rows.PHASES) + k] for i in range(layers))
+                   for k, p in enumerate(cuda_rows.PHASES)}
+            print(f"PersistentRows phases (us a step, phase + its barrier): start {d[0]:.1f}, "
+                  + ", ".join(f"{p} {v:.0f}" for p, v in per.items()) + f", head {d[-1]:.1f}; "
+                  f"kernel {(t[-1] - t[0]) / 1e3:.0f}")
+            llm._fast_decoder = None
         llm._fast_decoder = None
         for dtype, m in models.items():
 
