@@ -22,7 +22,8 @@ them. That is safe here because the caches belong to the decoder alone, nothing 
 reader (the next step's `attend` of the same layer) depends on this one through the hidden state.
 
 FusedStep is used only where `available()`: MLX's CUDA backend, a batch of one, unquantized bf16 or fp32 weights;
-RowsStep where `rows_available()`: MLX's CUDA backend and bf16 or fp32 activations. Metal, the CPU and fp16 models
+RowsStep where `rows_available()`: MLX's CUDA backend and bf16 or fp32 activations (bf16 batches of 2..64 rows run
+asr.cuda_rows.PersistentRows instead where it can run). Metal, the CPU and fp16 models
 keep `asr.llm.FastDecoder`'s MLX steps (with MLX's masked attention for batches).
 """
 

@@ -288,13 +288,19 @@ def sm_count() -> int | None:
         return None
 
 
-def blocks_for(model) -> int | None:
-    """The grid (blocks = SMs) PersistentStep takes for `model` here, or None where it cannot run: disabled, the SM
-    count unknown or below the query heads (one block a head), or an MPS share of the GPU (there the SM count
-    overstates how many blocks can be resident and the barrier would wait forever)."""
-    if not ENABLED or os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip() not in ("", "100"):
+def resident_blocks() -> int | None:
+    """A grid of one block per SM, all resident at once (what a grid barrier needs), or None where that cannot be
+    known: the SM count unknown, or an MPS share of the GPU (there the SM count overstates how many blocks can be
+    resident and the barrier would wait forever)."""
+    if os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip() not in ("", "100"):
         return None
-    blocks = sm_count()
+    return sm_count()
+
+
+def blocks_for(model) -> int | None:
+    """The grid (blocks = SMs) PersistentStep takes for `model` here, or None where it cannot run: disabled, no
+    `resident_blocks`, or fewer SMs than query heads (one block a head)."""
+    blocks = resident_blocks() if ENABLED else None
     return blocks if blocks and blocks >= model.model.layers[0].self_attn.n_heads else None
 
 

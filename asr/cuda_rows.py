@@ -569,10 +569,10 @@ def fits(model) -> bool:
 
 def make(model, plans: list) -> PersistentRows | None:
     """PersistentRows for this model on this device, or None where it cannot run: disabled, a model it does not
-    take (`fits`), or no grid whose blocks are all resident (asr.cuda_persistent.blocks_for)."""
+    take (`fits`), or no grid whose blocks are all resident (asr.cuda_persistent.resident_blocks)."""
     if not ENABLED or not fits(model):
         return None
-    blocks = cuda_persistent.blocks_for(model)
+    blocks = cuda_persistent.resident_blocks()
     return PersistentRows(model, plans, blocks) if blocks else None
 
 

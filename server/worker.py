@@ -59,7 +59,7 @@ def _compute(model=None) -> str:
     try:
         import mlx.core as mx
 
-        from asr import backend, cpu_encoder, cpu_llm, cuda_decode, cuda_persistent
+        from asr import backend, cpu_encoder, cpu_llm, cuda_decode, cuda_persistent, cuda_rows
 
         b = backend.info()
     except Exception:  # noqa: BLE001 - informational only
@@ -74,10 +74,15 @@ def _compute(model=None) -> str:
     elif llm is not None:
         one = cuda_decode.available(llm, 1)
         one_launch = one and cuda_persistent.blocks_for(llm) is not None
+        rows = cuda_decode.rows_available(llm)
+        rows_one = rows and cuda_rows.ENABLED and cuda_rows.fits(llm) and cuda_persistent.resident_blocks() is not None
         steps = [name for name, used in (("batch of one: one-launch CUDA step", one_launch),
                                          ("batch of one: fused CUDA step", one and not one_launch),
-                                         ("batches: CUDA rows step", cuda_decode.rows_available(llm))) if used]
-        runner += f"; LLM {', '.join(steps)} (asr/cuda_decode.py, asr/cuda_persistent.py)" if steps else ""
+                                         (f"batches up to {cuda_rows.MAX_ROWS}: one-launch CUDA rows step", rows_one),
+                                         ("larger batches: CUDA rows step", rows_one),
+                                         ("batches: CUDA rows step", rows and not rows_one)) if used]
+        runner += (f"; LLM {', '.join(steps)} (asr/cuda_decode.py, asr/cuda_persistent.py, asr/cuda_rows.py)"
+                   if steps else "")
     return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']}{runner})"
 
 

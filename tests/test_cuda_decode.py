@@ -188,6 +188,9 @@ def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
     assert "LLM batch of one: one-launch CUDA step, batches: CUDA rows step" in _compute(model)
     monkeypatch.setattr(cuda_persistent, "ENABLED", False)
     assert "LLM batch of one: fused CUDA step, batches: CUDA rows step" in _compute(model)
+    monkeypatch.setattr(cuda_rows, "fits", lambda llm: True)  # the tiny model's widths are not the kernel's
+    assert ("batch of one: fused CUDA step, batches up to 64: one-launch CUDA rows step, larger batches: CUDA "
+            "rows step") in _compute(model)
 
 
 def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch, on_cpu):
@@ -522,6 +525,7 @@ def test_one_launch_rows_step_only_where_it_fits(monkeypatch):
     monkeypatch.setattr(cuda_rows, "ENABLED", False)
     assert cuda_rows.make(llm, plans) is None
     monkeypatch.setattr(cuda_rows, "ENABLED", True)
+    monkeypatch.setattr(cuda_persistent, "ENABLED", False)  # the batch-of-one step's switch is its own
     step = cuda_rows.make(llm, plans)
     assert isinstance(step, cuda_rows.PersistentRows) and step.blocks == 132
     with pytest.raises(ValueError, match="2 to 64 rows"):
