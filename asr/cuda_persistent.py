@@ -262,16 +262,18 @@ $TABLES
 """
 
 _PER_LAYER = ("ln1", "ln2", "qn", "kn", "wqkv", "wo", "wgu", "wd", "kc", "vc")
+_FIXED = ("tok", "at", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "attbuf", "hbuf", "keybuf", "barrier", "tbuf")
 
 
-def _source(layers: int) -> tuple[str, list[str]]:
-    """The kernel body for `layers` layers and its input names (per-layer arrays as pointer tables)."""
-    names = ["tok", "at", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "attbuf", "hbuf", "keybuf", "barrier", "tbuf"]
+def with_layer_tables(body: str, fixed: tuple[str, ...], layers: int) -> tuple[str, list[str]]:
+    """A one-launch step's kernel body for `layers` layers and its input names: the `fixed` inputs, then each of
+    _PER_LAYER's arrays of every layer, which the body reads through pointer tables (`$TABLES`: WQKV[l] etc.)."""
+    names = list(fixed)
     tables = []
     for kind in _PER_LAYER:
         names += [f"{kind}{i}" for i in range(layers)]
         tables.append(f"  const T* const {kind.upper()}[LAYERS] = {{{', '.join(f'{kind}{i}' for i in range(layers))}}};")
-    return _BODY.replace("$TABLES", "\n".join(tables)), names
+    return body.replace("$TABLES", "\n".join(tables)), names
 
 
 def sm_count() -> int | None:
@@ -324,7 +326,7 @@ class PersistentStep:
         dim, inter = self.embed.shape[1], p.down.weight.shape[1]
         if blocks < heads:
             raise ValueError(f"PersistentStep needs at least {heads} blocks; the device has {blocks} SMs")
-        source, self.names = _source(len(plans))
+        source, self.names = with_layer_tables(_BODY, _FIXED, len(plans))
         source = source.replace("NWARPS", str(NW))
         self.kernel = kernel(f"step{len(plans)}", source, self.names, ("out", "at_out"), header=_DEVICE, EPS=p.eps,
                              SCALE=p.scale)
@@ -341,7 +343,7 @@ class PersistentStep:
         self.times = self.fixed[-1]  # with SCHEDULE["TIMING"]: [start, end] then [last arrival, block 0 left] a phase
         per_layer = [[q.ln1, q.ln2, q.q_norm, q.k_norm, q.qkv.weight, q.o.weight, q.gate_up.weight, q.down.weight]
                      for q in plans]
-        # every input but the token, position and caches, in _source's order (built once, not per token)
+        # every input but the token, position and caches, in the kernel's order (built once, not per token)
         self.constant = self.fixed + [a for kind in zip(*per_layer, strict=True) for a in kind]
         self.options = dict(
             template=[("T", dtype), ("LAYERS", len(plans)), ("D", dim), ("FF", inter), ("H", heads), ("KV", kv_heads),

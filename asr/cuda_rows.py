@@ -523,20 +523,9 @@ $TABLES
   }
 """
 
-_PER_LAYER = ("ln1", "ln2", "qn", "kn", "wqkv", "wo", "wgu", "wd", "kc", "vc")
 _FIXED = ("tok", "at", "pad", "embed", "freqs", "norm", "head", "xbuf", "qkvbuf", "abuf", "attbuf", "hbuf", "pbuf",
           "keybuf", "barrier", "tbuf")
 PHASES = ("q|k|v", "attention", "o", "add+norm", "gate|up", "down", "add+norm'")  # a layer's, as TIMING marks them
-
-
-def _source(layers: int) -> tuple[str, list[str]]:
-    """The kernel body for `layers` layers and its input names (per-layer arrays as pointer tables)."""
-    names = list(_FIXED)
-    tables = []
-    for kind in _PER_LAYER:
-        names += [f"{kind}{i}" for i in range(layers)]
-        tables.append(f"  const T* const {kind.upper()}[LAYERS] = {{{', '.join(f'{kind}{i}' for i in range(layers))}}};")
-    return _BODY.replace("$TABLES", "\n".join(tables)), names
 
 
 def _shape(model) -> dict[str, int]:
@@ -586,7 +575,7 @@ class PersistentRows:
         s = _shape(model)
         self.embed = m.embed_tokens.weight
         head = self.embed if model.args.tie_word_embeddings else model.lm_head.weight
-        source, self.names = _source(len(plans))
+        source, self.names = cuda_persistent.with_layer_tables(_BODY, _FIXED, len(plans))
         source = source.replace("NWARPS", str(NW))
         header = cuda_persistent._DEVICE + _DEVICE.replace("NWARPS", str(NW))
         self.kernel = kernel(f"rows{len(plans)}", source, self.names, ("out", "at_out"), header=header, EPS=p.eps,
@@ -605,7 +594,7 @@ class PersistentRows:
         self.times = self.fixed[-1]  # with TIMING: the start, then the end of each phase (start, layers', head)
         per_layer = [[q.ln1, q.ln2, q.q_norm, q.k_norm, q.qkv.weight, q.o.weight, q.gate_up.weight, q.down.weight]
                      for q in plans]
-        # every input but the tokens, position, padding and caches, in _source's order (built once)
+        # every input but the tokens, position, padding and caches, in the kernel's order (built once)
         self.constant = self.fixed + [a for kind in zip(*per_layer, strict=True) for a in kind]
         self.template = [("T", bf16), ("LAYERS", len(plans)), ("D", s["D"]), ("FF", s["FF"]), ("H", s["H"]),
                          ("KV", s["KV"]), ("HD", s["HD"]), ("V", s["V"]), ("KB", KB), ("ATTN_PAR", ATTN_PAR),
