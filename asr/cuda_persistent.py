@@ -276,18 +276,24 @@ def with_layer_tables(body: str, fixed: tuple[str, ...], layers: int) -> tuple[s
     return body.replace("$TABLES", "\n".join(tables)), names
 
 
-def sm_count() -> int | None:
-    """The current CUDA device's SM count, through the CUDA runtime MLX has loaded (None where it cannot be read)."""
+def device_attribute(code: int) -> int | None:
+    """A cudaDeviceAttr of the current CUDA device (driver_types.h: 16 SM count, 75 compute capability major, 97
+    opt-in shared memory a block), through the CUDA runtime MLX has loaded; None where it cannot be read."""
     try:
         lib = ctypes.CDLL("libcudart.so.13")
         dev, value = ctypes.c_int(0), ctypes.c_int(0)
         if lib.cudaGetDevice(ctypes.byref(dev)) != 0:
             return None
-        if lib.cudaDeviceGetAttribute(ctypes.byref(value), 16, dev.value) != 0:  # cudaDevAttrMultiProcessorCount
+        if lib.cudaDeviceGetAttribute(ctypes.byref(value), code, dev.value) != 0:
             return None
         return value.value if value.value > 0 else None
     except (OSError, AttributeError):
         return None
+
+
+def sm_count() -> int | None:
+    """The current CUDA device's SM count (None where it cannot be read)."""
+    return device_attribute(16)  # cudaDevAttrMultiProcessorCount
 
 
 def resident_blocks() -> int | None:

@@ -13,14 +13,17 @@ batch of one: one block per SM, all resident, meeting at grid-wide barriers betw
 
 Products run on tensor cores (`mma.sync` m16n8k16, bf16 operands, float32 sums): the rows (up to MAX_ROWS) are MT
 tiles of 16, W's rows tiles of 8. A block stages its slice of A (the activations, bf16) in shared memory once and
-its warps read it from there; a warp loads its W rows straight from memory (each weight is read once a step).
+its warps read it from there; a warp loads its W rows straight from memory (each weight is read once a step), all
+of a tile's chunks at once, the next tile's while this one is summed, and a product's first ones between the two
+halves of the grid barrier in front of it (weights depend on no other block, so their latency overlaps the wait).
 Within each 32-wide k chunk, lane (g, t) holds elements 8t..8t+7 of A rows g and g + 8 and of W row g, in 16-byte
 loads: both operands take the same permutation of k, which the sum does not see.
 
 Rounding follows RowsStep (each op's result rounded to bf16 where MLX rounds it); sums run in another order than
 cuBLAS's, so logits agree to rounding, not bit for bit. bf16 models only (mma takes bf16 operands; an fp32 model
-keeps RowsStep), 2..MAX_ROWS rows; larger batches keep RowsStep. Buffers other blocks wrote in the same launch are
-read through L2 (`__ldcg`).
+keeps RowsStep), 2..MAX_ROWS rows; larger batches keep RowsStep, and so do devices before sm_80 or with less
+shared memory a block than the kernel takes (`device_takes`: ~172 KB at Qwen3-0.6B's widths, so an H100 or H200,
+not an A100). Buffers other blocks wrote in the same launch are read through L2 (`__ldcg`).
 """
 
 from __future__ import annotations
@@ -556,13 +559,31 @@ def fits(model) -> bool:
             and shared_bytes(model) <= SMEM_LIMIT)
 
 
+def static_bytes(model) -> int:
+    """The kernel's static shared memory, about: product()'s sums of NW warps (MAX_ROWS rows, 16 columns, float),
+    attend_warp's q (NW x head_dim floats), block_sum's floats and the head's key a row."""
+    return NW * MAX_ROWS * 16 * 4 + NW * _shape(model)["HD"] * 4 + 32 * 4 + MAX_ROWS * 8 + 256
+
+
+def device_takes(model) -> bool:
+    """Whether this CUDA device runs the kernel: mma.sync on bf16 needs compute capability 8.0 or later, and a
+    block needs its shared memory (the staged A and the static buffers: ~172 KB for Qwen3-0.6B, more than an
+    A100's 163 KB or a consumer GPU's 99 KB, which keep RowsStep)."""
+    major = cuda_persistent.device_attribute(75)  # cudaDevAttrComputeCapabilityMajor
+    optin = cuda_persistent.device_attribute(97)  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+    return bool(major and major >= 8 and optin and optin >= shared_bytes(model) + static_bytes(model))
+
+
+def make_possible(model) -> bool:
+    """Whether `make` would give a step for `model` here (without building it)."""
+    return ENABLED and fits(model) and device_takes(model) and cuda_persistent.resident_blocks() is not None
+
+
 def make(model, plans: list) -> PersistentRows | None:
     """PersistentRows for this model on this device, or None where it cannot run: disabled, a model it does not
-    take (`fits`), or no grid whose blocks are all resident (asr.cuda_persistent.resident_blocks)."""
-    if not ENABLED or not fits(model):
-        return None
-    blocks = cuda_persistent.resident_blocks()
-    return PersistentRows(model, plans, blocks) if blocks else None
+    take (`fits`), a device that cannot run it (`device_takes`) or no grid whose blocks are all resident
+    (asr.cuda_persistent.resident_blocks)."""
+    return PersistentRows(model, plans, cuda_persistent.resident_blocks()) if make_possible(model) else None
 
 
 class PersistentRows:

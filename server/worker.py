@@ -75,7 +75,7 @@ def _compute(model=None) -> str:
         one = cuda_decode.available(llm, 1)
         one_launch = one and cuda_persistent.blocks_for(llm) is not None
         rows = cuda_decode.rows_available(llm)
-        rows_one = rows and cuda_rows.ENABLED and cuda_rows.fits(llm) and cuda_persistent.resident_blocks() is not None
+        rows_one = rows and cuda_rows.make_possible(llm)
         steps = [name for name, used in (("batch of one: one-launch CUDA step", one_launch),
                                          ("batch of one: fused CUDA step", one and not one_launch),
                                          (f"batches up to {cuda_rows.MAX_ROWS}: one-launch CUDA rows step", rows_one),

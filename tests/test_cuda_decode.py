@@ -189,6 +189,7 @@ def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(cuda_persistent, "ENABLED", False)
     assert "LLM batch of one: fused CUDA step, batches: CUDA rows step" in _compute(model)
     monkeypatch.setattr(cuda_rows, "fits", lambda llm: True)  # the tiny model's widths are not the kernel's
+    monkeypatch.setattr(cuda_rows, "device_takes", lambda llm: True)  # no CUDA runtime to ask here
     assert ("batch of one: fused CUDA step, batches up to 64: one-launch CUDA rows step, larger batches: CUDA "
             "rows step") in _compute(model)
 
@@ -510,17 +511,24 @@ def test_one_launch_rows_step_tokens_match_masked_step(config, lengths, monkeypa
 
 
 def test_one_launch_rows_step_only_where_it_fits(monkeypatch):
-    """PersistentRows takes unquantized bf16 models only (mma's operands), needs every block resident (as
-    PersistentStep), and can be switched off; where make() says no, FastDecoder keeps RowsStep."""
+    """PersistentRows takes unquantized bf16 models only (mma's operands), a device of compute capability 8.0 or
+    later with the shared memory a block needs, every block resident (as PersistentStep), and can be switched off;
+    where make() says no, FastDecoder keeps RowsStep."""
     llm = _small(mx.bfloat16)
     plans = llm_mod.FastDecoder(llm)._layer_plans()
     assert cuda_rows.fits(llm) and not cuda_rows.fits(_small(mx.float32))
     quantized = _small(mx.bfloat16)
     nn.quantize(quantized, group_size=64, bits=4)
     assert not cuda_rows.fits(quantized)
-    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: None)
+    h200 = {16: 132, 75: 9, 97: 232448}  # SMs, compute capability major, opt-in shared memory a block
+    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: None)
     assert cuda_rows.make(llm, plans) is None
-    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 132)
+    need = cuda_rows.shared_bytes(llm) + cuda_rows.static_bytes(llm)  # ptxas: 37,504 static bytes at 64 rows
+    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: {**h200, 97: need - 1}[code])
+    assert cuda_rows.make(llm, plans) is None
+    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: {**h200, 75: 7}[code])
+    assert cuda_rows.make(llm, plans) is None
+    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: {**h200, 97: need}[code])
     monkeypatch.setattr(cuda_rows, "kernel", lambda *args, **kwargs: None)  # no NVRTC off CUDA
     monkeypatch.setattr(cuda_rows, "ENABLED", False)
     assert cuda_rows.make(llm, plans) is None
