@@ -170,9 +170,11 @@ def worker_ours(a: argparse.Namespace) -> dict:
     res["peak_batch1_mb"] = mx.get_peak_memory() / 2**20
     res["rss_batch1_mb"] = _rss_mb()[0]
 
+    peak = mx.get_peak_memory()  # the running peak over every stage (the counter is reset for each batch size)
     if a.batch:
         res["batch"] = []
         for n in a.batch:
+            mx.reset_peak_memory()
             audios = [load_audio(p) for p in a.clips]
             segs = [audios[i % len(audios)] for i in range(n)]
 
@@ -195,9 +197,11 @@ def worker_ours(a: argparse.Namespace) -> dict:
             b["rtfx"] = b["audio_s"] / b["wall_s"]
             b["decode_tok_s"] = (b["new_tokens"] - n) / b["decode_s"]
             b["decode_steps_s"] = (b["steps"] - 1) / b["decode_s"]
+            b["peak_mb"] = mx.get_peak_memory() / 2**20  # this batch size's warm-up and runs
+            peak = max(peak, mx.get_peak_memory())
             res["batch"].append(b)
 
-    res["peak_mb"] = mx.get_peak_memory() / 2**20
+    res["peak_mb"] = max(peak, mx.get_peak_memory()) / 2**20
     res["active_mb"] = mx.get_active_memory() / 2**20
     res["rss_mb"], res["rss_peak_mb"] = _rss_mb()
     return res
@@ -329,9 +333,12 @@ def worker_official(a: argparse.Namespace) -> dict:
         res["peak_batch1_mb"] = torch.cuda.max_memory_allocated() / 2**20
     res["rss_batch1_mb"] = _rss_mb()[0]
 
+    peak = torch.cuda.max_memory_allocated() if cuda else 0  # the running peak (the counter is reset a batch size)
     if a.batch:
         res["batch"] = []
         for n in a.batch:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             segs = [a.clips[i % len(a.clips)] for i in range(n)]
             for _ in range(a.warmup):
                 am.generate(input=segs, batch_size=n, **opts)
@@ -346,10 +353,13 @@ def worker_official(a: argparse.Namespace) -> dict:
             audio_s = sum(soundfile.info(s).duration for s in segs)
             res["batch"].append({"segments": n, "audio_s": audio_s, "wall_s": min(walls), "rtfx": audio_s / min(walls),
                                  "new_tokens": t.get("new_tokens", 0) * n})
+            if cuda:
+                res["batch"][-1]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                peak = max(peak, torch.cuda.max_memory_allocated())
 
     res["rss_mb"], res["rss_peak_mb"] = _rss_mb()
     if cuda:
-        res["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        res["peak_mb"] = max(peak, torch.cuda.max_memory_allocated()) / 2**20
     return res
 
 
@@ -427,12 +437,14 @@ def report(results: list[dict], a: argparse.Namespace) -> str:
                      f"{mem('peak_batch1_mb')} | {mem('peak_mb')} | {mem('rss_batch1_mb')} | {top1} | {cos} | {greedy} |")
     batched = [r for r in results if r.get("batch")]
     if batched:
-        lines.append("\n| batched | segments | audio | wall | RTFx | decode tok/s (all rows) | decode steps/s |")
-        lines.append("|" + "---|" * 7)
+        lines.append("\n| batched | segments | audio | wall | RTFx | decode tok/s (all rows) | decode steps/s | peak |")
+        lines.append("|" + "---|" * 8)
         for r in batched:
             for b in r["batch"]:
+                peak = f"{b['peak_mb']:.0f} MB" if b.get("peak_mb") is not None else "-"
                 lines.append(f"| {r['mode']} | {b['segments']} | {b['audio_s']:.0f} s | {_fmt_s(b['wall_s'])} | "
-                             f"{b['rtfx']:.0f} | {b.get('decode_tok_s', 0):.0f} | {b.get('decode_steps_s', 0):.1f} |")
+                             f"{b['rtfx']:.0f} | {b.get('decode_tok_s', 0):.0f} | {b.get('decode_steps_s', 0):.1f} | "
+                             f"{peak} |")
     return "\n".join(lines)
 
 
