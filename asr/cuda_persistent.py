@@ -276,6 +276,13 @@ def with_layer_tables(body: str, fixed: tuple[str, ...], layers: int) -> tuple[s
     return body.replace("$TABLES", "\n".join(tables)), names
 
 
+def scratch(n: int, dtype=mx.float32) -> mx.array:
+    """A one-launch step's scratch buffer of at least n zeros, filled on the device so that MLX allocates device
+    memory (host-made arrays and any of 8 bytes or less go to managed memory, where every access of the barrier's
+    spin crossed PCIe: 116 ms a step)."""
+    return mx.zeros((max(n, 64),), dtype=dtype)
+
+
 def device_attribute(code: int) -> int | None:
     """A cudaDeviceAttr of the current CUDA device (driver_types.h: 16 SM count, 75 compute capability major, 97
     opt-in shared memory a block), through the CUDA runtime MLX has loaded; None where it cannot be read."""
@@ -336,11 +343,6 @@ class PersistentStep:
         source = source.replace("NWARPS", str(NW))
         self.kernel = kernel(f"step{len(plans)}", source, self.names, ("out", "at_out"), header=_DEVICE, EPS=p.eps,
                              SCALE=p.scale)
-
-        def scratch(n: int, dtype=mx.float32) -> mx.array:
-            # filled on the device, so MLX allocates device memory (host-made arrays and any of 8 bytes or less go
-            # to managed memory, where every access of the barrier's spin crossed PCIe: 116 ms a step)
-            return mx.zeros((max(n, 64),), dtype=dtype)
 
         self.fixed = [self.embed, p.freqs, m.norm.weight, head, scratch(dim), scratch((heads + 2 * kv_heads) * head_dim),
                       scratch(heads * head_dim), scratch(inter), scratch(blocks, mx.uint64), scratch(2, mx.uint32),

@@ -34,6 +34,7 @@ import mlx.core as mx
 
 from . import cuda_persistent
 from .cuda_decode import SMALL_ARRAY, _prepare_caches, _stepper, kernel, supports
+from .cuda_persistent import scratch
 
 ENABLED = os.environ.get("FUNASR_NANO_PERSISTENT_ROWS", "1") != "0"  # A/B switch (tools/gpu/probe_batch.py, tests)
 MAX_ROWS = 64
@@ -41,9 +42,12 @@ NW = 8  # warps a block
 KB = 8  # slices of K for the o and down products (a block takes one slice of one 64-column tile)
 TIMING = 0  # 1: record when each phase ends (PersistentRows.times; tools/gpu/probe_batch.py), read by start()
 ATTN_PAR = 6  # loads of key and value rows a lane of attend_warp has in flight (x 2 positions a warp at head_dim 128; 8 spills registers)
+PART_COLUMNS = 16  # columns a warp's partial sums take in product()'s shared sums (its NTW n8 tiles: NTW <= 2)
 SMEM_LIMIT = 200 * 1024  # dynamic shared memory this kernel may ask for (an SM of sm_80/sm_90 has 227 KB)
 
 _DEVICE = """
+constexpr int PART_W = PART_COLUMNS;  // columns a warp's partial sums take in product()'s shared `part`
+
 __device__ __forceinline__ void mma_bf16(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
                                          unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -113,8 +117,8 @@ __device__ __forceinline__ void zero(float (&acc)[MT][NTW][4]) {
 // A product's tiling. product(): a warp takes NTW n8 tiles of W's rows (PAIR: NTW / 2 gate tiles and the matching up
 // tiles, W [2N, K] holding gate rows then up rows) over a K / KS slice; a block's NWARPS / KS warp tiles side by side
 // make a column tile of BW columns. product_slices(): K cut in KB slices across blocks, a warp takes one n8 tile of
-// one slice, NWARPS of them side by side (SLICES).
-template <int K, int NTW, int KS, bool PAIR, int KB = 1, bool SLICES = false>
+// one slice, NWARPS of them side by side.
+template <int K, int NTW, int KS, bool PAIR, int KB = 1>
 struct Tiling {
   static constexpr int NT = NWARPS / KS, TW = PAIR ? NTW / 2 : NTW, CW = TW * 8, BW = NT * CW;
   static constexpr int KSL = K / KB / KS, CH = KSL / 32;
@@ -131,13 +135,14 @@ struct Tiling {
       wr[j] = reinterpret_cast<const uint4*>(w + ((size_t)(PAIR && j >= TW ? N : 0) + col) * K + k0) + t;
     }
   }
-  // the weights of this block's first tile, loaded ahead (before the grid barrier in front of the product: they
-  // depend on no other block, so their latency overlaps the wait)
-  static __device__ __forceinline__ void fetch(const __nv_bfloat16* w, int N, uint4 (&bw)[CH][NTW]) {
+  // the first C chunks of this block's first tile's weights (all of them by default), loaded ahead (before the grid
+  // barrier in front of the product: they depend on no other block, so their latency overlaps the wait)
+  template <int C = CH>
+  static __device__ __forceinline__ void fetch(const __nv_bfloat16* w, int N, uint4 (&bw)[C][NTW]) {
     if (blockIdx.x < tiles(N)) {
       const uint4* wr[NTW];
       rows(w, N, blockIdx.x, wr);
-      load_chunks<NTW, CH>(bw, wr);
+      load_chunks<NTW, C>(bw, wr);
     }
   }
 };
@@ -150,6 +155,7 @@ __device__ __forceinline__ void product(uint4* sa, const __nv_bfloat16* a, const
                                         float* part, uint4 (&bw)[K / KS / 32][NTW], F epi) {
   using Tl = Tiling<K, NTW, KS, PAIR>;
   constexpr int MP = MT * 16, PW = NTW * 8;
+  static_assert(PW <= PART_W, "part holds PART_W columns a warp");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int kt = warp % KS;
   const int tiles = Tl::tiles(N);
@@ -194,13 +200,13 @@ __device__ __forceinline__ void product(uint4* sa, const __nv_bfloat16* a, const
   }
 }
 
-// A [MT * 16, K] times W^T (W [N, K]) with K cut in KB slices (Tiling<K, 1, 1, false, KB, true>): a block takes 64
+// A [MT * 16, K] times W^T (W [N, K]) with K cut in KB slices (Tiling<K, 1, 1, false, KB>): a block takes 64
 // columns (one n8 tile a warp) of one slice, and the partial sums go to out [KB, MT * 16, N] (summed by the phase
 // after the barrier, in slice order). bw: as in product().
 template <int K, int MT, int KB>
 __device__ __forceinline__ void product_slices(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N,
                                                float* out, uint4 (&bw)[K / KB / 32][1]) {
-  using Tl = Tiling<K, 1, 1, false, KB, true>;
+  using Tl = Tiling<K, 1, 1, false, KB>;
   constexpr int MP = MT * 16, KL = K / KB;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int ctiles = (N + Tl::BW - 1) / Tl::BW;
@@ -318,7 +324,7 @@ __device__ __forceinline__ void attend_warp(const float* row, const T* q_norm, c
 // the LM head over A [MT * 16, K] (staged whole): each row's largest argmax key over this block's columns of
 // W [N, K] (Tiling<K, NTW, 1, false>: NTW n8 tiles a warp), then atomicMax into keys[row]; `best` holds a key per
 // row (shared). A warp's weights stream through bw, AHEAD chunks in flight ahead of the one being summed (across
-// tiles too); bw holds the first tile's first AHEAD chunks on entry (fetch_head).
+// tiles too); bw holds the first tile's first AHEAD chunks on entry (Tiling::fetch<AHEAD>).
 template <int K, int MT, int NTW, int AHEAD>
 __device__ __forceinline__ void head_argmax(uint4* sa, const __nv_bfloat16* a, const __nv_bfloat16* w, int N, int B,
                                             unsigned long long* best, unsigned long long* keys,
@@ -349,7 +355,7 @@ __device__ __forceinline__ void head_argmax(uint4* sa, const __nv_bfloat16* a, c
         bw[c % AHEAD][j] = c + AHEAD < CH ? __ldg(wr[j] + (c + AHEAD) * 4) : __ldg(wn[j] + (c + AHEAD - CH) * 4);
       }
     }
-    const int c0 = (tile % ((N + Tl::BW - 1) / Tl::BW)) * Tl::BW + warp * Tl::CW;
+    const int c0 = tile * Tl::BW + warp * Tl::CW;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -380,24 +386,13 @@ __device__ __forceinline__ void head_argmax(uint4* sa, const __nv_bfloat16* a, c
   __syncthreads();
   for (int r = threadIdx.x; r < B; r += blockDim.x) atomicMax(keys + r, best[r]);
 }
-
-// the head's first AHEAD chunks of this block's first tile (head_argmax's bw on entry)
-template <int K, int NTW, int AHEAD>
-__device__ __forceinline__ void fetch_head(const __nv_bfloat16* w, int N, uint4 (&bw)[AHEAD][NTW]) {
-  using Tl = Tiling<K, NTW, 1, false>;
-  if (blockIdx.x < Tl::tiles(N)) {
-    const uint4* wr[NTW];
-    Tl::rows(w, N, blockIdx.x, wr);
-    load_chunks<NTW, AHEAD>(bw, wr);
-  }
-}
 """
 
 _BODY = """
   constexpr int QKV = (H + 2 * KV) * HD;
   constexpr int MP = MT * 16;
   extern __shared__ uint4 sa[];
-  __shared__ float part[NWARPS * MP * 16];
+  __shared__ float part[NWARPS * MP * PART_W];
   __shared__ float red[32];
   __shared__ float qbuf[NWARPS * HD];
   __shared__ unsigned long long best[MP];
@@ -429,8 +424,9 @@ _BODY = """
 $TABLES
   using TQKV = Tiling<D, 2, 8, false>;
   using TGU = Tiling<D, 2, 8, true>;
-  using TO = Tiling<H * HD, 1, 1, false, KB, true>;
-  using TD = Tiling<FF, 1, 1, false, KB, true>;
+  using TO = Tiling<H * HD, 1, 1, false, KB>;
+  using TD = Tiling<FF, 1, 1, false, KB>;
+  using THEAD = Tiling<D, HEAD_NTW, 1, false>;
   uint4 w_qkv[TQKV::CH][2], w_gu[TGU::CH][2], w_o[TO::CH][1], w_d[TD::CH][1], w_head[HEAD_AHEAD][HEAD_NTW];
   // row b's RMSNorm with weight nw: an[b] = nw * T(x[b] * r), as mx.fast.rms_norm rounds it (x read through L2)
   auto norm_row = [&](int b, const T* nw) {
@@ -514,7 +510,7 @@ $TABLES
     SYNC_GRID;
   }
   // the LM head: each row's first largest rounded logit
-  fetch_head<D, HEAD_NTW, HEAD_AHEAD>(head, V, w_head);
+  THEAD::fetch<HEAD_AHEAD>(head, V, w_head);
   head_argmax<D, MT, HEAD_NTW, HEAD_AHEAD>(sa, an, head, V, B, best, keys, w_head);
   SYNC_GRID;
 #undef SYNC_GRID
@@ -562,7 +558,7 @@ def fits(model) -> bool:
 def static_bytes(model) -> int:
     """The kernel's static shared memory, about: product()'s sums of NW warps (MAX_ROWS rows, 16 columns, float),
     attend_warp's q (NW x head_dim floats), block_sum's floats and the head's key a row."""
-    return NW * MAX_ROWS * 16 * 4 + NW * _shape(model)["HD"] * 4 + 32 * 4 + MAX_ROWS * 8 + 256
+    return NW * MAX_ROWS * PART_COLUMNS * 4 + NW * _shape(model)["HD"] * 4 + 32 * 4 + MAX_ROWS * 8 + 256
 
 
 def device_takes(model) -> bool:
@@ -598,12 +594,9 @@ class PersistentRows:
         head = self.embed if model.args.tie_word_embeddings else model.lm_head.weight
         source, self.names = cuda_persistent.with_layer_tables(_BODY, _FIXED, len(plans))
         source = source.replace("NWARPS", str(NW))
-        header = cuda_persistent._DEVICE + _DEVICE.replace("NWARPS", str(NW))
+        header = cuda_persistent._DEVICE + _DEVICE.replace("NWARPS", str(NW)).replace("PART_COLUMNS", str(PART_COLUMNS))
         self.kernel = kernel(f"rows{len(plans)}", source, self.names, ("out", "at_out"), header=header, EPS=p.eps,
                              SCALE=p.scale, shared_memory=shared_bytes(model))
-
-        def scratch(n: int, dtype=mx.float32) -> mx.array:
-            return mx.zeros((max(n, 64),), dtype=dtype)  # device memory: see asr.cuda_persistent
 
         qkv = (s["H"] + 2 * s["KV"]) * s["HD"]
         bf16 = mx.bfloat16
