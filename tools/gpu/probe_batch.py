@@ -70,8 +70,9 @@ def main() -> None:
         print(f"prompt_batch          {ms:8.2f} ms")
         llm = model.net.llm
         default_par = cuda_decode.ROWS_ATTEND_PAR
-        variants = ([("PersistentRows", True, default_par, True)]
-                    + [(f"RowsStep par{n}", True, n, False) for n in a.attend_par]
+        one_launch_fits = n <= cuda_rows.MAX_ROWS  # larger batches run RowsStep whatever the switch says
+        variants = ([("PersistentRows", True, default_par, True)] * one_launch_fits
+                    + [(f"RowsStep par{p}", True, p, False) for p in a.attend_par]
                     + [("masked MLX step", False, default_par, False)])
         first = None
         for name, enabled, par, one_launch in variants:
@@ -88,7 +89,7 @@ def main() -> None:
                   f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step), "
                   f"tokens equal to the first variant's: {same}/{sum(len(q) for q in first)}")
         cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = True, default_par, True
-        if n <= cuda_rows.MAX_ROWS:  # PersistentRows phase by phase (its last step; in-kernel marks)
+        if one_launch_fits:  # PersistentRows phase by phase (its last step; in-kernel marks)
             cuda_rows.TIMING = 1
             llm._fast_decoder = None
             greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
@@ -101,7 +102,6 @@ def main() -> None:
             print(f"PersistentRows phases (us a step, phase + its barrier): start {d[0]:.1f}, "
                   + ", ".join(f"{p} {v:.0f}" for p, v in per.items()) + f", head {d[-1]:.1f}; "
                   f"kernel {(t[-1] - t[0]) / 1e3:.0f}")
-            llm._fast_decoder = None
         llm._fast_decoder = None
         for dtype, m in models.items():
 
