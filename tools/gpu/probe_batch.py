@@ -23,7 +23,11 @@ from asr.frontend import audio_token_count, features_padded
 from asr.llm import greedy_decode_padded
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int) -> tuple[float, object, float]:
+    """Median ms of fn (after a warm-up), its output, and the MB its runs held above what was held before them."""
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
     out = fn()  # warm-up (traces, compiles)
     times = []
     for _ in range(repeats):
@@ -31,7 +35,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
         out = fn()
         mx.eval(out)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, out
+    return statistics.median(times) * 1e3, out, (mx.get_peak_memory() - base) / 2**20
 
 
 def main() -> None:
@@ -54,20 +58,20 @@ def main() -> None:
         segs = [audios[i % len(audios)] for i in range(n)]
         audio_s = sum(s.duration_s for s in segs)
         print(f"\n== {n} segments, {audio_s:.1f} s of audio")
-        ms, (feats, lengths) = timed(lambda segs=segs: features_padded([s.samples for s in segs], model.cfg.frontend),
-                                     a.repeats)
-        print(f"features_padded       {ms:8.2f} ms   (L={feats.shape[1]})")
+        ms, (feats, lengths), mb = timed(
+            lambda segs=segs: features_padded([s.samples for s in segs], model.cfg.frontend), a.repeats)
+        print(f"features_padded       {ms:8.2f} ms   peak +{mb:7.0f} MB   (L={feats.shape[1]})")
         valid = mx.array(lengths)
         enc = None
         for dtype, m in models.items():
-            ms, out = timed(lambda m=m, f=feats, v=valid: m.encode(f, v), a.repeats)
+            ms, out, mb = timed(lambda m=m, f=feats, v=valid: m.encode(f, v), a.repeats)
             enc = out if enc is None else enc
-            print(f"encoder {dtype:9s}     {ms:8.2f} ms")
-        ms, rows = timed(lambda e=enc, v=valid: model.adapt(e, v), a.repeats)
-        print(f"adaptor               {ms:8.2f} ms")
+            print(f"encoder {dtype:9s}     {ms:8.2f} ms   peak +{mb:7.0f} MB")
+        ms, rows, mb = timed(lambda e=enc, v=valid: model.adapt(e, v), a.repeats)
+        print(f"adaptor               {ms:8.2f} ms   peak +{mb:7.0f} MB")
         counts = [audio_token_count(x) for x in lengths]
-        ms, (prompts, plens) = timed(lambda r=rows, c=counts: model.prompt_batch(r, c, ids), a.repeats)
-        print(f"prompt_batch          {ms:8.2f} ms")
+        ms, (prompts, plens), mb = timed(lambda r=rows, c=counts: model.prompt_batch(r, c, ids), a.repeats)
+        print(f"prompt_batch          {ms:8.2f} ms   peak +{mb:7.0f} MB")
         llm = model.net.llm
         default_par = cuda_decode.ROWS_ATTEND_PAR
         one_launch_fits = n <= cuda_rows.MAX_ROWS  # larger batches run RowsStep whatever the switch says
@@ -78,6 +82,9 @@ def main() -> None:
         for name, enabled, par, one_launch in variants:
             cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = enabled, par, one_launch
             llm._fast_decoder = None
+            mx.synchronize()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
             runs = [greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens,
                                          repetition_guard=False) for _ in range(a.repeats + 1)][1:]
             pre = statistics.median(r[0].prefill_s for r in runs) * 1e3
@@ -87,7 +94,8 @@ def main() -> None:
             same = sum(x == y for r, q in zip(tokens, first, strict=True) for x, y in zip(r, q, strict=False))
             print(f"decode {name:16s} prefill {pre:7.2f} ms, decode {dec:8.2f} ms "
                   f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step), "
-                  f"tokens equal to the first variant's: {same}/{sum(len(q) for q in first)}")
+                  f"tokens equal to the first variant's: {same}/{sum(len(q) for q in first)}, "
+                  f"peak +{(mx.get_peak_memory() - base) / 2**20:.0f} MB")
         cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = True, default_par, True
         if one_launch_fits:  # PersistentRows phase by phase (its last step; in-kernel marks)
             cuda_rows.TIMING = 1
@@ -113,10 +121,13 @@ def main() -> None:
                 greedy_decode_padded(m.net.llm, ps, pl, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
                 return time.perf_counter() - t0, front
 
+            mx.synchronize()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
             whole()
             best = min((whole() for _ in range(a.repeats)), key=lambda t: t[0])
             print(f"whole batch, encoder {dtype}: {best[0] * 1e3:.1f} ms (front {best[1] * 1e3:.1f} ms), "
-                  f"RTFx {audio_s / best[0]:.0f}")
+                  f"RTFx {audio_s / best[0]:.0f}, peak +{(mx.get_peak_memory() - base) / 2**20:.0f} MB")
 
 
 if __name__ == "__main__":
