@@ -6,7 +6,7 @@ CUDA backend each kernel costs host time, so at 64 rows the step waited on the h
 batch of one: one block per SM, all resident, meeting at grid-wide barriers between phases:
 
   start: each row's embedding (the residual stream x, float) and its RMSNorm (A, bf16) | per layer:
-  q|k|v product | attention (items (row, query head), one a warp: attend_warp) |
+  q|k|v product | attention (items (row, query head), 1-8 warps an item: attend_warp, merge_warps) |
   o product, summed over K in KB slices whose partial sums go to a buffer | residual add of those sums + RMSNorm |
   gate|up product + SwiGLU | down product (K in KB slices, as o) | residual add + the next RMSNorm (or the final
   one) | end: the LM head, each row's largest argmax key kept per block and then over the blocks (atomicMax).
@@ -234,15 +234,18 @@ __device__ __forceinline__ void product_slices(uint4* sa, const __nv_bfloat16* a
   }
 }
 
-// One query head h of one row by one warp (asr.cuda_decode's attend_head does the same with a block): q/k RMSNorm
-// and RoPE (norm_rope_lane), the new k and v written at `last` (the warps of the heads sharing a kv head write the
-// same values), then the online softmax over positions first..last with 16-byte loads: HD / 8 lanes (a group) take
-// one position, 8 elements a lane, so a warp reads 32 / (HD / 8) positions at a time, PAR times over; the groups'
-// partial results merge at the end. qw: this warp's HD floats of shared memory.
+// Query head h of one row, by S warps (asr.cuda_decode's attend_head does the same with a block); this is warp w of
+// them. Each warp: q/k RMSNorm and RoPE (norm_rope_lane), the new k and v written at `last` (every warp of the
+// heads sharing a kv head writes the same values, and reads back only what it wrote itself), then the online
+// softmax over its share of positions first..last with 16-byte loads: HD / 8 lanes (a group) take one position,
+// 8 elements a lane, so a warp reads GROUPS = 32 / (HD / 8) positions at a time, PAR times over (GROUPS * PAR
+// positions a trip; warp w takes trips w, w + S, ...); the groups' partial results merge at the end. S == 1: the
+// warp writes out. S > 1: it leaves its partial result for merge_warps (acc in qw, its m and l in ms[w], ls[w]).
+// qw: this warp's HD floats of shared memory.
 template <typename T, int H, int KV, int HD, int PAR>
 __device__ __forceinline__ void attend_warp(const float* row, const T* q_norm, const T* k_norm, const float* freqs,
                                             T* kc, T* vc, int cap, int first, int last, int h, float eps,
-                                            float scale, T* out, float* qw) {
+                                            float scale, T* out, float* qw, int w, int S, float* ms, float* ls) {
   constexpr int R = HD / 32, LP = HD / 8, GROUPS = 32 / LP;
   constexpr float NEG = -cuda::std::numeric_limits<float>::infinity();
   const int lane = threadIdx.x & 31, g = h / (H / KV), grp = lane / LP, sub = lane % LP;
@@ -267,7 +270,7 @@ __device__ __forceinline__ void attend_warp(const float* row, const T* q_norm, c
     acc[i] = 0.f;
   }
   float m = NEG, l = 0.f;
-  for (int t0 = first; t0 <= last; t0 += GROUPS * PAR) {  // the same trips for every lane (shuffles inside)
+  for (int t0 = first + w * GROUPS * PAR; t0 <= last; t0 += S * GROUPS * PAR) {  // the same trips for every lane
     uint4 kr[PAR], vr[PAR];
 #pragma unroll
     for (int u = 0; u < PAR; ++u) {
@@ -312,12 +315,44 @@ __device__ __forceinline__ void attend_warp(const float* row, const T* q_norm, c
     for (int i = 0; i < 8; ++i) acc[i] = acc[i] * f + __shfl_xor_sync(0xffffffff, acc[i], off) * fo;
     m = mn;
   }
-  if (grp == 0) {
-    uint4 o;
-    T* op = reinterpret_cast<T*>(&o);
+  if (S == 1) {
+    if (grp == 0) {
+      uint4 o;
+      T* op = reinterpret_cast<T*>(&o);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) op[i] = static_cast<T>(acc[i] / l);
-    *reinterpret_cast<uint4*>(out + 8 * sub) = o;
+      for (int i = 0; i < 8; ++i) op[i] = static_cast<T>(acc[i] / l);
+      *reinterpret_cast<uint4*>(out + 8 * sub) = o;
+    }
+    return;
+  }
+  __syncwarp();  // every lane has read its q from qw
+  if (grp == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qw[8 * sub + i] = acc[i];
+  }
+  if (lane == 0) {
+    ms[w] = m;
+    ls[w] = l;
+  }
+}
+
+// The S partial results of one query head (attend_warp's, in qw[0..S) x HD, ms, ls) merged into out[0..HD) by
+// `threads` threads, thread i taking elements i, i + threads, ... A warp that had no positions has l == 0.
+template <typename T, int HD>
+__device__ __forceinline__ void merge_warps(const float* qw, const float* ms, const float* ls, int S, int i,
+                                            int threads, T* out) {
+  float mx_ = -cuda::std::numeric_limits<float>::infinity();
+  for (int w = 0; w < S; ++w) mx_ = ls[w] > 0.f ? fmaxf(mx_, ms[w]) : mx_;
+  for (int e = i; e < HD; e += threads) {
+    float num = 0.f, den = 0.f;
+    for (int w = 0; w < S; ++w) {
+      if (ls[w] > 0.f) {
+        const float f = expf(ms[w] - mx_);
+        num += qw[w * HD + e] * f;
+        den += ls[w] * f;
+      }
+    }
+    out[e] = static_cast<T>(num / den);
   }
 }
 
@@ -395,9 +430,15 @@ _BODY = """
   __shared__ float part[NWARPS * MP * PART_W];
   __shared__ float red[32];
   __shared__ float qbuf[NWARPS * HD];
+  __shared__ float mbuf[NWARPS], lbuf[NWARPS];
   __shared__ unsigned long long best[MP];
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, warp = tid >> 5;
   const int B = tok_shape[0];
+  // warps an attention item takes: the most (a power of two up to NWARPS) that still give every warp of the grid
+  // some positions, so that a few rows' heads spread over the grid (one warp an item at 64 rows)
+  int SPLIT = 1;
+  while (SPLIT < NWARPS && B * H * SPLIT * 2 <= (int)gridDim.x * NWARPS) SPLIT *= 2;
+  const int IPB = NWARPS / SPLIT;
   float* x = const_cast<float*>(xbuf);
   float* qkv = const_cast<float*>(qkvbuf);
   float* psum = const_cast<float*>(pbuf);
@@ -470,13 +511,23 @@ $TABLES
       qkv[(size_t)r * QKV + c] = static_cast<float>(static_cast<T>(s));
     });
     SYNC_GRID;
-    // 2. attention: items (row, query head), one a warp
-    for (int item = blockIdx.x * NWARPS + (tid >> 5); item < B * H; item += gridDim.x * NWARPS) {
-      const int b = item / H, h = item % H;
-      const size_t crow = (size_t)b * KV * cap * HD;
-      attend_warp<T, H, KV, HD, ATTN_PAR>(static_cast<const float*>(qkv) + (size_t)b * QKV, QN[l], KN[l], freqs,
-                                          const_cast<T*>(KC[l]) + crow, const_cast<T*>(VC[l]) + crow, cap, pad[b],
-                                          last, h, EPS, SCALE, att + ((size_t)b * H + h) * HD, qbuf + (tid >> 5) * HD);
+    // 2. attention: items (row, query head), SPLIT warps an item, NWARPS / SPLIT items a block
+    for (int base = blockIdx.x * IPB; base < B * H; base += gridDim.x * IPB) {
+      const int item = base + warp / SPLIT, b = item / H, h = item % H, w0 = warp - warp % SPLIT;
+      if (item < B * H) {
+        const size_t crow = (size_t)b * KV * cap * HD;
+        attend_warp<T, H, KV, HD, ATTN_PAR>(static_cast<const float*>(qkv) + (size_t)b * QKV, QN[l], KN[l], freqs,
+                                            const_cast<T*>(KC[l]) + crow, const_cast<T*>(VC[l]) + crow, cap, pad[b],
+                                            last, h, EPS, SCALE, att + ((size_t)b * H + h) * HD, qbuf + warp * HD,
+                                            warp % SPLIT, SPLIT, mbuf + w0, lbuf + w0);
+      }
+      if (SPLIT > 1) {  // the same for every block (B and the grid are)
+        __syncthreads();
+        if (item < B * H)
+          merge_warps<T, HD>(qbuf + w0 * HD, mbuf + w0, lbuf + w0, SPLIT, tid - w0 * 32, SPLIT * 32,
+                             att + ((size_t)b * H + h) * HD);
+        __syncthreads();
+      }
     }
     ARRIVE;
     TO::fetch(WO[l], D, w_o);
@@ -557,8 +608,10 @@ def fits(model) -> bool:
 
 def static_bytes(model) -> int:
     """The kernel's static shared memory, about: product()'s sums of NW warps (MAX_ROWS rows, 16 columns, float),
-    attend_warp's q (NW x head_dim floats), block_sum's floats and the head's key a row."""
-    return NW * MAX_ROWS * PART_COLUMNS * 4 + NW * _shape(model)["HD"] * 4 + 32 * 4 + MAX_ROWS * 8 + 256
+    attend_warp's q (NW x head_dim floats) and m and l (NW floats each), block_sum's floats and the head's key a
+    row (ptxas: 37,568 bytes at Qwen3-0.6B's widths and 64 rows; this gives 37,824)."""
+    return (NW * MAX_ROWS * PART_COLUMNS * 4 + NW * _shape(model)["HD"] * 4 + NW * 2 * 4 + 32 * 4 + MAX_ROWS * 8
+            + 256)
 
 
 def device_takes(model) -> bool:
