@@ -469,35 +469,50 @@ $TABLES
   using TD = Tiling<FF, 1, 1, false, KB>;
   using THEAD = Tiling<D, HEAD_NTW, 1, false>;
   uint4 w_qkv[TQKV::CH][2], w_gu[TGU::CH][2], w_o[TO::CH][1], w_d[TD::CH][1], w_head[HEAD_AHEAD][HEAD_NTW];
-  // row b's RMSNorm with weight nw: an[b] = nw * T(x[b] * r), as mx.fast.rms_norm rounds it (x read through L2)
-  auto norm_row = [&](int b, const T* nw) {
+  // a row of D values is PER values a thread (thread tid holds elements tid, tid + NWARPS * 32, ...: D is a
+  // multiple of 256, `fits`)
+  constexpr int PER = D / (NWARPS * 32);
+  static_assert(D % (NWARPS * 32) == 0, "a row is whole values a thread");
+  // an[b] = the RMSNorm of row b (v: this thread's values of it) with weight nw: nw * T(v * r), as
+  // mx.fast.rms_norm rounds it
+  auto norm_row = [&](int b, const float (&v)[PER], const T* nw) {
     float ss = 0.f;
-    for (int i = tid; i < D; i += blockDim.x) {
-      const float v = __ldcg(x + (size_t)b * D + i);
-      ss += v * v;
-    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
     const float r = rsqrtf(block_sum(ss, red) / D + EPS);
-    for (int i = tid; i < D; i += blockDim.x) an[(size_t)b * D + i] = nw[i] * static_cast<T>(__ldcg(x + (size_t)b * D + i) * r);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = tid + j * NWARPS * 32;
+      an[(size_t)b * D + i] = nw[i] * static_cast<T>(v[j] * r);
+    }
     __syncthreads();
   };
-  // x[b] = T(x[b] + T(sum of the KB partial sums)) then an[b] = its RMSNorm with nw (RowsStep's add_norm)
+  // x[b] = T(x[b] + T(sum of the KB partial sums)) then an[b] = its RMSNorm with nw (RowsStep's add_norm); x and
+  // the partial sums read through L2, each once
   auto add_norm_row = [&](int b, const T* nw) {
-    for (int i = tid; i < D; i += blockDim.x) {
+    float v[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const size_t i = (size_t)b * D + tid + j * NWARPS * 32;
       float s = 0.f;
 #pragma unroll
-      for (int k = 0; k < KB; ++k) s += __ldcg(psum + ((size_t)k * MP + b) * D + i);
-      const size_t j = (size_t)b * D + i;
-      x[j] = static_cast<float>(static_cast<T>(__ldcg(x + j) + static_cast<float>(static_cast<T>(s))));
+      for (int k = 0; k < KB; ++k) s += __ldcg(psum + (size_t)k * MP * D + i);
+      v[j] = static_cast<float>(static_cast<T>(__ldcg(x + i) + static_cast<float>(static_cast<T>(s))));
+      x[i] = v[j];
     }
-    __syncthreads();
-    norm_row(b, nw);
+    norm_row(b, v, nw);
   };
   // start: the embeddings and the first RMSNorm; block 0 clears the argmax keys
   for (int b = blockIdx.x; b < B; b += gridDim.x) {
     const T* e = embed + (size_t)tok[b] * D;
-    for (int i = tid; i < D; i += blockDim.x) x[(size_t)b * D + i] = static_cast<float>(e[i]);
-    __syncthreads();
-    norm_row(b, LN1[0]);
+    float v[PER];
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = tid + j * NWARPS * 32;
+      v[j] = static_cast<float>(e[i]);
+      x[(size_t)b * D + i] = v[j];
+    }
+    norm_row(b, v, LN1[0]);
   }
   if (blockIdx.x == 0) {
     for (int i = tid; i < MP; i += blockDim.x) keys[i] = 0ull;
