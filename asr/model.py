@@ -208,7 +208,7 @@ class FunASRNano:
         max_new_tokens: int = 512,
         vad: bool | None = None,
         max_segment_s: float = 30.0,
-        batch_size: int | None = None,
+        batch_size: int = 16,
         repetition_guard: bool = True,
         timestamps: bool = True,
         progress: ProgressFn | None = None,
@@ -219,8 +219,9 @@ class FunASRNano:
         vad: None (auto) decodes audio up to 30 s in one pass, as the reference does, after checking that it
         holds speech at all; longer audio is cut by Silero VAD into segments of at most `max_segment_s`.
         True always segments by VAD; False never runs VAD (one pass over everything, like the reference).
-        Segments are decoded `batch_size` at a time (None: `default_batch_size()`, 16 on CUDA, 4 elsewhere);
-        `repetition_guard` stops degenerate loops.
+        Segments are decoded `batch_size` at a time (decoding reads every weight once a step, whatever the batch:
+        10 minutes of dense speech took half the time at 16 as at 4 on an H200, and 2 minutes on the 2-core CPU,
+        docs/performance.md); `repetition_guard` stops degenerate loops.
         timestamps: per-token times by CTC forced alignment when the checkpoint has the CTC head (the ModelScope
         copy); otherwise `result.timestamps` is None and `timestamps_note` says why.
         """
@@ -229,8 +230,6 @@ class FunASRNano:
         t_start = time.perf_counter()
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
-        if batch_size is None:
-            batch_size = default_batch_size()
         if not isinstance(batch_size, int) or not 1 <= batch_size <= 256:
             raise InvalidOptionError(f"batch_size must be an integer in 1..256; got {batch_size!r}")
         if not 5.0 <= max_segment_s <= 60.0:
@@ -377,13 +376,6 @@ class FunASRNano:
         pair = [_Piece(0.0, 1.0, samples), _Piece(1.0, 1.5, samples[:8000].copy())]
         self._decode_batch(pair, self.prompt_ids(), 2, False, None, _stage_times())
 
-
-def default_batch_size() -> int:
-    """Segments `transcribe` decodes at a time by default: 16 on CUDA, where a batch of up to 16 rows runs in the
-    kernel the warm-up compiled and 10 minutes of dense speech took 1.0 s at 16 against 2.0 s at 4 on an H200
-    (tools/gpu/probe_long.py, docs/performance.md); 4 elsewhere (the CPU and Metal: not measured to gain, and
-    each row of a batch holds its own KV cache)."""
-    return 16 if mx.default_device() == mx.gpu and bool(getattr(mx, "cuda", None) and mx.cuda.is_available()) else 4
 
 
 def _stage_times() -> dict:

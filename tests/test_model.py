@@ -250,19 +250,9 @@ def test_long_audio_segments_and_batching(tiny_model, testdata):
     assert seq.segments[-1].end <= 69.24 + 1e-6
 
 
-def test_default_batch_size_follows_the_backend(tiny_model, testdata, monkeypatch):
-    """batch_size=None decodes default_batch_size() segments at a time: 16 on CUDA, 4 on the CPU (and Metal)."""
-    import mlx.core as mx
-
-    from asr import model as model_mod
-
-    assert model_mod.default_batch_size() == (16 if mx.default_device() == mx.gpu and mx.cuda.is_available() else 4)
-    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
-    assert model_mod.default_batch_size() == 16
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)  # Metal
-    assert model_mod.default_batch_size() == 4
-    monkeypatch.undo()
+def test_default_batch_and_warmup(tiny_model, testdata, monkeypatch):
+    """transcribe decodes 16 segments at a time unless told otherwise; warm-up decodes a clip, then a batch of two
+    (which compiles the batched step on CUDA)."""
     sizes: list[int] = []
     decode = type(tiny_model)._decode_batch
 
@@ -271,12 +261,13 @@ def test_default_batch_size_follows_the_backend(tiny_model, testdata, monkeypatc
         return decode(self, pieces, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_model), "_decode_batch", spy)
-    monkeypatch.setattr(model_mod, "default_batch_size", lambda: 2)
-    r = tiny_model.transcribe(str(testdata / "audio/long/voxpopuli_en_test_000.wav"), max_new_tokens=2)
-    assert len(r.segments) >= 3 and sizes == [2] * (len(r.segments) // 2) + [1] * (len(r.segments) % 2)
-    sizes.clear()
-    tiny_model.warmup()  # a batch of one, then a batch of two (which compiles the batched step on CUDA)
+    tiny_model.warmup()
     assert sizes == [1, 2]
+    sizes.clear()
+    long = asr.audio.load_audio(str(testdata / "audio/long/voxpopuli_en_test_000.wav")).samples
+    r = tiny_model.transcribe(np.concatenate([long] * 7), max_new_tokens=2)  # ~480 s: more than 16 segments
+    assert len(r.segments) > 16 and sizes == [16] * (len(r.segments) // 16) + [len(r.segments) % 16] * bool(
+        len(r.segments) % 16)
 
 
 def test_vad_false_decodes_everything_in_one_pass(tiny_model, testdata):
