@@ -111,11 +111,18 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, trans_b: bool = True,
     return out
 
 
+def _few_rows_as_x_wt() -> bool:
+    """Whether a product of 2-4 rows goes as x w^T (MKL streams the weights best that way) rather than (w x^T)^T
+    (OpenBLAS: its x w^T packs the weights first)."""
+    return "mkl" in (_blas.loaded or "")
+
+
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x [M, K] @ w[N, K].T for fp32 weights, in the form the BLAS streams the weights best: one row is a gemv;
-    a few rows one product x w^T; more rows (w x^T)^T. MKL on the 2-core VM, 3072x1024 weights: 2 rows 0.49 ms as
+    more rows (w x^T)^T, except 2-4 rows on MKL, x w^T. MKL on the 2-core VM, 3072x1024 weights: 2 rows 0.49 ms as
     x w^T (0.88 ms as w x^T), 8 rows 0.88 ms as w x^T (1.58 ms), 46 rows 1.76 ms (2.74 ms); NumPy's OpenBLAS
-    2.35, 1.86 and 3.32 ms."""
+    2.35, 1.86 and 3.32 ms. Debian's OpenBLAS 0.3.21 on the Intel VM: 2 / 3 / 4 rows 1.30 / 1.74 / 1.90 ms as
+    x w^T, 0.86 / 0.96 / 1.21 ms as w x^T (one gemv 0.44 ms)."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k or w.dtype != np.float32 or x.dtype != np.float32 or not w.flags.c_contiguous:
@@ -128,6 +135,6 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.empty((1, n), np.float32)
         gemv(_ROW_MAJOR, _NO_TRANS, n, k, 1.0, w.ctypes.data, k, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
         return out
-    if m <= 4:
+    if m <= 4 and _few_rows_as_x_wt():
         return gemm(x, w, np.empty((m, n), np.float32))
     return gemm(w, x, np.empty((n, m), np.float32)).T
