@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and with MKL on CPUs)")
     t.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")
     t.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment")
+    t.add_argument("--batch-size", type=int, default=16,
+                   help="segments of long audio decoded together, 1-256 (fewer hold less memory)")
     t.add_argument("--variant", choices=("nano", "mlt"), help="override the detected model variant")
     t.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in args.files:
         try:
             result = model.transcribe(f, language=args.language, hotwords=_hotwords(args.hotwords),
-                                      itn=not args.no_itn, max_new_tokens=args.max_new_tokens)
+                                      itn=not args.no_itn, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.batch_size)
         except ASRError as exc:
             print(f"error: {f}: {exc}", file=sys.stderr)
             status = 1

@@ -391,7 +391,7 @@ def create_server(
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
-        engine = Engine(loader, queue_size=settings.queue_size, warmup=settings.warmup,
+        engine = Engine(loader, queue_size=settings.queue_size, warmup=settings.warmup, batch_size=settings.batch_size,
                         result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept)
         engine.start()  # loads in the background: the handshake is not held up
         fetcher = Fetcher(policy=settings.url_policy, allow_hosts=settings.url_allow_hosts,

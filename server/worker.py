@@ -135,11 +135,13 @@ class Engine:
         *,
         queue_size: int = 16,
         warmup: bool = True,
+        batch_size: int = 16,
         result_ttl_s: float = 3600.0,
         max_jobs_kept: int = 64,
     ):
         self._loader = loader
         self._warmup = warmup
+        self.batch_size = batch_size
         self.queue_size = queue_size
         self.result_ttl_s = result_ttl_s
         self.max_jobs_kept = max_jobs_kept
@@ -306,7 +308,7 @@ class Engine:
             lang = resolve(job.language, self.info.variant)
             result = self._model.transcribe(
                 job.audio, language=lang.code if lang else None, hotwords=job.hotwords or None, itn=job.itn,
-                progress=progress, cancel=job.cancel,
+                batch_size=self.batch_size, progress=progress, cancel=job.cancel,
             )
         except TranscriptionCancelled:
             with self._cond:

@@ -325,6 +325,8 @@ def test_cli(tiny_checkpoint, testdata, capsys, tmp_path):
     assert (tmp_path / "example_ja.srt").read_text().startswith("1\n00:00:00,000 --> 00:00:07,224\n")
     assert main(["transcribe", "-m", str(tiny_checkpoint), "-l", "xx", clip]) == 2
     assert "not supported" in capsys.readouterr().err
+    assert main(["transcribe", "-m", str(tiny_checkpoint), "--batch-size", "0", clip]) == 1
+    assert "batch_size must be an integer in 1..256" in capsys.readouterr().err
     assert main(["transcribe", "-m", str(tiny_checkpoint), str(tmp_path / "nope.wav")]) == 1
     assert main(["languages", "--variant", "mlt"]) == 0
     assert "韩文" in capsys.readouterr().out

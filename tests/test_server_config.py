@@ -18,6 +18,15 @@ def test_defaults_are_safe():
     assert s.url_policy == "public" and s.url_allow_hosts == ()
     assert s.client_roots == "narrow" and s.call_budget_s == 45 and s.queue_size == 16
     assert s.model is None and s.quantize is None and s.dtype == "auto" and s.encoder_dtype == "float32"
+    assert s.batch_size == 16
+
+
+def test_batch_size_from_flag_and_environment():
+    assert load_settings(["--batch-size", "4"], env={}).batch_size == 4
+    assert load_settings([], env={"FUNASR_NANO_MCP_BATCH_SIZE": "64"}).batch_size == 64
+    for bad in ("0", "257", "many"):
+        with pytest.raises(ConfigError, match="batch-size"):
+            load_settings(["--batch-size", bad], env={})
 
 
 def test_environment_and_flags(tmp_path):

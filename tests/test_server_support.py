@@ -42,6 +42,7 @@ class FakeModel:
         self.fail = fail
         self.threads: set[str] = set()
         self.calls: list[dict] = []
+        self.batch_sizes: list[int] = []
         self.cancelled = threading.Event()
         self.started = threading.Event()
         self.warmed = False
@@ -54,10 +55,11 @@ class FakeModel:
         self.threads.add(threading.current_thread().name)
         self.warmed = True
 
-    def transcribe(self, audio, *, language=None, hotwords=None, itn=True, max_new_tokens=512, progress=None,
-                   cancel=None) -> TranscriptionResult:
+    def transcribe(self, audio, *, language=None, hotwords=None, itn=True, max_new_tokens=512, batch_size=16,
+                   progress=None, cancel=None) -> TranscriptionResult:
         self.threads.add(threading.current_thread().name)
         self.calls.append({"language": language, "hotwords": hotwords, "itn": itn})
+        self.batch_sizes.append(batch_size)
         self.started.set()
         t0 = time.perf_counter()
         duration = float(audio.duration_s)

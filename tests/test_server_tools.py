@@ -142,6 +142,15 @@ async def test_options_reach_the_model(root, mode):
             result = await client.call_tool("transcribe_file", {"path": str(JFK), "language": spelling})
             assert not result.is_error, (spelling, text_of(result))
         assert [c["language"] for c in model.calls[-5:]] == ["zh", "zh", "zh", "yue", None]
+        assert set(model.batch_sizes) == {16}  # the server's --batch-size default
+
+
+async def test_batch_size_setting_reaches_the_model(root, mode):
+    server, model = make(root, batch_size=4)
+    async with Client(server, mode=mode) as client:
+        result = await client.call_tool("transcribe_file", {"path": str(JFK)})
+        assert not result.is_error, text_of(result)
+    assert model.batch_sizes == [4]
 
 
 async def test_unknown_language_lists_valid_ones(root, mode):
