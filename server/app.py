@@ -668,7 +668,7 @@ def create_server(
             limits=Limits(max_file_mb=settings.max_file_mb, max_duration_s=settings.max_duration_s,
                           max_download_mb=settings.max_download_mb, download_timeout_s=settings.download_timeout_s,
                           call_budget_s=settings.call_budget_s, queue_size=settings.queue_size,
-                          result_ttl_s=settings.result_ttl_s),
+                          result_ttl_s=settings.result_ttl_s, batch_size=settings.batch_size),
         )
         m = out.model
         model = f"{m.name} ({m.variant}, {m.dtype})" if m else "no model yet"

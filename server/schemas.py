@@ -102,6 +102,7 @@ class Limits(BaseModel):
     call_budget_s: float = Field(description="a call answers with a job handle after this many seconds")
     queue_size: int
     result_ttl_s: float
+    batch_size: int = Field(default=16, description="segments of long audio decoded together")
 
 
 class StatusOutput(BaseModel):

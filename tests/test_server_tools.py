@@ -408,7 +408,7 @@ async def test_broken_roots_answer_falls_back_to_configured_roots(root, caplog):
 
 
 async def test_server_status_and_url_tool_off(root, mode):
-    server, _ = make(root, url_policy="off", max_file_mb=5)
+    server, _ = make(root, url_policy="off", max_file_mb=5, batch_size=8)
     async with Client(server, mode=mode) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert "transcribe_url" not in names
@@ -416,7 +416,7 @@ async def test_server_status_and_url_tool_off(root, mode):
         result = await client.call_tool("server_status", {})
     out = StatusOutput.model_validate(result.structured_content)
     assert out.model_state == "ready" and out.model.name == "Fun-ASR-Nano-2512"
-    assert out.url_policy == "off" and out.limits.max_file_mb == 5
+    assert out.url_policy == "off" and out.limits.max_file_mb == 5 and out.limits.batch_size == 8
     assert out.allowed_roots == [str(root.resolve()), str(JFK.parent.resolve())]
     assert out.queued == 0 and out.running == 0
     assert "Model ready" in text_of(result)
