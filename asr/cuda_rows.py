@@ -643,6 +643,15 @@ def make_possible(model) -> bool:
     return ENABLED and fits(model) and device_takes(model) and cuda_persistent.resident_blocks() is not None
 
 
+def warm_rows(model, batch_size: int) -> list[int]:
+    """Batch sizes that compile every kernel PersistentRows needs for batches of 2..batch_size rows (one a count of
+    16-row tiles: 2, 17, 33, 49 rows; each compile took ~1.4 s on an H200 at first use), for a warm-up; [] where
+    PersistentRows does not run."""
+    if not make_possible(model):
+        return []
+    return [2] + [16 * t + 1 for t in range(1, -(-min(batch_size, MAX_ROWS) // 16))]
+
+
 def make(model, plans: list) -> PersistentRows | None:
     """PersistentRows for this model on this device, or None where it cannot run: disabled, a model it does not
     take (`fits`), a device that cannot run it (`device_takes`) or no grid whose blocks are all resident

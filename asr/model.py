@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import cuda_rows
 from . import languages as langs
 from .audio import SAMPLE_RATE
 from .errors import InvalidOptionError, TranscriptionCancelled
@@ -366,15 +367,18 @@ class FunASRNano:
         if batch:
             yield batch
 
-    def warmup(self) -> None:
+    def warmup(self, batch_size: int = 16) -> None:
         """Run a short dummy utterance, then a batch of two, so that neither the first short call nor the first
-        long one (whose segments are decoded in batches: on CUDA that first compiles the batched step's kernel,
-        ~1.4 s on an H200) is the slow one."""
+        long one (whose segments are decoded in batches) is the slow one. On CUDA, also a batch for each kernel
+        the one-launch batched step compiles for batches up to `batch_size` (one per 16-row tile, ~1.4 s each on
+        an H200 at first use; asr.cuda_rows.warm_rows)."""
         rng = np.random.default_rng(0)
         samples = (0.01 * rng.standard_normal(16000)).astype(np.float32)
-        self._decode_batch([_Piece(0.0, 1.0, samples)], self.prompt_ids(), 2, False, None, _stage_times())
-        pair = [_Piece(0.0, 1.0, samples), _Piece(1.0, 1.5, samples[:8000].copy())]
-        self._decode_batch(pair, self.prompt_ids(), 2, False, None, _stage_times())
+        rows = sorted({1, 2, *cuda_rows.warm_rows(self.net.llm, batch_size)})
+        for n in rows:
+            pieces = [_Piece(float(i), i + 1.0 - 0.5 * (i % 2), samples[: 16000 - 8000 * (i % 2)].copy())
+                      for i in range(n)]  # every other one half as long: rows of two prompt lengths
+            self._decode_batch(pieces, self.prompt_ids(), 2, False, None, _stage_times())
 
 
 

@@ -39,7 +39,7 @@ class Model(Protocol):
 
     def transcribe(self, audio: Any, **kwargs: Any) -> TranscriptionResult: ...
 
-    def warmup(self) -> None: ...
+    def warmup(self, batch_size: int = 16) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class Engine:
             self.info = info
             if self._warmup:
                 self.state = "warming"
-                model.warmup()
+                model.warmup(batch_size=self.batch_size)
         except BaseException as exc:  # noqa: BLE001 - any load failure must reach the callers, not hang them
             self.error = str(exc) if isinstance(exc, ASRError) else f"{type(exc).__name__}: {exc}"
             log.error("the speech model failed to load: %s", self.error, exc_info=not isinstance(exc, ASRError))

@@ -264,6 +264,16 @@ def test_default_batch_and_warmup(tiny_model, testdata, monkeypatch):
     tiny_model.warmup()
     assert sizes == [1, 2]
     sizes.clear()
+    from asr import cuda_rows
+
+    monkeypatch.setattr(cuda_rows, "make_possible", lambda model: True)  # as on an H100/H200: a kernel per row tile
+    assert cuda_rows.warm_rows(tiny_model.net.llm, 16) == [2] and cuda_rows.warm_rows(tiny_model.net.llm, 17) == [2, 17]
+    assert cuda_rows.warm_rows(tiny_model.net.llm, 64) == cuda_rows.warm_rows(tiny_model.net.llm, 256) == [2, 17, 33, 49]
+    tiny_model.warmup(batch_size=40)
+    assert sizes == [1, 2, 17, 33]
+    monkeypatch.undo()
+    monkeypatch.setattr(type(tiny_model), "_decode_batch", spy)
+    sizes.clear()
     long = asr.audio.load_audio(str(testdata / "audio/long/voxpopuli_en_test_000.wav")).samples
     r = tiny_model.transcribe(np.concatenate([long] * 7), max_new_tokens=2)  # ~480 s: more than 16 segments
     assert len(r.segments) > 16 and sizes == [16] * (len(r.segments) // 16) + [len(r.segments) % 16] * bool(

@@ -51,9 +51,10 @@ class FakeModel:
     def languages(self):
         return languages(self.variant)
 
-    def warmup(self) -> None:
+    def warmup(self, batch_size: int = 16) -> None:
         self.threads.add(threading.current_thread().name)
         self.warmed = True
+        self.warm_batch_size = batch_size
 
     def transcribe(self, audio, *, language=None, hotwords=None, itn=True, max_new_tokens=512, batch_size=16,
                    progress=None, cancel=None) -> TranscriptionResult:

@@ -150,7 +150,7 @@ async def test_batch_size_setting_reaches_the_model(root, mode):
     async with Client(server, mode=mode) as client:
         result = await client.call_tool("transcribe_file", {"path": str(JFK)})
         assert not result.is_error, text_of(result)
-    assert model.batch_sizes == [4]
+    assert model.batch_sizes == [4] and model.warm_batch_size == 4
 
 
 async def test_unknown_language_lists_valid_ones(root, mode):
