@@ -11,6 +11,7 @@ from pathlib import Path
 from . import languages as langs
 from .checkpoint import DEFAULT_REPO
 from .errors import ASRError
+from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX
 from .writers import FORMATS, render
 
 
@@ -34,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and with MKL on CPUs)")
     t.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")
     t.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment")
-    t.add_argument("--batch-size", type=int, default=16,
-                   help="segments of long audio decoded together, 1-256 (fewer hold less memory)")
+    t.add_argument("--batch-size", type=int, default=BATCH_SIZE_DEFAULT,
+                   help=f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (fewer hold less memory)")
     t.add_argument("--variant", choices=("nano", "mlt"), help="override the detected model variant")
     t.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
 

@@ -25,7 +25,7 @@ from .frontend import audio_token_count, features, features_padded
 from .llm import greedy_decode_padded
 from .network import DTYPES, FunASRNanoNet, ModelConfig
 from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
-from .types import Language, Segment, Timings, TranscriptionResult
+from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, Language, Segment, Timings, TranscriptionResult
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class FunASRNano:
         max_new_tokens: int = 512,
         vad: bool | None = None,
         max_segment_s: float = 30.0,
-        batch_size: int = 16,
+        batch_size: int = BATCH_SIZE_DEFAULT,
         repetition_guard: bool = True,
         timestamps: bool = True,
         progress: ProgressFn | None = None,
@@ -231,8 +231,8 @@ class FunASRNano:
         t_start = time.perf_counter()
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= 256:
-            raise InvalidOptionError(f"batch_size must be an integer in 1..256; got {batch_size!r}")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_SIZE_MAX:
+            raise InvalidOptionError(f"batch_size must be an integer in 1..{BATCH_SIZE_MAX}; got {batch_size!r}")
         if not 5.0 <= max_segment_s <= 60.0:
             raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
         lang = langs.resolve(language, self.variant)
@@ -367,7 +367,7 @@ class FunASRNano:
         if batch:
             yield batch
 
-    def warmup(self, batch_size: int = 16) -> None:
+    def warmup(self, batch_size: int = BATCH_SIZE_DEFAULT) -> None:
         """Run a short dummy utterance, then a batch of two, so that neither the first short call nor the first
         long one (whose segments are decoded in batches) is the slow one. On CUDA, also a batch for each kernel
         the one-launch batched step compiles for batches up to `batch_size` (one per 16-row tile, ~1.4 s each on
@@ -379,7 +379,6 @@ class FunASRNano:
             pieces = [_Piece(float(i), i + 1.0 - 0.5 * (i % 2), samples[: 16000 - 8000 * (i % 2)].copy())
                       for i in range(n)]  # every other one half as long: rows of two prompt lengths
             self._decode_batch(pieces, self.prompt_ids(), 2, False, None, _stage_times())
-
 
 
 def _stage_times() -> dict:

@@ -6,6 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+# segments of long audio `transcribe` decodes together: the default (a decode step reads every weight once whatever
+# the batch; docs/performance.md, "Long audio end to end") and the most it accepts. The library, the CLI and the
+# server all take these.
+BATCH_SIZE_DEFAULT = 16
+BATCH_SIZE_MAX = 256
+
 
 class Language(BaseModel):
     """A language the loaded model variant accepts."""

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from asr.types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX
+
 ENV_PREFIX = "FUNASR_NANO_MCP_"
 
 UrlPolicy = Literal["public", "allowlist", "any", "off"]
@@ -32,7 +34,7 @@ class Settings(BaseModel):
     quantize: Literal[4, 8] | None = None
     variant: Literal["nano", "mlt"] | None = None
     warmup: bool = True
-    batch_size: int = Field(default=16, ge=1, le=256)
+    batch_size: int = Field(default=BATCH_SIZE_DEFAULT, ge=1, le=BATCH_SIZE_MAX)
     # local files
     allowed_roots: tuple[Path, ...] = Field(default_factory=lambda: (Path.home(),))
     allow_hidden: bool = False
@@ -92,8 +94,8 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
     ("quantize", "--quantize", "quantize the LLM weights to 4 or 8 bits ('none' to disable; default none)", "int?"),
     ("variant", "--variant", "force the model variant: nano or mlt (default: read from the checkpoint)", "str"),
     ("warmup", "--warmup", "run one warm-up transcription after loading (default on)", "bool"),
-    ("batch_size", "--batch-size", "segments of long audio decoded together, 1-256 (default 16; fewer hold less "
-     "memory, more can be faster on a GPU)", "str"),
+    ("batch_size", "--batch-size", f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (default "
+     f"{BATCH_SIZE_DEFAULT}; fewer hold less memory, more can be faster on a GPU)", "str"),
     ("allowed_roots", "--allowed-root", "folder transcribe_file may read; repeat for several (default: your home "
      "folder). Env: paths separated by the OS path separator", "paths"),
     ("allow_hidden", "--allow-hidden", "also allow files under hidden folders such as ~/.ssh (default off)", "bool"),

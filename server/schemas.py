@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from asr.types import Language
+from asr.types import BATCH_SIZE_DEFAULT, Language
 
 
 class ModelInfo(BaseModel):
@@ -102,7 +102,7 @@ class Limits(BaseModel):
     call_budget_s: float = Field(description="a call answers with a job handle after this many seconds")
     queue_size: int
     result_ttl_s: float
-    batch_size: int = Field(default=16, description="segments of long audio decoded together")
+    batch_size: int = Field(default=BATCH_SIZE_DEFAULT, description="segments of long audio decoded together")
 
 
 class StatusOutput(BaseModel):

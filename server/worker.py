@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 from asr.errors import ASRError, TranscriptionCancelled
 from asr.languages import resolve
-from asr.types import Language, TranscriptionResult
+from asr.types import BATCH_SIZE_DEFAULT, Language, TranscriptionResult
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Model(Protocol):
 
     def transcribe(self, audio: Any, **kwargs: Any) -> TranscriptionResult: ...
 
-    def warmup(self, batch_size: int = 16) -> None: ...
+    def warmup(self, batch_size: int = BATCH_SIZE_DEFAULT) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Engine:
         *,
         queue_size: int = 16,
         warmup: bool = True,
-        batch_size: int = 16,
+        batch_size: int = BATCH_SIZE_DEFAULT,
         result_ttl_s: float = 3600.0,
         max_jobs_kept: int = 64,
     ):
