@@ -38,6 +38,7 @@ from .cuda_persistent import scratch
 
 ENABLED = os.environ.get("FUNASR_NANO_PERSISTENT_ROWS", "1") != "0"  # A/B switch (tools/gpu/probe_batch.py, tests)
 MAX_ROWS = 64
+ROW_TILE = 16  # rows of an mma row tile (m16n8k16); the kernel is compiled once per count of them (its MT)
 NW = 8  # warps a block
 KB = 8  # slices of K for the o and down products (a block takes one slice of one 64-column tile)
 TIMING = 0  # 1: record when each phase ends (PersistentRows.times; tools/gpu/probe_batch.py), read by start()
@@ -645,11 +646,16 @@ def make_possible(model) -> bool:
 
 def warm_rows(model, batch_size: int) -> list[int]:
     """Batch sizes that compile every kernel PersistentRows needs for batches of 2..batch_size rows (one a count of
-    16-row tiles: 2, 17, 33, 49 rows; each compile took ~1.4 s on an H200 at first use), for a warm-up; [] where
+    ROW_TILE-row tiles: 2, 17, 33, 49 rows; each compile took ~1.4 s on an H200 at first use), for a warm-up; [] where
     PersistentRows does not run."""
     if not make_possible(model):
         return []
-    return [2] + [16 * t + 1 for t in range(1, -(-min(batch_size, MAX_ROWS) // 16))]
+    return [2] + [ROW_TILE * t + 1 for t in range(1, _row_tiles(min(batch_size, MAX_ROWS)))]
+
+
+def _row_tiles(rows: int) -> int:
+    """The kernel's MT for a batch of `rows`."""
+    return -(-rows // ROW_TILE)
 
 
 def make(model, plans: list) -> PersistentRows | None:
@@ -698,7 +704,7 @@ class PersistentRows:
         if not 1 < rows <= MAX_ROWS:
             raise ValueError(f"PersistentRows takes 2 to {MAX_ROWS} rows, not {rows}")
         pad = mx.array(left_pad + [0] * (SMALL_ARRAY - len(left_pad)), dtype=mx.int32)
-        options = dict(template=[*self.template, ("MT", -(-rows // 16)), ("TIMING", TIMING)],
+        options = dict(template=[*self.template, ("MT", _row_tiles(rows)), ("TIMING", TIMING)],
                        grid=(self.blocks * 32 * NW, 1, 1), threadgroup=(32 * NW, 1, 1),
                        output_shapes=[(max(rows, SMALL_ARRAY),), (SMALL_ARRAY,)], output_dtypes=[mx.int32, mx.int32])
 
