@@ -25,6 +25,8 @@ import mlx.core as mx
 
 from asr import cuda_decode
 
+VERBOSE = bool(os.environ.get("PTXAS_VERBOSE"))  # compile to a cubin and print ptxas's registers / spills per kernel
+
 _CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float", mx.int32: "int32_t",
                mx.uint32: "uint32_t", mx.uint64: "uint64_t"}
 _DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
@@ -59,9 +61,9 @@ class Nvrtc:
             if name.startswith("libnvrtc-builtins.so"):
                 ctypes.CDLL(os.path.join(lib, name), mode=ctypes.RTLD_GLOBAL)
         self.lib = ctypes.CDLL(os.path.join(lib, "libnvrtc.so.13"))
-        arch = b"--gpu-architecture=sm_90a" if os.environ.get("PTXAS_VERBOSE") else b"--gpu-architecture=compute_90a"
+        arch = b"--gpu-architecture=sm_90a" if VERBOSE else b"--gpu-architecture=compute_90a"
         self.options = [b"--device-as-default-execution-space", arch]
-        if os.environ.get("PTXAS_VERBOSE"):  # a cubin, with ptxas's registers / spills per kernel in the log
+        if VERBOSE:  # a cubin, with ptxas's registers / spills per kernel in the log
             self.options.append(b"--ptxas-options=-v")
         self.options += [f"--include-path={p}".encode() for p in include]
 
@@ -158,7 +160,7 @@ def main() -> None:
     for key, text in Recorder.seen.items():
         ok, log = nvrtc.compile(text, key)
         print(f"{'ok  ' if ok else 'FAIL'} {key}")
-        if os.environ.get("PTXAS_VERBOSE") and ok:
+        if VERBOSE and ok:
             print("   ", " ".join(line.strip() for line in log.splitlines() if "registers" in line or "spill" in line))
         if args.show or not ok:
             print(text if args.show else "", log)

@@ -23,11 +23,17 @@ from asr.frontend import audio_token_count, features_padded
 from asr.llm import greedy_decode_padded
 
 
-def timed(fn, repeats: int) -> tuple[float, object, float]:
-    """Median ms of fn (after a warm-up), its output, and the MB its runs held above what was held before them."""
+def peak_from_here():
+    """A function giving the MB MLX's peak rose above what is held now (the peak counter is reset here)."""
     mx.synchronize()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
+    return lambda: (mx.get_peak_memory() - base) / 2**20
+
+
+def timed(fn, repeats: int) -> tuple[float, object, float]:
+    """Median ms of fn (after a warm-up), its output, and the MB its runs held above what was held before them."""
+    peak = peak_from_here()
     out = fn()  # warm-up (traces, compiles)
     times = []
     for _ in range(repeats):
@@ -35,7 +41,7 @@ def timed(fn, repeats: int) -> tuple[float, object, float]:
         out = fn()
         mx.eval(out)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, out, (mx.get_peak_memory() - base) / 2**20
+    return statistics.median(times) * 1e3, out, peak()
 
 
 def main() -> None:
@@ -74,7 +80,9 @@ def main() -> None:
         print(f"prompt_batch          {ms:8.2f} ms   peak +{mb:7.0f} MB")
         llm = model.net.llm
         default_par = cuda_decode.ROWS_ATTEND_PAR
-        one_launch_fits = n <= cuda_rows.MAX_ROWS  # larger batches run RowsStep whatever the switch says
+        # PersistentRows only where it runs: up to MAX_ROWS rows, on a device and model it takes (elsewhere the
+        # variant would run another step under its name)
+        one_launch_fits = n <= cuda_rows.MAX_ROWS and cuda_rows.make_possible(llm)
         variants = ([("PersistentRows", True, default_par, True)] * one_launch_fits
                     + [(f"RowsStep par{p}", True, p, False) for p in a.attend_par]
                     + [("masked MLX step", False, default_par, False)])
@@ -82,9 +90,7 @@ def main() -> None:
         for name, enabled, par, one_launch in variants:
             cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = enabled, par, one_launch
             llm._fast_decoder = None
-            mx.synchronize()
-            base = mx.get_active_memory()
-            mx.reset_peak_memory()
+            peak = peak_from_here()
             runs = [greedy_decode_padded(llm, prompts, plens, eos_ids=set(), max_new_tokens=a.tokens,
                                          repetition_guard=False) for _ in range(a.repeats + 1)][1:]
             pre = statistics.median(r[0].prefill_s for r in runs) * 1e3
@@ -95,7 +101,7 @@ def main() -> None:
             print(f"decode {name:16s} prefill {pre:7.2f} ms, decode {dec:8.2f} ms "
                   f"({(a.tokens - 1) / dec * 1e3:.0f} steps/s, {dec / (a.tokens - 1):.2f} ms a step), "
                   f"tokens equal to the first variant's: {same}/{sum(len(q) for q in first)}, "
-                  f"peak +{(mx.get_peak_memory() - base) / 2**20:.0f} MB")
+                  f"peak +{peak():.0f} MB")
         cuda_decode.ENABLED, cuda_decode.ROWS_ATTEND_PAR, cuda_rows.ENABLED = True, default_par, True
         if one_launch_fits:  # PersistentRows phase by phase (its last step; in-kernel marks)
             cuda_rows.TIMING = 1
@@ -121,13 +127,11 @@ def main() -> None:
                 greedy_decode_padded(m.net.llm, ps, pl, eos_ids=set(), max_new_tokens=a.tokens, repetition_guard=False)
                 return time.perf_counter() - t0, front
 
-            mx.synchronize()
-            base = mx.get_active_memory()
-            mx.reset_peak_memory()
+            peak = peak_from_here()
             whole()
             best = min((whole() for _ in range(a.repeats)), key=lambda t: t[0])
             print(f"whole batch, encoder {dtype}: {best[0] * 1e3:.1f} ms (front {best[1] * 1e3:.1f} ms), "
-                  f"RTFx {audio_s / best[0]:.0f}, peak +{(mx.get_peak_memory() - base) / 2**20:.0f} MB")
+                  f"RTFx {audio_s / best[0]:.0f}, peak +{peak():.0f} MB")
 
 
 if __name__ == "__main__":
