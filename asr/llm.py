@@ -311,8 +311,8 @@ class FastDecoder(KeptOn):
     - a batch of one on CUDA runs `asr.cuda_persistent.PersistentStep` (the whole step in one kernel launch), or
       where that cannot run `asr.cuda_decode.FusedStep` (five custom kernels a layer, one compiled step);
       a bf16 batch of 2..64 rows on CUDA runs `asr.cuda_rows.PersistentRows` (that step in one launch too, with
-      tensor-core products); larger batches and quantized models on CUDA run `asr.cuda_decode.RowsStep` (MLX's products with two custom kernels
-      in between, eight kernels a layer, one compiled step);
+      tensor-core products); larger batches and quantized models on CUDA run `asr.cuda_decode.RowsStep` (MLX's
+      products with two custom kernels in between, eight kernels a layer, one compiled step);
     - elsewhere a batch of one (`_start_single`) needs no attention mask: it attends over the cache up to the current
       position (a slice), so MLX uses its single-query attention kernel; built op by op on prepared arrays;
     - batches of several prompt lengths (`_start_masked`) keep a fixed-size KV cache (CACHE_STEP positions at a

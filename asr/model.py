@@ -370,14 +370,13 @@ class FunASRNano:
     def warmup(self, batch_size: int = BATCH_SIZE_DEFAULT) -> None:
         """Run a short dummy utterance, then a batch of two, so that neither the first short call nor the first
         long one (whose segments are decoded in batches) is the slow one. On CUDA, also a batch for each kernel
-        the one-launch batched step compiles for batches up to `batch_size` (one per 16-row tile, ~1.4 s each on
-        an H200 at first use; asr.cuda_rows.warm_rows)."""
+        the one-launch batched step compiles for batches up to `batch_size` (one per row tile, ~1.4 s each on an
+        H200 at first use; asr.cuda_rows.warm_rows)."""
         rng = np.random.default_rng(0)
-        samples = (0.01 * rng.standard_normal(16000)).astype(np.float32)
-        rows = sorted({1, 2, *cuda_rows.warm_rows(self.net.llm, batch_size)})
-        for n in rows:
-            pieces = [_Piece(float(i), i + 1.0 - 0.5 * (i % 2), samples[: 16000 - 8000 * (i % 2)].copy())
-                      for i in range(n)]  # every other one half as long: rows of two prompt lengths
+        samples = (0.01 * rng.standard_normal(SAMPLE_RATE)).astype(np.float32)
+        clips = [samples, samples[: SAMPLE_RATE // 2]]  # batches alternate them: rows of two prompt lengths
+        for n in sorted({1, 2, *cuda_rows.warm_rows(self.net.llm, batch_size)}):
+            pieces = [_Piece(float(i), i + clips[i % 2].shape[0] / SAMPLE_RATE, clips[i % 2]) for i in range(n)]
             self._decode_batch(pieces, self.prompt_ids(), 2, False, None, _stage_times())
 
 
