@@ -60,4 +60,4 @@ def test_encoder_small_batch_is_one_graph(starts):
     enc = _encoder()
     mx.eval(enc(mx.random.normal((4, 170, 560), key=mx.random.key(2)), mx.array([170, 160, 150, 10])))
     assert starts == []
-    assert inflight.InFlight(_encoder().layer_bytes(64, 183, mx.float32)).every == 1  # 64 segments: every layer
+    assert inflight.InFlight(enc.layer_bytes(64, 183, mx.float32)).every == 1  # 64 segments: every layer
