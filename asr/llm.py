@@ -18,6 +18,7 @@ from mlx_lm.models.activations import swiglu
 
 from . import cpu_llm, cuda_decode, cuda_persistent, cuda_rows
 from .errors import ModelLoadError, TranscriptionCancelled
+from .inflight import InFlight
 from .kept import KeptOn
 
 SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra steps are discarded)
@@ -96,7 +97,29 @@ def last_logits(model, dummy: mx.array, cache, embeds: mx.array) -> mx.array:
     """
     if not isinstance(model, qwen3.Model):  # a wrapped model (tests) keeps its own call
         return model(dummy, cache=cache, input_embeddings=embeds)[:, -1:, :]
-    return _lm_head(model, model.model(dummy, cache, embeds)[:, -1:, :])
+    return _lm_head(model, _prefill_last(model, cache, embeds))
+
+
+def _prefill_last(model: qwen3.Model, cache: list, embeds: mx.array) -> mx.array:
+    """mlx-lm's `Qwen3Model.__call__` on prompt embeddings [B, P, D] into `cache`: the normed hidden state of the
+    last position, [B, 1, D]. The layers' graph reaches the device a chunk at a time (asr.inflight), so a large
+    batch's prefill does not hold every layer's intermediates at once; small batches are one chunk, as before."""
+    m = model.model
+    mask = qwen3.create_attention_mask(embeds, cache[0])
+    bound = InFlight(prefill_layer_bytes(model.args, *embeds.shape[:2], embeds.dtype))
+    h = embeds
+    for layer, c in zip(m.layers, cache, strict=True):
+        h = bound(layer(h, mask, c))
+    return m.norm(h[:, -1:, :])  # RMSNorm is per position: the last one's norm alone is the same value
+
+
+def prefill_layer_bytes(args: qwen3.ModelArgs, B: int, P: int, dtype: mx.Dtype) -> int:
+    """An upper bound on the intermediates one Qwen3 layer allocates in a prefill of [B, P] positions (for
+    asr.inflight): per position 8 hidden widths, 4 of the query heads, 6 of the kv heads and 3 of the MLP
+    (norms, projections, RoPE, attention out, residuals, gate/up/SwiGLU), plus fp32 attention scores."""
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    per_position = 8 * args.hidden_size + 4 * q + 6 * kv + 3 * args.intermediate_size
+    return B * P * (dtype.size * per_position + 4 * args.num_attention_heads * P)
 
 
 def _lm_head(model: qwen3.Model, h: mx.array) -> mx.array:

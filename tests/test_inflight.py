@@ -61,3 +61,54 @@ def test_encoder_small_batch_is_one_graph(starts):
     mx.eval(enc(mx.random.normal((4, 170, 560), key=mx.random.key(2)), mx.array([170, 160, 150, 10])))
     assert starts == []
     assert inflight.InFlight(enc.layer_bytes(64, 183, mx.float32)).every == 1  # 64 segments: every layer
+
+
+def _padded_prompts(dim: int) -> tuple[mx.array, list[int]]:
+    mx.random.seed(3)
+    lengths = [37, 12, 25]
+    P = max(lengths)
+    rows = [mx.random.normal((n, dim)) * 0.5 for n in lengths]
+    return mx.stack([mx.pad(r, [(P - n, 0), (0, 0)]) for r, n in zip(rows, lengths, strict=True)]), lengths
+
+
+def test_prefill_in_chunks_gives_mlx_lm_values(starts, monkeypatch, tiny_model):
+    """The LLM's prefill (llm.last_logits) in chunks of layers: the same logits and KV cache as in one graph, and
+    mlx-lm's own model call's logits."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    from asr import llm as llm_mod
+
+    llm = tiny_model.net.llm
+    padded, lengths = _padded_prompts(llm.args.hidden_size)
+    B, P = padded.shape[:2]
+    dummy = mx.zeros((B, P), dtype=mx.int32)
+
+    def prefill() -> tuple[np.ndarray, np.ndarray]:
+        cache = [BatchKVCache([P - n for n in lengths]) for _ in llm.layers]
+        logits = llm_mod.last_logits(llm, dummy, cache, padded)
+        return np.array(logits), np.array(cache[-1].keys[..., :P, :])
+
+    monkeypatch.setattr(inflight, "BUDGET_BYTES", 0)
+    whole, whole_keys = prefill()
+    assert starts == []
+    monkeypatch.setattr(inflight, "BUDGET_BYTES", 2 * llm_mod.prefill_layer_bytes(llm.args, B, P, padded.dtype))
+    chunked, chunked_keys = prefill()
+    assert starts == [(B, P, llm.args.hidden_size)] * len(llm.layers)  # after each layer
+    np.testing.assert_array_equal(chunked, whole)
+    np.testing.assert_array_equal(chunked_keys, whole_keys)
+    theirs = llm(dummy, cache=[BatchKVCache([P - n for n in lengths]) for _ in llm.layers], input_embeddings=padded)
+    np.testing.assert_allclose(whole, np.array(theirs[:, -1:, :]), rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+    assert np.abs(whole).max() > 0.1
+
+
+def test_prefill_small_batch_is_one_graph():
+    """At the default budget one clip's prompt is one graph; a batch of 64 segments is split every layer or two."""
+    from mlx_lm.models import qwen3
+
+    from asr import llm as llm_mod
+
+    args = qwen3.ModelArgs(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
+                           num_attention_heads=16, num_key_value_heads=8, rms_norm_eps=1e-6, vocab_size=151936,
+                           max_position_embeddings=40960, rope_theta=1e6, head_dim=128, tie_word_embeddings=True)
+    assert inflight.InFlight(llm_mod.prefill_layer_bytes(args, 1, 150, mx.bfloat16)).every >= 28  # Qwen3-0.6B
+    assert inflight.InFlight(llm_mod.prefill_layer_bytes(args, 64, 120, mx.bfloat16)).every <= 2

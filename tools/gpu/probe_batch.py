@@ -17,10 +17,10 @@ import time
 import asr
 import mlx.core as mx
 
-from asr import cuda_decode, cuda_rows
+from asr import cuda_decode, cuda_rows, inflight
 from asr.audio import load_audio
 from asr.frontend import audio_token_count, features_padded
-from asr.llm import greedy_decode_padded
+from asr.llm import greedy_decode_padded, last_logits
 
 
 def peak_from_here():
@@ -42,6 +42,14 @@ def timed(fn, repeats: int) -> tuple[float, object, float]:
         mx.eval(out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3, out, peak()
+
+
+def prefill(llm, prompts: mx.array, lengths: list[int]) -> mx.array:
+    """The LLM's prefill of a left-padded batch into a fresh cache, as greedy_decode_padded starts it."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    cache = [BatchKVCache([prompts.shape[1] - n for n in lengths]) for _ in llm.layers]
+    return last_logits(llm, mx.zeros(prompts.shape[:2], dtype=mx.int32), cache, prompts)
 
 
 def main() -> None:
@@ -79,6 +87,11 @@ def main() -> None:
         ms, (prompts, plens), mb = timed(lambda r=rows, c=counts: model.prompt_batch(r, c, ids), a.repeats)
         print(f"prompt_batch          {ms:8.2f} ms   peak +{mb:7.0f} MB")
         llm = model.net.llm
+        for budget in (inflight.BUDGET_BYTES, 0):  # the prefill with the in-flight bound, then without it
+            inflight.BUDGET_BYTES, kept = budget, inflight.BUDGET_BYTES
+            ms, _, mb = timed(lambda m=llm, p=prompts, q=plens: prefill(m, p, q), a.repeats)
+            inflight.BUDGET_BYTES = kept
+            print(f"prefill, bound {budget >> 20:4d} MB {ms:8.2f} ms   peak +{mb:7.0f} MB (cache included)")
         default_par = cuda_decode.ROWS_ATTEND_PAR
         # PersistentRows only where it runs: up to MAX_ROWS rows, on a device and model it takes (elsewhere the
         # variant would run another step under its name)
