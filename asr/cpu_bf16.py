@@ -2,15 +2,18 @@
 asr.cpu_llm and, with encoder_dtype="bfloat16", the encoder's linear layers (Linear below).
 
 A bf16 LLM on the CPU: MLX 0.32's CPU backend has no fast bf16 products, and NumPy has no bf16 type. MKL's
-`cblas_gemm_bf16bf16f32` runs on the AMX tiles or AVX512-BF16 units of recent Intel Xeons (and AVX512-BF16 on AMD
-Zen 4+), reading half the bytes of fp32 weights: on the project's Intel VM a 46-row product is 4x faster than
-fp32 sgemm, and one decode token's 28 layers stream in 57 ms instead of 80 ms (docs/performance.md).
+`cblas_gemm_bf16bf16f32` runs on the AMX tiles or AVX512-BF16 units of recent Intel Xeons, reading half the bytes
+of fp32 weights: on the project's Intel VM a 46-row product is 4x faster than fp32 sgemm, and one decode token's
+28 layers stream in 57 ms instead of 80 ms (docs/performance.md). On an AMD Zen 4 (AVX512-BF16 too) the same MKL
+function measured slower than fp32 (still far faster than MLX's bf16 on the CPU), so there a bf16 model still
+uses it but `dtype="auto"` stays fp32 (`preferred`).
 
 The numbers are those of a bf16 model: weights bf16 (the stored bits, zero-copy from MLX), each product's input
 rounded to bf16 (round to nearest even), fp32 accumulation and output; everything else in asr.cpu_llm stays fp32.
 
-Used only when MKL is loaded in this process (`pip install funasr-nano-mlx[mkl]`; asr._blas loads it) and the CPU reports `avx512_bf16` or `amx_bf16`; otherwise a bf16 LLM on the CPU runs on MLX
-(slow) and `dtype="auto"` is fp32. `FUNASR_NANO_CPU_BF16=0` turns this path off.
+Used only when MKL is loaded in this process (`pip install funasr-nano-mlx[mkl]`; asr._blas loads it) and the CPU
+reports `avx512_bf16` or `amx_bf16`; otherwise a bf16 LLM on the CPU runs on MLX (slow) and `dtype="auto"` is fp32.
+`FUNASR_NANO_CPU_BF16=0` turns this path off.
 """
 
 from __future__ import annotations
@@ -27,17 +30,35 @@ import numpy as np
 from . import _blas, linear_nn
 
 _CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = "/proc/cpuinfo"
 
 
-def _cpu_has_bf16() -> bool:
+def _cpu(path: str = CPUINFO) -> tuple[str | None, set[str]]:
+    """The first CPU's vendor_id and flags in /proc/cpuinfo (None and no flags where it cannot be read)."""
+    vendor = None
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        with open(path, encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return any(flag in line.split() for flag in _CPU_FLAGS)
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    return vendor, set(value.split())
     except OSError:
         pass
-    return False
+    return vendor, set()
+
+
+def _cpu_has_bf16(path: str = CPUINFO) -> bool:
+    return any(flag in _cpu(path)[1] for flag in _CPU_FLAGS)
+
+
+def _faster_than_fp32(path: str = CPUINFO) -> bool:
+    """Where MKL's bf16 products beat fp32 ones: Intel CPUs with AMX or AVX512-BF16 (measured on a Sapphire
+    Rapids-class VM). On an AMD Zen 4 (AVX512-BF16) MKL's one-row bf16 product streamed 5-7 GB/s against 18-20 GB/s
+    for fp32 `sgemv`, and a clip's decode took 4.9 s in bf16 against 4.1 s in fp32 (docs/performance.md)."""
+    vendor, _ = _cpu(path)
+    return vendor == "GenuineIntel" and _cpu_has_bf16(path)
 
 
 @functools.cache
@@ -57,8 +78,13 @@ def _gemm():
 
 
 def available() -> bool:
-    """True where bf16 products run through MKL's bf16 kernels."""
+    """True where bf16 products run through MKL's bf16 kernels (a bf16 model's products on the CPU go there)."""
     return _gemm() is not None
+
+
+def preferred() -> bool:
+    """True where those products are also faster than fp32 ones, so that `dtype="auto"` picks bf16 on the CPU."""
+    return available() and _faster_than_fp32()
 
 
 def to_bits(x: np.ndarray) -> np.ndarray:

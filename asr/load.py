@@ -104,8 +104,9 @@ def _normalize_dtype(dtype: str) -> str:
     if d == "auto":
         # bf16 halves memory and is fast on GPUs; MLX's CPU backend has no fast bf16 kernels (bf16 decoding is
         # ~2x and prefill ~14x slower than fp32 there, docs/performance.md), so CPUs compute in fp32, unless MKL's
-        # bf16 products are there (asr.cpu_bf16: AMX/AVX512-BF16; prefill ~2.5x and decode 1.2-1.4x faster than fp32)
-        return "float32" if mx.default_device() == mx.cpu and not cpu_bf16.available() else "bfloat16"
+        # bf16 products are there and beat fp32 (asr.cpu_bf16.preferred: MKL on an Intel CPU with AMX/AVX512-BF16;
+        # prefill ~2.5x and decode 1.2-1.4x faster than fp32 there; slower on an AMD Zen 4)
+        return "float32" if mx.default_device() == mx.cpu and not cpu_bf16.preferred() else "bfloat16"
     if d not in DTYPES:
         raise InvalidOptionError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     return d

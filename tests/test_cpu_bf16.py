@@ -128,3 +128,23 @@ def test_linear_matches_rounded_reference(bf16_everywhere):
     ref = xr @ w.T + np.asarray(lin.bias)
     out = np.asarray(layer(x))
     assert out.shape == (2, 3, 24) and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize(("vendor", "flags", "has", "faster"), [
+    ("GenuineIntel", "fpu avx512f avx512_bf16 amx_bf16 amx_tile", True, True),  # Sapphire Rapids
+    ("GenuineIntel", "fpu avx512f avx512_bf16", True, True),
+    ("AuthenticAMD", "fpu avx512f avx512_bf16 avx512_vnni", True, False),  # Zen 4: MKL's bf16 slower than fp32
+    ("GenuineIntel", "fpu avx2 avx512f", False, False),
+])
+def test_which_cpus_take_bf16(tmp_path, vendor, flags, has, faster):
+    """Both cores listed, as /proc/cpuinfo does; only the first core's vendor and flags are read."""
+    core = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\nflags\t\t: {flags}\n\n"
+    info = tmp_path / "cpuinfo"
+    info.write_text(core + core.replace("processor\t: 0", "processor\t: 1"))
+    assert cpu_bf16._cpu_has_bf16(str(info)) is has
+    assert cpu_bf16._faster_than_fp32(str(info)) is faster
+
+
+def test_unreadable_cpuinfo_takes_no_bf16(tmp_path):
+    assert cpu_bf16._cpu(str(tmp_path / "missing")) == (None, set())
+    assert not cpu_bf16._faster_than_fp32(str(tmp_path / "missing"))

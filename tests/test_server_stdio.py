@@ -149,7 +149,7 @@ async def test_stdio_console_script_with_tiny_model(tmp_path, tiny_model):
                 from asr import cpu_bf16
 
                 out = await call_every_tool(client, port, expect_text=None, language="auto",
-                                            expect_dtype="bfloat16" if cpu_bf16.available() else "float32")
+                                            expect_dtype="bfloat16" if cpu_bf16.preferred() else "float32")
     assert out.model.name.endswith("Fun-ASR-Nano-tiny") and out.timings.generated_tokens > 0
     logged = errlog.read_text()
     assert "ready after" in logged
