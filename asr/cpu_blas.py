@@ -7,7 +7,8 @@ asr._blas loads an optimised BLAS (MKL, else the system OpenBLAS) for MLX; the r
 worker threads spin-wait after each call (MKL's OpenMP ~200 ms, OpenBLAS's too), so two runtimes taking turns
 (NumPy's bundled OpenBLAS for the LLM, MKL for the encoder) leave spinning threads in each other's way. On the
 project's 2-core VM, a tiny model's encoder took 110 ms after an fp32 LLM step on NumPy's OpenBLAS and 9 ms without.
-While a runner works, `numpy_serial()` keeps NumPy's own OpenBLAS (its small attention products) to one thread.
+While a runner works, `numpy_serial()` keeps NumPy's own OpenBLAS (its small attention products) to one thread, and
+only that one: the loaded BLAS keeps its threads.
 
 Without a loaded BLAS (macOS, FUNASR_NANO_BLAS=off) the same products go through NumPy's matmul.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 
 import numpy as np
 
@@ -55,12 +57,19 @@ def available() -> bool:
 
 @functools.cache
 def _numpy_openblas():
-    """threadpoolctl's handle on the OpenBLAS that NumPy's wheel bundles (None without threadpoolctl)."""
+    """threadpoolctl's handle on the OpenBLAS that NumPy's wheel bundles, and on no other BLAS (None without
+    threadpoolctl or without such a library). Selecting by `internal_api="openblas"` alone would also take the
+    system OpenBLAS that asr._blas loaded, and limiting that one to a thread halved the CPU runners' products: a
+    Qwen3-0.6B fp32 decode token's products took 124 ms on one thread against 78 ms on two (AMD Zen 4 VM)."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
-    return ThreadpoolController().select(internal_api="openblas")
+    loaded = os.path.realpath(_blas.loaded) if _blas.loaded else None
+    ctl = ThreadpoolController()
+    paths = [lib.filepath for lib in ctl.select(internal_api="openblas").lib_controllers
+             if os.path.realpath(lib.filepath) != loaded]
+    return ctl.select(filepath=paths) if paths else None
 
 
 def numpy_serial() -> contextlib.AbstractContextManager:

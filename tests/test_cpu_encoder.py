@@ -183,3 +183,30 @@ def test_adaptor_matches_mlx_alone_and_batched(monkeypatch):
         assert not ours[b, n:].any()
     nn.quantize(ada, group_size=64, bits=8)
     assert not cpu_adaptor.applies(ada)
+
+
+def test_numpy_serial_limits_numpys_openblas_only():
+    """While a CPU runner works, NumPy's bundled OpenBLAS runs on one thread and the BLAS asr._blas loaded keeps
+    its threads (limiting both made every runner product single-threaded: 124 vs 78 ms a decode token)."""
+    import os
+
+    from threadpoolctl import ThreadpoolController
+
+    from asr import _blas
+
+    if not _blas.loaded:
+        pytest.skip("no BLAS loaded (asr._blas)")
+    loaded = os.path.realpath(_blas.loaded)
+
+    def threads() -> dict[str, tuple[str, int]]:
+        return {os.path.realpath(lib.filepath): (lib.internal_api, lib.num_threads)
+                for lib in ThreadpoolController().lib_controllers}
+
+    before = threads()
+    assert loaded in before  # threadpoolctl sees the loaded BLAS, so a blanket limit would have reached it
+    with cpu_blas.numpy_serial():
+        during = threads()
+    assert during[loaded] == before[loaded]
+    others = {p: n for p, (api, n) in during.items() if api == "openblas" and p != loaded}
+    assert all(n == 1 for n in others.values())
+    assert threads() == before
