@@ -120,18 +120,26 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, trans_b: bool = True,
     return out
 
 
+GEMV_ROWS_MAX = 8  # up to this many rows, a product on OpenBLAS is one gemv a row over cache-sized weight blocks
+GEMV_BLOCK_BYTES = 4 << 20  # the weight rows each round of gemvs reads: from memory for the first row, from cache after
+
+
 def _few_rows_as_x_wt() -> bool:
-    """Whether a product of 2-4 rows goes as x w^T (MKL streams the weights best that way) rather than (w x^T)^T
-    (OpenBLAS: its x w^T packs the weights first)."""
+    """Whether a product of 2-4 rows goes as x w^T (MKL streams the weights best that way) rather than one gemv a
+    row (OpenBLAS, see `linear`)."""
     return "mkl" in (_blas.loaded or "")
 
 
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x [M, K] @ w[N, K].T for fp32 weights, in the form the BLAS streams the weights best: one row is a gemv;
-    more rows (w x^T)^T, except 2-4 rows on MKL, x w^T. MKL on the 2-core VM, 3072x1024 weights: 2 rows 0.49 ms as
-    x w^T (0.88 ms as w x^T), 8 rows 0.88 ms as w x^T (1.58 ms), 46 rows 1.76 ms (2.74 ms); NumPy's OpenBLAS
-    2.35, 1.86 and 3.32 ms. Debian's OpenBLAS 0.3.21 on the Intel VM: 2 / 3 / 4 rows 1.30 / 1.74 / 1.90 ms as
-    x w^T, 0.86 / 0.96 / 1.21 ms as w x^T (one gemv 0.44 ms)."""
+    """x [M, K] @ w[N, K].T for fp32 weights, in the form the BLAS streams the weights best.
+
+    One row is a gemv. On OpenBLAS, 2-8 rows are a gemv per row over blocks of `GEMV_BLOCK_BYTES` of weight rows:
+    the first row's gemv reads a block from memory, the others find it in cache, so the weights are read from
+    memory about once, as for one row, and each row's values are those of its own gemv. OpenBLAS's sgemm packs
+    the weights first, whichever operand they are: on the AMD Zen 4 VM, 3072x1024 weights, 2 / 4 / 8 rows took
+    0.55 / 0.78 / 1.23 ms this way against 1.29 / 1.47 / 1.50 ms as x w^T and 1.28 / 3.25 / 3.31 ms as w x^T (one
+    row 0.39 ms). On MKL, 2-4 rows go as x w^T (2 rows 0.49 ms on the Intel VM, 0.88 ms as w x^T). Other products
+    go as (w x^T)^T (MKL, 8 rows: 0.88 ms against 1.58 ms; 46 rows 1.76 ms against 2.74 ms)."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k or w.dtype != np.float32 or x.dtype != np.float32 or not w.flags.c_contiguous:
@@ -140,10 +148,23 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if gemv is None:  # NumPy: OpenBLAS's gemv streams w once for one row
         return (w @ x[0])[None] if m == 1 else (w @ x.T).T
     x = np.ascontiguousarray(x)
-    if m == 1:
-        out = np.empty((1, n), np.float32)
-        gemv(_ROW_MAJOR, _NO_TRANS, n, k, 1.0, w.ctypes.data, k, x.ctypes.data, 1, 0.0, out.ctypes.data, 1)
-        return out
-    if m <= 4 and _few_rows_as_x_wt():
+    mkl = _few_rows_as_x_wt()
+    if m == 1 or (not mkl and m <= GEMV_ROWS_MAX):
+        return _gemv_rows(gemv, x, w)
+    if m <= 4 and mkl:
         return gemm(x, w, np.empty((m, n), np.float32))
     return gemm(w, x, np.empty((n, m), np.float32)).T
+
+
+def _gemv_rows(gemv, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [M, K] (contiguous) @ w[N, K].T as one gemv a row, block of weight rows by block."""
+    m, k = x.shape
+    n = w.shape[0]
+    out = np.empty((m, n), np.float32)
+    block = n if m == 1 else max(1, GEMV_BLOCK_BYTES // (4 * k))
+    w0, x0, o0 = w.ctypes.data, x.ctypes.data, out.ctypes.data
+    for j in range(0, n, block):
+        rows = min(block, n - j)
+        for i in range(m):
+            gemv(_ROW_MAJOR, _NO_TRANS, rows, k, 1.0, w0 + 4 * j * k, k, x0 + 4 * i * k, 1, 0.0, o0 + 4 * (i * n + j), 1)
+    return out

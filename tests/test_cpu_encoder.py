@@ -125,23 +125,26 @@ def test_gemm_on_strided_views(blas, monkeypatch):
 
 @pytest.mark.parametrize("blas,mkl", [(True, True), (True, False), (False, False)])
 def test_linear_each_row_count(blas, mkl, monkeypatch):
-    """cpu_blas.linear (the LLM runner's fp32 products): a gemv for one row, (w x^T)^T for more, except x w^T for
-    2-4 rows on MKL; each equals the float64 product; a mismatched or non-fp32 weight is refused."""
+    """cpu_blas.linear (the LLM runner's fp32 products): a gemv for one row, one gemv a row for 2-8 rows on
+    OpenBLAS (in weight blocks: 40 rows here, so 96 rows are three blocks, the last one short), (w x^T)^T for
+    more, and on MKL x w^T for 2-4 rows; each equals the float64 product; a mismatched or non-fp32 weight is
+    refused."""
     if not blas:
         monkeypatch.setattr(cpu_blas, "_sgemv", lambda: None)
     monkeypatch.setattr(cpu_blas, "_few_rows_as_x_wt", lambda: mkl)
     first_operand: list[tuple[int, ...]] = []
     gemm = cpu_blas.gemm
     monkeypatch.setattr(cpu_blas, "gemm", lambda a, *args, **kw: first_operand.append(a.shape) or gemm(a, *args, **kw))
+    monkeypatch.setattr(cpu_blas, "GEMV_BLOCK_BYTES", 4 * 64 * 40)
     rng = np.random.default_rng(5)
     w = rng.standard_normal((96, 64)).astype(np.float32)
-    for rows in (1, 3, 4, 5, 46):
+    for rows in (1, 3, 4, 5, 8, 9, 46):
         x = rng.standard_normal((rows, 64)).astype(np.float32)
         out = cpu_blas.linear(x, w)
         assert out.shape == (rows, 96) and out.dtype == np.float32
         assert np.abs(out - x.astype(np.float64) @ w.T.astype(np.float64)).max() < 1e-4
     if blas:  # which form each row count took
-        assert first_operand == ([(3, 64), (4, 64), (96, 64), (96, 64)] if mkl else [(96, 64)] * 4)
+        assert first_operand == ([(3, 64), (4, 64)] + [(96, 64)] * 4 if mkl else [(96, 64)] * 2)
     with pytest.raises(ValueError, match="does not match"):
         cpu_blas.linear(x, w[:, :32].copy())
     with pytest.raises(ValueError, match="does not match"):
