@@ -221,8 +221,8 @@ class FunASRNano:
         holds speech at all; longer audio is cut by Silero VAD into segments of at most `max_segment_s`.
         True always segments by VAD; False never runs VAD (one pass over everything, like the reference).
         Segments are decoded `batch_size` at a time (decoding reads every weight once a step, whatever the batch:
-        10 minutes of dense speech took half the time at 16 as at 4 on an H200, and 2 minutes on the 2-core CPU,
-        docs/performance.md); `repetition_guard` stops degenerate loops.
+        10 minutes of dense speech took half the time at 16 as at 4 on an H200; 2 minutes on the 2-core CPU 30.7 s at
+        16, 40.3 s at 4 and 66.3 s at 1, docs/performance.md); `repetition_guard` stops degenerate loops.
         timestamps: per-token times by CTC forced alignment when the checkpoint has the CTC head (the ModelScope
         copy); otherwise `result.timestamps` is None and `timestamps_note` says why.
         """
