@@ -6,12 +6,14 @@ symbols to it instead (~30-50x faster matmuls on CPU). This must run before the 
 `asr/__init__.py` calls it first thing.
 
 Search order: Intel MKL from PyPI in this environment (`pip install mkl`, i.e. the `mkl` extra: fast one-row
-products and, on CPUs with AMX/AVX512-BF16, bf16 products, asr/cpu_bf16.py), then the system OpenBLAS
-(Debian/Ubuntu `libopenblas0-pthread`, Fedora, Arch). The CPU runners (asr/cpu_encoder.py, asr/cpu_llm.py) call
-the one loaded directly (asr/cpu_blas.py); MLX's own CPU matmuls use it too.
+products and, on Intel CPUs with AMX/AVX512-BF16, bf16 products, asr/cpu_bf16.py), then the system OpenBLAS
+(Debian/Ubuntu `libopenblas0-pthread`, Fedora, Arch). On other CPUs (AMD) the system OpenBLAS comes first: on an
+AMD Zen 4 VM a Qwen3-0.6B fp32 decode step took 116 ms on MKL against 78-85 ms on Debian's OpenBLAS
+(docs/performance.md). The CPU runners (asr/cpu_encoder.py, asr/cpu_llm.py) call the one loaded directly
+(asr/cpu_blas.py); MLX's own CPU matmuls use it too.
 
 Control with FUNASR_NANO_BLAS: unset/"auto" (search), "off" (keep the bundled BLAS), "openblas" (skip
-MKL), or a path to a shared library.
+MKL), "mkl" (MKL first on any CPU), or a path to a shared library.
 """
 
 from __future__ import annotations
@@ -44,6 +46,33 @@ def _arch() -> str:
     return {"arm64": "aarch64"}.get(machine, machine)
 
 
+def _cpu_vendor(path: str = "/proc/cpuinfo") -> str | None:
+    """The first CPU's vendor_id (GenuineIntel, AuthenticAMD, ...), or None where it cannot be read."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def search_order(choice: str, vendor: str | None) -> list[str]:
+    """The libraries `preload` tries, in order, for a FUNASR_NANO_BLAS value and a CPU vendor."""
+    c = choice.strip().lower()
+    if c and c not in ("auto", "openblas", "mkl"):
+        return [choice.strip()]
+    system = [p.format(arch=_arch()) for p in _CANDIDATES]
+    mkl = [os.path.join(sys.prefix, "lib", name) for name in _MKL]
+    if c == "openblas":
+        return system
+    if c == "mkl" or vendor in (None, "GenuineIntel"):
+        return mkl + system
+    return system + mkl
+
+
 def preload() -> str | None:
     """Load an optimised BLAS globally (Linux only); returns the path loaded, or None."""
     global loaded
@@ -55,12 +84,7 @@ def preload() -> str | None:
     if "mlx.core" in sys.modules:
         log.debug("mlx already imported; cannot swap its BLAS any more")
         return None
-    if choice and choice.lower() not in ("auto", "openblas"):
-        paths = [choice]
-    else:
-        system = [p.format(arch=_arch()) for p in _CANDIDATES]
-        mkl = [os.path.join(sys.prefix, "lib", name) for name in _MKL] if choice.lower() != "openblas" else []
-        paths = mkl + system
+    paths = search_order(choice, _cpu_vendor())
     for path in paths:
         if not os.path.exists(path):
             continue
@@ -72,6 +96,6 @@ def preload() -> str | None:
         loaded = path
         log.debug("MLX CPU backend uses %s", path)
         return path
-    if choice.lower() not in ("", "auto", "openblas"):
+    if choice.lower() not in ("", "auto", "openblas", "mkl"):
         log.warning("FUNASR_NANO_BLAS=%s was not found; MLX keeps its bundled reference BLAS", choice)
     return None

@@ -5,8 +5,8 @@ A bf16 LLM on the CPU: MLX 0.32's CPU backend has no fast bf16 products, and Num
 `cblas_gemm_bf16bf16f32` runs on the AMX tiles or AVX512-BF16 units of recent Intel Xeons, reading half the bytes
 of fp32 weights: on the project's Intel VM a 46-row product is 4x faster than fp32 sgemm, and one decode token's
 28 layers stream in 57 ms instead of 80 ms (docs/performance.md). On an AMD Zen 4 (AVX512-BF16 too) the same MKL
-function measured slower than fp32 (still far faster than MLX's bf16 on the CPU), so there a bf16 model still
-uses it but `dtype="auto"` stays fp32 (`preferred`).
+function measured slower than fp32 (still far faster than MLX's bf16 on the CPU), so there `dtype="auto"` stays
+fp32 (`preferred`), and asr._blas loads the system OpenBLAS ahead of MKL (FUNASR_NANO_BLAS=mkl for these products).
 
 The numbers are those of a bf16 model: weights bf16 (the stored bits, zero-copy from MLX), each product's input
 rounded to bf16 (round to nearest even), fp32 accumulation and output; everything else in asr.cpu_llm stays fp32.

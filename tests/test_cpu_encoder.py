@@ -213,3 +213,24 @@ def test_numpy_serial_limits_numpys_openblas_only():
     others = {p: n for p, (api, n) in during.items() if api == "openblas" and p != loaded}
     assert all(n == 1 for n in others.values())
     assert threads() == before
+
+
+def test_blas_search_order(tmp_path):
+    """asr._blas: MKL first on Intel CPUs (and where the vendor is unknown), the system OpenBLAS first on others
+    (AMD Zen 4: MKL's decode step 116 ms against OpenBLAS's 78-85 ms); FUNASR_NANO_BLAS overrides either way."""
+    from asr import _blas
+
+    def kinds(order: list[str]) -> list[str]:
+        return ["mkl" if "mkl" in p else "system" for p in order]
+
+    intel, amd = _blas.search_order("auto", "GenuineIntel"), _blas.search_order("", "AuthenticAMD")
+    assert kinds(intel)[0] == "mkl" and kinds(intel)[-1] == "system"
+    assert kinds(amd)[0] == "system" and kinds(amd)[-1] == "mkl" and sorted(amd) == sorted(intel)
+    assert kinds(_blas.search_order("auto", None))[0] == "mkl"
+    assert kinds(_blas.search_order("MKL", "AuthenticAMD"))[0] == "mkl"
+    assert "mkl" not in kinds(_blas.search_order("openblas", "GenuineIntel"))
+    assert _blas.search_order(" /opt/My/libblas.so ", "AuthenticAMD") == ["/opt/My/libblas.so"]
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx512f\n")
+    assert _blas._cpu_vendor(str(info)) == "AuthenticAMD"
+    assert _blas._cpu_vendor(str(tmp_path / "missing")) is None
