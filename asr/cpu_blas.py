@@ -139,8 +139,9 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     the weights first, whichever operand they are: on the AMD Zen 4 VM, 3072x1024 weights, 2 / 4 / 8 rows took
     0.55 / 0.78 / 1.23 ms this way against 1.29 / 1.47 / 1.50 ms as x w^T and 1.28 / 3.25 / 3.31 ms as w x^T (one
     row 0.39 ms); whole Qwen3-0.6B decode steps of 12 and 16 rows 319-346 and 402-414 ms against 647-695 ms, but
-    of 24, 32 and 64 rows 555-595, 724-732 and 1,459-1,496 ms against 428-434, 427-436 and 1,039-1,044 ms. On MKL, 2-4 rows go as x w^T (2 rows 0.49 ms on the Intel VM, 0.88 ms as w x^T). Other products
-    go as (w x^T)^T (MKL, 8 rows: 0.88 ms against 1.58 ms; 46 rows 1.76 ms against 2.74 ms)."""
+    of 24, 32 and 64 rows 555-595, 724-732 and 1,459-1,496 ms against 428-434, 427-436 and 1,039-1,044 ms.
+    On MKL, 2-4 rows go as x w^T (2 rows 0.49 ms on the Intel VM, 0.88 ms as w x^T). Other products go as
+    (w x^T)^T (MKL, 8 rows: 0.88 ms against 1.58 ms; 46 rows 1.76 ms against 2.74 ms)."""
     m, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k or w.dtype != np.float32 or x.dtype != np.float32 or not w.flags.c_contiguous:
@@ -167,5 +168,6 @@ def _gemv_rows(gemv, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     for j in range(0, n, block):
         rows = min(block, n - j)
         for i in range(m):
-            gemv(_ROW_MAJOR, _NO_TRANS, rows, k, 1.0, w0 + 4 * j * k, k, x0 + 4 * i * k, 1, 0.0, o0 + 4 * (i * n + j), 1)
+            gemv(_ROW_MAJOR, _NO_TRANS, rows, k, 1.0, w0 + 4 * j * k, k, x0 + 4 * i * k, 1, 0.0,
+                 o0 + 4 * (i * n + j), 1)
     return out
