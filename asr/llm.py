@@ -16,7 +16,7 @@ import numpy as np
 from mlx_lm.models import qwen3
 from mlx_lm.models.activations import swiglu
 
-from . import cpu_llm, cuda_decode, cuda_persistent, cuda_rows, inflight
+from . import cpu_llm, cuda_decode, cuda_persistent, cuda_rows
 from .errors import ModelLoadError, TranscriptionCancelled
 from .inflight import InFlight
 from .kept import KeptOn
@@ -25,11 +25,6 @@ SYNC_EVERY = 8  # decode steps queued lazily per host sync (token-exact: extra s
 CACHE_STEP = 128  # the fast decoder's KV cache grows by this many positions (each size is compiled once)
 FAST_DECODE = True  # False: step through mlx-lm's own model and cache (A/B switch for benchmarks)
 NUMPY_ON_CPU = True  # fp32 LLM on the CPU: prefill and decode through asr.cpu_llm (A/B switch for benchmarks)
-
-# The prefill's in-flight budget, as a multiple of asr.inflight's. Its layer estimate is an upper bound that a
-# moderate batch never reaches (the device keeps up): on an H200, 16 segments' prefill peaked +357 MB whole and
-# +477-493 MB in three chunks, while 64 segments' peaked +2,787-3,223 MB whole and +2,218 MB a layer at a time.
-PREFILL_BUDGET_FACTOR = 8
 
 COMPILE_DECODE: bool | None = None  # None: compile the fast step on GPUs only (A/B switch for benchmarks)
 
@@ -111,8 +106,7 @@ def _prefill_last(model: qwen3.Model, cache: list, embeds: mx.array) -> mx.array
     batch's prefill does not hold every layer's intermediates at once; small batches are one chunk, as before."""
     m = model.model
     mask = qwen3.create_attention_mask(embeds, cache[0])
-    budget = inflight.BUDGET_BYTES * PREFILL_BUDGET_FACTOR
-    bound = InFlight(prefill_layer_bytes(model.args, *embeds.shape[:2], embeds.dtype), budget)
+    bound = InFlight(prefill_layer_bytes(model.args, *embeds.shape[:2], embeds.dtype))
     h = embeds
     for layer, c in zip(m.layers, cache, strict=True):
         h = bound(layer(h, mask, c))
