@@ -19,6 +19,7 @@ MKL), "mkl" (MKL first on any CPU), or a path to a shared library.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -46,17 +47,39 @@ def _arch() -> str:
     return {"arm64": "aarch64"}.get(machine, machine)
 
 
-def _cpu_vendor(path: str = "/proc/cpuinfo") -> str | None:
-    """The first CPU's vendor_id (GenuineIntel, AuthenticAMD, ...), or None where it cannot be read."""
+CPUINFO = "/proc/cpuinfo"
+INTEL = "GenuineIntel"
+
+
+Cpu = tuple[str | None, frozenset[str]]  # vendor_id, flags
+
+
+def read_cpuinfo(path: str = CPUINFO) -> Cpu:
+    """The first CPU's vendor_id (GenuineIntel, AuthenticAMD, ...) and flags (None and no flags where they cannot
+    be read)."""
+    vendor = None
     try:
         with open(path, encoding="ascii", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    return value.strip()
+                if key.strip() == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    return vendor, frozenset(value.split())
     except OSError:
         pass
-    return None
+    return vendor, frozenset()
+
+
+@functools.cache
+def this_cpu() -> Cpu:
+    """read_cpuinfo of this machine, read once."""
+    return read_cpuinfo()
+
+
+def is_mkl() -> bool:
+    """Whether the BLAS loaded is Intel MKL."""
+    return bool(loaded) and "mkl" in os.path.basename(loaded)
 
 
 def search_order(choice: str, vendor: str | None) -> list[str]:
@@ -68,7 +91,7 @@ def search_order(choice: str, vendor: str | None) -> list[str]:
     mkl = [os.path.join(sys.prefix, "lib", name) for name in _MKL]
     if c == "openblas":
         return system
-    if c == "mkl" or vendor in (None, "GenuineIntel"):
+    if c == "mkl" or vendor in (None, INTEL):
         return mkl + system
     return system + mkl
 
@@ -84,7 +107,7 @@ def preload() -> str | None:
     if "mlx.core" in sys.modules:
         log.debug("mlx already imported; cannot swap its BLAS any more")
         return None
-    paths = search_order(choice, _cpu_vendor())
+    paths = search_order(choice, this_cpu()[0])
     for path in paths:
         if not os.path.exists(path):
             continue

@@ -30,35 +30,19 @@ import numpy as np
 from . import _blas, linear_nn
 
 _CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-CPUINFO = "/proc/cpuinfo"
 
 
-def _cpu(path: str = CPUINFO) -> tuple[str | None, set[str]]:
-    """The first CPU's vendor_id and flags in /proc/cpuinfo (None and no flags where it cannot be read)."""
-    vendor = None
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "vendor_id" and vendor is None:
-                    vendor = value.strip()
-                elif key.strip() == "flags":
-                    return vendor, set(value.split())
-    except OSError:
-        pass
-    return vendor, set()
+def _cpu_has_bf16(cpu: _blas.Cpu | None = None) -> bool:
+    """Whether the CPU (asr._blas.read_cpuinfo's vendor and flags; default this machine) has AMX or AVX512-BF16."""
+    return any(flag in (cpu or _blas.this_cpu())[1] for flag in _CPU_FLAGS)
 
 
-def _cpu_has_bf16(path: str = CPUINFO) -> bool:
-    return any(flag in _cpu(path)[1] for flag in _CPU_FLAGS)
-
-
-def _faster_than_fp32(path: str = CPUINFO) -> bool:
+def _faster_than_fp32(cpu: _blas.Cpu | None = None) -> bool:
     """Where MKL's bf16 products beat fp32 ones: Intel CPUs with AMX or AVX512-BF16 (measured on a Sapphire
     Rapids-class VM). On an AMD Zen 4 (AVX512-BF16) MKL's one-row bf16 product streamed 5-7 GB/s against 18-20 GB/s
     for fp32 `sgemv`, and a clip's decode took 4.9 s in bf16 against 4.1 s in fp32 (docs/performance.md)."""
-    vendor, _ = _cpu(path)
-    return vendor == "GenuineIntel" and _cpu_has_bf16(path)
+    cpu = cpu or _blas.this_cpu()
+    return cpu[0] == _blas.INTEL and _cpu_has_bf16(cpu)
 
 
 @functools.cache
@@ -66,7 +50,7 @@ def _gemm():
     """MKL's cblas_gemm_bf16bf16f32, or None where this path does not apply."""
     if os.environ.get("FUNASR_NANO_CPU_BF16", "1").strip() == "0" or not sys.platform.startswith("linux"):
         return None
-    if not (_blas.loaded and "mkl" in os.path.basename(_blas.loaded)) or not _cpu_has_bf16():
+    if not _blas.is_mkl() or not _cpu_has_bf16():
         return None
     fn = getattr(ctypes.CDLL(_blas.loaded), "cblas_gemm_bf16bf16f32", None)
     if fn is None:

@@ -124,12 +124,6 @@ GEMV_ROWS_MAX = 16  # up to this many rows, a product on OpenBLAS is one gemv a 
 GEMV_BLOCK_BYTES = 4 << 20  # the weight rows each round of gemvs reads: from memory for the first row, from cache after
 
 
-def _few_rows_as_x_wt() -> bool:
-    """Whether a product of 2-4 rows goes as x w^T (MKL streams the weights best that way) rather than one gemv a
-    row (OpenBLAS, see `linear`)."""
-    return "mkl" in (_blas.loaded or "")
-
-
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x [M, K] @ w[N, K].T for fp32 weights, in the form the BLAS streams the weights best.
 
@@ -150,7 +144,7 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if gemv is None:  # NumPy: OpenBLAS's gemv streams w once for one row
         return (w @ x[0])[None] if m == 1 else (w @ x.T).T
     x = np.ascontiguousarray(x)
-    mkl = _few_rows_as_x_wt()
+    mkl = _blas.is_mkl()  # MKL: x w^T for 2-4 rows, (w x^T)^T beyond; OpenBLAS: gemvs up to GEMV_ROWS_MAX
     if m == 1 or (not mkl and m <= GEMV_ROWS_MAX):
         return _gemv_rows(gemv, x, w)
     if m <= 4 and mkl:

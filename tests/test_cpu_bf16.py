@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_map
 
 import asr
-from asr import cpu_bf16, cpu_llm
+from asr import _blas, cpu_bf16, cpu_llm
 from asr import llm as llm_mod
 
 
@@ -141,10 +141,11 @@ def test_which_cpus_take_bf16(tmp_path, vendor, flags, has, faster):
     core = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\nflags\t\t: {flags}\n\n"
     info = tmp_path / "cpuinfo"
     info.write_text(core + core.replace("processor\t: 0", "processor\t: 1"))
-    assert cpu_bf16._cpu_has_bf16(str(info)) is has
-    assert cpu_bf16._faster_than_fp32(str(info)) is faster
+    cpu = _blas.read_cpuinfo(str(info))
+    assert cpu_bf16._cpu_has_bf16(cpu) is has
+    assert cpu_bf16._faster_than_fp32(cpu) is faster
 
 
 def test_unreadable_cpuinfo_takes_no_bf16(tmp_path):
-    assert cpu_bf16._cpu(str(tmp_path / "missing")) == (None, set())
-    assert not cpu_bf16._faster_than_fp32(str(tmp_path / "missing"))
+    assert _blas.read_cpuinfo(str(tmp_path / "missing")) == (None, set())
+    assert not cpu_bf16._faster_than_fp32(_blas.read_cpuinfo(str(tmp_path / "missing")))

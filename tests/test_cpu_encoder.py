@@ -131,7 +131,7 @@ def test_linear_each_row_count(blas, mkl, monkeypatch):
     refused."""
     if not blas:
         monkeypatch.setattr(cpu_blas, "_sgemv", lambda: None)
-    monkeypatch.setattr(cpu_blas, "_few_rows_as_x_wt", lambda: mkl)
+    monkeypatch.setattr(cpu_blas._blas, "is_mkl", lambda: mkl)
     first_operand: list[tuple[int, ...]] = []
     gemm = cpu_blas.gemm
     monkeypatch.setattr(cpu_blas, "gemm", lambda a, *args, **kw: first_operand.append(a.shape) or gemm(a, *args, **kw))
@@ -232,5 +232,5 @@ def test_blas_search_order(tmp_path):
     assert _blas.search_order(" /opt/My/libblas.so ", "AuthenticAMD") == ["/opt/My/libblas.so"]
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx512f\n")
-    assert _blas._cpu_vendor(str(info)) == "AuthenticAMD"
-    assert _blas._cpu_vendor(str(tmp_path / "missing")) is None
+    assert _blas.read_cpuinfo(str(info))[0] == "AuthenticAMD"
+    assert _blas.read_cpuinfo(str(tmp_path / "missing"))[0] is None
