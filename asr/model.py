@@ -375,9 +375,10 @@ class FunASRNano:
         rng = np.random.default_rng(0)
         samples = (0.01 * rng.standard_normal(SAMPLE_RATE)).astype(np.float32)
         clips = [samples, samples[: SAMPLE_RATE // 2]]  # batches alternate them: rows of two prompt lengths
+        ids = self.prompt_ids()
         for n in sorted({1, 2, *cuda_rows.warm_rows(self.net.llm, batch_size)}):
             pieces = [_Piece(float(i), i + clips[i % 2].shape[0] / SAMPLE_RATE, clips[i % 2]) for i in range(n)]
-            self._decode_batch(pieces, self.prompt_ids(), 2, False, None, _stage_times())
+            self._decode_batch(pieces, ids, 2, False, None, _stage_times())
 
 
 def _stage_times() -> dict:

@@ -3,12 +3,14 @@
 The file is the given clips one after another, over and over, with 0.4-1.5 s of faint noise between them (dense
 speech, as a meeting or a lecture), --minutes long. Each batch size transcribes the whole file once after a
 warm-up on its first minute (with --cold: no such warm-up, only `model.warmup(largest batch size)`, as the
-server does at start, and the file twice, so that any cost of a batch size's first use shows); printed: wall time, real-time speed-up (RTFx), the segments VAD cut, the stage
-times the result reports, and MLX's peak memory above the loaded model. Random weights never emit the end
+server does at start, and the file twice, so that any cost of a batch size's first use shows); printed: wall
+time, real-time speed-up (RTFx), the segments VAD cut, the stage times the result reports, and MLX's peak memory
+above the loaded model. Random weights never emit the end
 token, so every segment decodes exactly --max-new-tokens tokens (repetition guard off): equal work at every
 batch size.
 
-    python3 tools/gpu/probe_long.py --model /root/ck/full --clips a.wav b.wav [--minutes 10] [--batch 1 4 8 16 32] [--cold]
+    python3 tools/gpu/probe_long.py --model /root/ck/full --clips a.wav b.wav [--minutes 10] [--batch 1 4 16 32]
+        [--cold]
 """
 
 from __future__ import annotations  # noqa: I001  (asr before mlx: it picks the BLAS before MLX loads)
@@ -23,9 +25,8 @@ import mlx.core as mx
 import numpy as np
 import soundfile as sf
 
+from asr.audio import SAMPLE_RATE as SR
 from asr.audio import load_audio
-
-SR = 16000
 
 
 def dense_speech(clips: list[str], minutes: float, seed: int = 0) -> np.ndarray:
