@@ -100,6 +100,17 @@ def last_logits(model, dummy: mx.array, cache, embeds: mx.array) -> mx.array:
     return _lm_head(model, _prefill_last(model, cache, embeds))
 
 
+def prefill_cache(model: qwen3.Model, left_pad: list[int]) -> list:
+    """mlx-lm KV caches for the prefill of len(left_pad) rows, each left-padded by left_pad[b] positions. A batch
+    of one needs no padding mask: mlx-lm's plain cache gives causal attention (MLX's fused kernel)."""
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    cache = [KVCache() if len(left_pad) == 1 else BatchKVCache(left_pad) for _ in model.layers]
+    for c in cache:  # mlx-lm allocates (and zero-fills) 256 positions; the decode step grows by CACHE_STEP
+        c.step = CACHE_STEP
+    return cache
+
+
 def _prefill_last(model: qwen3.Model, cache: list, embeds: mx.array) -> mx.array:
     """mlx-lm's `Qwen3Model.__call__` on prompt embeddings [B, P, D] into `cache`: the normed hidden state of the
     last position, [B, 1, D]. The layers' graph reaches the device a chunk at a time (asr.inflight), so a large
@@ -193,18 +204,13 @@ def greedy_decode_padded(
 ) -> list[DecodeResult]:
     """greedy_decode_batch on prompts already left-padded into one array [B, P, D] (zeros before each prompt's
     `lengths[b]` rows)."""
-    from mlx_lm.models.cache import BatchKVCache, KVCache
-
     B, P = padded.shape[:2]
     left_pad = [P - n for n in lengths]
     t0 = time.perf_counter()
     if NUMPY_ON_CPU and cpu_llm.applies(model):
         cur, step = cpu_llm.NumpyQwen3.of(model).start(padded, left_pad)
     else:
-        # a batch of one needs no padding mask: mlx-lm's plain cache gives causal attention (MLX's fused kernel)
-        cache = [KVCache() if B == 1 else BatchKVCache(left_pad) for _ in model.layers]
-        for c in cache:  # mlx-lm allocates (and zero-fills) 256 positions; the decode step grows by CACHE_STEP
-            c.step = CACHE_STEP
+        cache = prefill_cache(model, left_pad)
         logits = last_logits(model, mx.zeros((B, P), dtype=mx.int32), cache, padded)
         cur = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
         step = _stepper(model, cache, P, left_pad)

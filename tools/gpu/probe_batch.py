@@ -20,7 +20,7 @@ import mlx.core as mx
 from asr import cuda_decode, cuda_rows, inflight
 from asr.audio import load_audio
 from asr.frontend import audio_token_count, features_padded
-from asr.llm import greedy_decode_padded, last_logits
+from asr.llm import greedy_decode_padded, last_logits, prefill_cache
 
 
 def peak_from_here():
@@ -46,9 +46,7 @@ def timed(fn, repeats: int) -> tuple[float, object, float]:
 
 def prefill(llm, prompts: mx.array, lengths: list[int]) -> mx.array:
     """The LLM's prefill of a left-padded batch into a fresh cache, as greedy_decode_padded starts it."""
-    from mlx_lm.models.cache import BatchKVCache
-
-    cache = [BatchKVCache([prompts.shape[1] - n for n in lengths]) for _ in llm.layers]
+    cache = prefill_cache(llm, [prompts.shape[1] - n for n in lengths])
     return last_logits(llm, mx.zeros(prompts.shape[:2], dtype=mx.int32), cache, prompts)
 
 
