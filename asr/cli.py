@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-itn", action="store_true", help="ask for verbatim text without inverse text normalisation")
     t.add_argument("-f", "--format", choices=FORMATS, default="txt", help="output format")
     t.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
-    t.add_argument("--dtype", default="auto", help="LLM compute dtype: auto (bfloat16 on a GPU and on Intel CPUs with MKL's bf16 products, else float32), bfloat16, float32, float16")
+    t.add_argument("--dtype", default="auto", help="LLM dtype: auto (bfloat16; float32 on a CPU without numba), bfloat16, float32, float16")
     t.add_argument("--encoder-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and with MKL on CPUs)")
     t.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")

@@ -11,7 +11,9 @@ The math is mlx-lm's/Hugging Face's Qwen3, step for step: RMSNorm, per-head q/k 
 model's own inverse frequencies (bf16-rounded like the official code, `llm.HFRoPE`), grouped-query attention
 with a causal + left-padding mask, SwiGLU MLP, final norm, tied (or separate) LM head, argmax. The weights are
 zero-copy NumPy views of the MLX arrays (no extra memory); activations and the KV cache are NumPy fp32. A bf16
-LLM runs here too where MKL's bf16 products are available (asr.cpu_bf16): its weights stay bf16 bits.
+LLM runs here too (`bf16_products`), its weights staying bf16 bits: with fp32 inputs through asr.cpu_gemv (the
+numbers of the fp32 LLM on the same bf16-valued weights, as the official code computes them, at half the bytes a
+decode step; `dtype="auto"` on a CPU), or through MKL's bf16 products where those beat fp32 (asr.cpu_bf16).
 """
 
 from __future__ import annotations
@@ -23,22 +25,46 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen3
 
-from . import cpu_bf16, cpu_blas
+from . import cpu_bf16, cpu_blas, cpu_gemv
 from .kept import KeptOn
 
 CACHE_STEP = 128  # KV cache positions added at a time
 
 
+def bf16_products() -> str | None:
+    """How a bf16 LLM's products run on this CPU: "mkl" (asr.cpu_bf16: MKL's bf16 kernels, each input rounded to
+    bf16), "gemv" (asr.cpu_gemv: fp32 inputs, the bf16 weights widened on the fly) or None (neither: MLX's own)."""
+    if cpu_bf16.available():
+        return "mkl"
+    return "gemv" if cpu_gemv.available() else None
+
+
+def bf16_preferred() -> bool:
+    """Whether a bf16 LLM is the faster one on this CPU (so `dtype="auto"` picks it): through asr.cpu_gemv, which
+    reads half of fp32's bytes a decode step, or through MKL where its bf16 kernels beat fp32 (asr.cpu_bf16)."""
+    kind = bf16_products()
+    return kind == "gemv" or (kind == "mkl" and cpu_bf16.preferred())
+
+
+def fp32_arithmetic(model) -> bool:
+    """True where this LLM computes in fp32 whatever its weights' dtype: on this runner, fp32 weights or bf16 ones
+    through asr.cpu_gemv. Its prompt embeddings are then built in fp32 too (not rounded to bf16), so a bf16 LLM here
+    gives the fp32 LLM's numbers on the same bf16-valued weights."""
+    if not applies(model):
+        return False
+    return model.model.norm.weight.dtype == mx.float32 or bf16_products() == "gemv"
+
+
 def applies(model) -> bool:
-    """True for an mlx-lm Qwen3 with plain fp32 weights (or bf16 ones where asr.cpu_bf16 has MKL's bf16 products)
-    while MLX computes on the CPU."""
+    """True for an mlx-lm Qwen3 with plain fp32 weights (or bf16 ones where `bf16_products()` has a path) while MLX
+    computes on the CPU."""
     if mx.default_device() != mx.cpu or not isinstance(model, qwen3.Model):
         return False
     linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear | nn.Embedding)]
     if not all(type(m) in (nn.Linear, nn.Embedding) for m in linears):
         return False
     dtypes = {m.weight.dtype for m in linears}
-    return dtypes == {mx.float32} or (dtypes == {mx.bfloat16} and cpu_bf16.available())
+    return dtypes == {mx.float32} or (dtypes == {mx.bfloat16} and bf16_products() is not None)
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -86,10 +112,12 @@ def _product(flat: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _mms(x: np.ndarray, *ws: np.ndarray) -> tuple[np.ndarray, ...]:
-    """x [..., K] @ w[N, K].T for each w (all fp32, or all bf16 bits: MKL's bf16 products, asr.cpu_bf16, with x
-    rounded to bf16 once for all of them)."""
+    """x [..., K] @ w[N, K].T for each w (all fp32, or all bf16 bits: fp32 x through asr.cpu_gemv, or MKL's bf16
+    products, asr.cpu_bf16, with x rounded to bf16 once for all of them)."""
     flat = x.reshape(-1, x.shape[-1])
-    if ws[0].dtype == np.uint16:
+    if ws[0].dtype == np.uint16 and bf16_products() == "gemv":
+        outs = [cpu_gemv.linear(flat, w) for w in ws]
+    elif ws[0].dtype == np.uint16:
         bits = cpu_bf16.to_bits(flat)
         outs = [cpu_bf16.matmul_bits(bits, w) for w in ws]
     else:

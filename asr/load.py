@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import checkpoint as ckpt
-from . import cpu_bf16, linear_nn
+from . import cpu_bf16, cpu_llm, linear_nn
 from .errors import CheckpointError, InvalidOptionError, ModelLoadError
 from .model import FunASRNano
 from .network import DTYPES, FunASRNanoNet, ModelConfig
@@ -102,11 +102,11 @@ def convert(model_dir: Path, out_dir: Path, variant: str) -> Path:
 def _normalize_dtype(dtype: str) -> str:
     d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
     if d == "auto":
-        # bf16 halves memory and is fast on GPUs; MLX's CPU backend has no fast bf16 kernels (bf16 decoding is
-        # ~2x and prefill ~14x slower than fp32 there, docs/performance.md), so CPUs compute in fp32, unless MKL's
-        # bf16 products are there and beat fp32 (asr.cpu_bf16.preferred: MKL on an Intel CPU with AMX/AVX512-BF16;
-        # prefill ~2.5x and decode 1.2-1.4x faster than fp32 there; slower on an AMD Zen 4)
-        return "float32" if mx.default_device() == mx.cpu and not cpu_bf16.preferred() else "bfloat16"
+        # bf16 halves memory and is fast on GPUs. On a CPU, MLX has no fast bf16 kernels (bf16 decoding ~2x and
+        # prefill ~14x slower than fp32 there, docs/performance.md); a bf16 LLM is picked where asr.cpu_llm computes
+        # it faster than fp32 (cpu_llm.bf16_preferred: fp32 inputs on the bf16 weights through asr.cpu_gemv, or MKL's
+        # bf16 products on an Intel CPU with AMX/AVX512-BF16), else fp32
+        return "float32" if mx.default_device() == mx.cpu and not cpu_llm.bf16_preferred() else "bfloat16"
     if d not in DTYPES:
         raise InvalidOptionError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     return d
@@ -132,8 +132,10 @@ def load_model(
 ) -> FunASRNano:
     """Load a model from an official directory, a Hugging Face repo id, or a converted directory.
 
-    dtype: the LLM's compute dtype: "auto" (bfloat16 on a GPU, float32 on a CPU, where MLX has no fast bf16
-    kernels, unless asr.cpu_bf16 has MKL's bf16 products), "bfloat16", "float32" (the parity dtype) or "float16".
+    dtype: the LLM's dtype: "auto" (bfloat16 on a GPU; on a CPU bfloat16 weights with fp32 arithmetic where
+    asr.cpu_gemv's kernels run (Linux, with numba), else float32), "bfloat16", "float32" (the parity dtype) or
+    "float16". On a CPU a bfloat16 LLM computes in fp32 on its bf16 weights (asr.cpu_gemv), or through MKL's bf16
+    products on Intel CPUs with AMX/AVX512-BF16 (asr.cpu_bf16, inputs rounded to bf16).
     encoder_dtype: the audio encoder's (float32 default; bfloat16 is faster on GPUs and, with MKL's bf16 products,
     on CPUs; never float16, whose range the adaptor overflows).
     quantize: 4 or 8 to quantize the LLM's linear layers and embeddings (cached after the first time).

@@ -17,8 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import cuda_rows
+from . import cpu_llm, cuda_rows
 from . import languages as langs
+from . import llm as llm_mod
 from .audio import SAMPLE_RATE
 from .errors import InvalidOptionError, TranscriptionCancelled
 from .frontend import audio_token_count, features, features_padded
@@ -139,7 +140,8 @@ class FunASRNano:
 
         One gather from a table of [zero row | prefix and suffix embeddings | every audio row], whatever B is."""
         emb = self.net.llm.model.embed_tokens
-        dt = DTYPES[self.dtype]
+        # the LLM's arithmetic dtype: fp32 for a bf16 LLM on the CPU through asr.cpu_gemv (exact bf16 rows widened)
+        dt = mx.float32 if llm_mod.NUMPY_ON_CPU and cpu_llm.fp32_arithmetic(self.net.llm) else DTYPES[self.dtype]
         B, R, D = rows.shape
         n_pre, n_suf = len(ids.prefix), len(ids.suffix)
         text = emb(mx.array(ids.prefix + ids.suffix, dtype=mx.int32)).astype(dt)

@@ -87,7 +87,7 @@ class Settings(BaseModel):
 # (field, flag, help, kind) - kind: str | bool | list-path | list-comma | optional-int
 _OPTIONS: list[tuple[str, str, str, str]] = [
     ("model", "--model", "model directory or Hugging Face repo id (default: the library's default checkpoint)", "str"),
-    ("dtype", "--dtype", "LLM dtype: auto (bfloat16 on a GPU and on Intel CPUs with MKL's bf16 products, else float32), "
+    ("dtype", "--dtype", "LLM dtype: auto (bfloat16; float32 on a CPU without numba), "
      "bfloat16, float16 or float32", "str"),
     ("encoder_dtype", "--encoder-dtype", "audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and, "
      "with MKL's bf16 products, on CPUs)", "str"),

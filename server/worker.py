@@ -69,8 +69,10 @@ def _compute(model=None) -> str:
     encoder = getattr(net, "encoder", None)
     runner = "; encoder: NumPy + BLAS (asr/cpu_encoder.py)" if encoder is not None and cpu_encoder.applies(encoder) else ""
     if llm is not None and cpu_llm.applies(llm):
-        bf16 = llm.model.embed_tokens.weight.dtype == mx.bfloat16
-        runner += "; LLM: NumPy + MKL bf16 (asr/cpu_llm.py)" if bf16 else "; LLM: NumPy BLAS (asr/cpu_llm.py)"
+        kind = cpu_llm.bf16_products() if llm.model.embed_tokens.weight.dtype == mx.bfloat16 else None
+        runner += {"mkl": "; LLM: NumPy + MKL bf16 (asr/cpu_llm.py)",
+                   "gemv": "; LLM: NumPy, bf16 weights x fp32 (asr/cpu_llm.py, asr/cpu_gemv.py)",
+                   None: "; LLM: NumPy BLAS (asr/cpu_llm.py)"}[kind]
     elif llm is not None:
         one = cuda_decode.available(llm, 1)
         one_launch = one and cuda_persistent.blocks_for(llm) is not None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import BatchKVCache
 
-from asr import cpu_bf16, cpu_llm
+from asr import cpu_bf16, cpu_gemv, cpu_llm
 from asr import llm as llm_mod
 
 
@@ -26,13 +26,18 @@ def _decode(model, prompts, numpy_on_cpu: bool, monkeypatch, n: int = 150):
     return [o.tokens for o in outs]
 
 
-def test_runs_for_fp32_on_the_cpu_only(tiny_model, tiny_checkpoint):
+def test_runs_for_fp32_and_bf16_on_the_cpu_only(tiny_model, tiny_checkpoint, monkeypatch):
     import asr
 
     assert mx.default_device() == mx.cpu
-    assert cpu_llm.applies(tiny_model.net.llm)
-    # bf16 only where MKL's bf16 products are (asr.cpu_bf16; tests/test_cpu_bf16.py)
-    assert cpu_llm.applies(asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm) == cpu_bf16.available()
+    assert cpu_llm.applies(tiny_model.net.llm) and cpu_llm.fp32_arithmetic(tiny_model.net.llm)
+    # bf16 where asr.cpu_gemv (tests/test_cpu_gemv.py) or MKL's bf16 products (tests/test_cpu_bf16.py) are
+    bf16 = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm
+    assert cpu_llm.applies(bf16) == (cpu_llm.bf16_products() is not None)
+    assert cpu_llm.fp32_arithmetic(bf16) == (cpu_llm.bf16_products() == "gemv")
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    assert cpu_llm.applies(bf16) == cpu_bf16.available()
+    assert not cpu_llm.fp32_arithmetic(bf16)
     assert not cpu_llm.applies(asr.load_model(str(tiny_checkpoint), dtype="float32", quantize=8).net.llm)
 
 
@@ -111,6 +116,8 @@ def test_server_status_names_the_runner(tiny_model, tiny_checkpoint):
     assert _compute(tiny_model).startswith("cpu (") and "LLM: NumPy BLAS" in _compute(tiny_model)
     assert "encoder: NumPy + BLAS (asr/cpu_encoder.py)" in _compute(tiny_model)
     bf16 = _compute(asr.load_model(str(tiny_checkpoint), dtype="bfloat16"))
-    assert ("LLM: NumPy + MKL bf16" in bf16) if cpu_bf16.available() else ("LLM: NumPy" not in bf16)
+    expected = {"mkl": "LLM: NumPy + MKL bf16", "gemv": "LLM: NumPy, bf16 weights x fp32"}
+    kind = cpu_llm.bf16_products()
+    assert (expected[kind] in bf16) if kind else ("LLM: NumPy" not in bf16)
     assert "encoder: NumPy + BLAS" in bf16  # the encoder stays fp32 (encoder_dtype's default)
     assert "NumPy" not in _compute(object())

@@ -25,10 +25,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--prompt", type=int, default=46, help="prompt positions a row")
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps (median)")
+    ap.add_argument("--dtype", default="float32", help="the LLM's dtype (bfloat16: asr.cpu_gemv or MKL's bf16)")
     a = ap.parse_args()
-    model = asr.load_model(a.model, dtype="float32")
+    model = asr.load_model(a.model, dtype=a.dtype)
     runner = cpu_llm.NumpyQwen3.of(model.net.llm)
-    print(f"BLAS {_blas.loaded}")
+    print(f"BLAS {_blas.loaded}, dtype {a.dtype}, bf16 products {cpu_llm.bf16_products()}")
     for b in a.batch:
         emb = mx.random.normal((b, a.prompt, model.net.llm.args.hidden_size), key=mx.random.key(0)) * 0.5
         runner.start(emb, [0] * b)  # warm-up

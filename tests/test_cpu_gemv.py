@@ -1,0 +1,109 @@
+"""asr.cpu_gemv (fp32 inputs times bf16-stored weights, compiled by Numba) and the bf16 LLM built on it in asr.cpu_llm:
+the products equal fp32 products on the widened weights (the inputs are not rounded), for every row count and
+shape edge, and the bf16 LLM's greedy tokens equal the fp32 LLM's on the same bf16-valued weights."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import asr
+from asr import cpu_bf16, cpu_gemv, cpu_llm, load
+from asr import llm as llm_mod
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="numba is a dependency on Linux only")
+
+
+def _bits(rng, shape) -> np.ndarray:
+    return cpu_bf16.to_bits(rng.standard_normal(shape).astype(np.float32))
+
+
+def test_numba_is_there():
+    """A dependency on Linux: without it a CPU install would silently fall back to the slower fp32 default."""
+    assert cpu_gemv.available()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 64, 65, 130])
+def test_linear_is_an_fp32_product_on_the_widened_weights(m, monkeypatch):
+    """Every path (one row, the rows kernel with a short last group of 4 and a short last block of 16, the widened
+    blocks + sgemm beyond ROWS_MAX, here forced into three blocks) against float64 on the same values; the input is
+    kept fp32, not rounded to bf16 as MKL's bf16 product would."""
+    monkeypatch.setattr(cpu_gemv, "WIDEN_BYTES", 4 * 67 * 16)  # 16 weight rows a block: 37 rows in three
+    rng = np.random.default_rng(m)
+    w = _bits(rng, (37, 67))
+    x = rng.standard_normal((m, 67)).astype(np.float32)
+    wide = cpu_bf16.from_bits(w).astype(np.float64)
+    out = cpu_gemv.linear(x, w)
+    assert out.shape == (m, 37) and out.dtype == np.float32
+    ref = x.astype(np.float64) @ wide.T
+    assert np.abs(out - ref).max() < 2e-5 * np.abs(ref).max()
+    rounded = cpu_bf16.from_bits(cpu_bf16.to_bits(x)).astype(np.float64) @ wide.T
+    assert np.abs(out - rounded).max() > 100 * np.abs(out - ref).max()
+
+
+def test_linear_takes_strided_rows_and_rejects_mismatches():
+    rng = np.random.default_rng(0)
+    w = _bits(rng, (20, 32))
+    x = rng.standard_normal((3, 64)).astype(np.float32)[:, ::2]  # not contiguous: copied
+    ref = x.astype(np.float64) @ cpu_bf16.from_bits(w).astype(np.float64).T
+    assert np.allclose(cpu_gemv.linear(x, w), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_gemv.linear(x, w[:, :16].copy())
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_gemv.linear(x, cpu_bf16.from_bits(w))  # fp32 weights are not this module's
+    with pytest.raises(ValueError, match="does not match"):
+        cpu_gemv.linear(x.astype(np.float64), w)
+
+
+def _greedy(llm, prompts) -> list[list[int]]:
+    outs = llm_mod.greedy_decode_batch(llm, prompts, eos_ids=set(), max_new_tokens=40, repetition_guard=False)
+    return [o.tokens for o in outs]
+
+
+@pytest.mark.parametrize("rows_max", [cpu_gemv.ROWS_MAX, 8])
+def test_bf16_llm_through_gemv_equals_the_fp32_llm(tiny_checkpoint, rows_max, monkeypatch):
+    """The tiny checkpoint stores bf16 weights (as the official one does), so the fp32 LLM is their exact widening:
+    the bf16 LLM on this path computes the same numbers (fp32 activations) up to summation order. Its weights stay
+    bf16 bits, zero-copy views of MLX's. rows_max=8 sends the batch's prefill through widened blocks + sgemm."""
+    monkeypatch.setattr(cpu_gemv, "ROWS_MAX", rows_max)
+    if cpu_bf16.available():  # MKL with bf16 kernels takes precedence; this test is about the other path
+        monkeypatch.setattr(cpu_bf16, "available", lambda: False)
+    assert cpu_llm.bf16_products() == "gemv"
+    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm
+    assert cpu_llm.applies(llm)
+    runner = cpu_llm.NumpyQwen3.of(llm)
+    assert runner.layers[0].wq.dtype == np.uint16 and not runner.layers[0].wq.flags.owndata
+    fp32 = asr.load_model(str(tiny_checkpoint), dtype="float32").net.llm
+    mx.random.seed(5)
+    # bf16-valued prompt embeddings, so that both models see the same inputs
+    prompts = [(mx.random.normal((n, llm.args.hidden_size)) * 0.5).astype(mx.bfloat16).astype(mx.float32)
+               for n in (30, 11)]
+    for batch in ([prompts[0]], prompts):
+        ours = _greedy(llm, batch)
+        assert all(len(set(t)) > 5 for t in ours), "degenerate tokens make this comparison meaningless"
+        assert ours == _greedy(fp32, batch)
+    x = np.array(prompts[0][None])
+    state = cpu_llm._State(1, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.zeros(1, np.int64))
+    logits = cpu_llm._mm(runner._forward(state, x), runner.head)[0]
+    ref_runner = cpu_llm.NumpyQwen3.of(fp32)
+    state = cpu_llm._State(1, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.zeros(1, np.int64))
+    ref = cpu_llm._mm(ref_runner._forward(state, x), ref_runner.head)[0]
+    assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_auto_dtype_on_the_cpu_follows_the_bf16_path(monkeypatch):
+    """dtype="auto" on a CPU: bf16 where cpu_gemv computes it (fp32 numbers, half the bytes), fp32 where no fast
+    bf16 path exists (MLX's own bf16 on the CPU is slow), bf16 through MKL only where MKL's bf16 beats fp32."""
+    monkeypatch.setattr(cpu_bf16, "available", lambda: False)
+    assert load._normalize_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    assert cpu_llm.bf16_products() is None
+    assert load._normalize_dtype("auto") == "float32"
+    monkeypatch.setattr(cpu_bf16, "available", lambda: True)
+    for preferred, dtype in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(cpu_bf16, "preferred", lambda p=preferred: p)
+        assert cpu_llm.bf16_products() == "mkl"
+        assert load._normalize_dtype("auto") == dtype
