@@ -16,7 +16,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.cache import KVCache
 
-from asr import cuda_decode, cuda_persistent, cuda_rows
+from asr import cpu_llm, cuda_decode, cuda_persistent, cuda_rows
 from asr import llm as llm_mod
 
 CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
@@ -25,10 +25,12 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="MLX's CUDA backend is not avai
 
 @pytest.fixture(autouse=True)
 def _mlx_decoders_on_the_cpu(monkeypatch):
-    """These tests drive MLX's decoders; on a CPU with MKL's bf16 products a bf16 LLM would go to asr.cpu_llm."""
-    from asr import cpu_bf16
+    """These tests drive MLX's decoders; on a CPU a bf16 LLM would go to asr.cpu_llm (asr.cpu_gemv's kernels, or
+    MKL's bf16 products)."""
+    from asr import cpu_bf16, cpu_gemv
 
     monkeypatch.setattr(cpu_bf16, "available", lambda: False)
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
 
 
 def _mlx_gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu_=False, rows=2):
@@ -181,6 +183,7 @@ def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
 
     model = asr.load_model(str(tiny_checkpoint), dtype="bfloat16")
     assert "CUDA step" not in _compute(model) and "CUDA rows step" not in _compute(model)
+    monkeypatch.setattr(cpu_llm, "applies", lambda llm: False)  # as on a GPU (on a CPU, asr.cpu_llm runs bf16 too)
     monkeypatch.setattr(cuda_decode, "rows_available", lambda llm: True)
     assert "LLM batches: CUDA rows step (asr/cuda_decode.py" in _compute(model)
     monkeypatch.setattr(cuda_decode, "available", lambda llm, batch: batch == 1)

@@ -145,11 +145,11 @@ async def test_stdio_console_script_with_tiny_model(tmp_path, tiny_model):
         with anyio.fail_after(120):
             async with Client(stdio_client(_params(command, pre, env), errlog=err), mode="legacy") as client:
                 # random weights: 'auto' lets the repetition guard end the garbage early (faster than 'en')
-                # dtype auto: fp32 on a CPU, bf16 where MKL's bf16 products are (asr.cpu_bf16)
-                from asr import cpu_bf16
+                # dtype auto on a CPU: bf16 where asr.cpu_llm computes it faster (asr.cpu_gemv, or MKL's bf16)
+                from asr import cpu_llm
 
                 out = await call_every_tool(client, port, expect_text=None, language="auto",
-                                            expect_dtype="bfloat16" if cpu_bf16.preferred() else "float32")
+                                            expect_dtype="bfloat16" if cpu_llm.bf16_preferred() else "float32")
     assert out.model.name.endswith("Fun-ASR-Nano-tiny") and out.timings.generated_tokens > 0
     logged = errlog.read_text()
     assert "ready after" in logged
