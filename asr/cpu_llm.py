@@ -148,6 +148,8 @@ class NumpyQwen3(KeptOn):
             dims = np.arange(0, self.head_dim, 2, dtype=np.float32) / np.float32(self.head_dim)
             inv = 1.0 / (np.float32(model.args.rope_theta) ** dims)
         self.inv_freq = np.asarray(inv, dtype=np.float32)
+        if self.embed.dtype == np.uint16 and bf16_products() == "gemv":
+            cpu_gemv.warm()  # at build time (the model's warm-up), not in a user's first transcription
 
     # --- one forward pass over T new positions of every row ----------------------------------------------
     def _rotation(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

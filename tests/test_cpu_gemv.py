@@ -21,9 +21,13 @@ def _bits(rng, shape) -> np.ndarray:
     return cpu_bf16.to_bits(rng.standard_normal(shape).astype(np.float32))
 
 
-def test_numba_is_there():
-    """A dependency on Linux: without it a CPU install would silently fall back to the slower fp32 default."""
+def test_numba_is_there_and_warm_compiles_every_kernel():
+    """A dependency on Linux: without it a CPU install would silently fall back to the slower fp32 default. warm()
+    (run when a bf16 LLM's runner is built, i.e. at the model's warm-up) leaves no kernel to compile later."""
     assert cpu_gemv.available()
+    cpu_gemv.warm()
+    kernels = cpu_gemv._kernels()
+    assert all(len(getattr(kernels, name).signatures) >= 1 for name in ("one", "rows", "widen"))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 64, 65, 130])
