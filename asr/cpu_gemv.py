@@ -24,11 +24,14 @@ Numba, or with FUNASR_NANO_CPU_GEMV=0, `available()` is False and a bf16 LLM on 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from types import SimpleNamespace
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ROWS = 4  # weight rows a task widens together (each input value loaded once for 4 of them)
 BLOCK = 16  # weight rows per parallel task
@@ -38,13 +41,17 @@ WIDEN_BYTES = 4 << 20  # fp32 bytes of one widened weight block (a buffer kept p
 
 @functools.cache
 def _kernels() -> SimpleNamespace | None:
-    """The compiled kernels, or None without Numba (or when turned off)."""
+    """The compiled kernels, or None without Numba, without a thread-safe threading layer, or when turned off."""
     if os.environ.get("FUNASR_NANO_CPU_GEMV", "1").strip() == "0":
         return None
     try:
         import numba
     except ImportError:
         return None
+    if not os.environ.get("NUMBA_THREADING_LAYER"):
+        # OpenMP or TBB: callers on several threads at once (a library user's threads) are safe there, while
+        # Numba's fallback layer (workqueue) aborts the process on concurrent parallel calls
+        numba.config.THREADING_LAYER = "threadsafe"
     prange = numba.prange
     jit = numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True, boundscheck=False)
     serial = numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -107,6 +114,11 @@ def _kernels() -> SimpleNamespace | None:
             for k in range(k_len):
                 dst[k] = np.uint32(np.uint32(row[k]) << np.uint32(16)).view(np.float32)
 
+    try:  # the first parallel call loads the threading layer
+        one(np.zeros(1, np.float32), np.zeros((1, 1), np.uint16), np.zeros(1, np.float32))
+    except Exception as exc:  # noqa: BLE001  (Numba raises ValueError and others; any of them: not this path)
+        log.warning("asr.cpu_gemv is off (%s): a bf16 LLM on this CPU takes another path", exc)
+        return None
     return SimpleNamespace(one=one, rows=rows, widen=widen)
 
 

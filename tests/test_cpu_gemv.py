@@ -111,3 +111,33 @@ def test_auto_dtype_on_the_cpu_follows_the_bf16_path(monkeypatch):
         monkeypatch.setattr(cpu_bf16, "preferred", lambda p=preferred: p)
         assert cpu_llm.bf16_products() == "mkl"
         assert load._normalize_dtype("auto") == dtype
+
+
+def test_concurrent_callers_get_their_own_results():
+    """Products from several threads at once (a library user's threads): the kernels run on a thread-safe layer
+    (OpenMP or TBB; Numba's workqueue fallback would abort the process) and each caller gets its own numbers."""
+    import threading
+
+    import numba
+
+    rng = np.random.default_rng(7)
+    w = _bits(rng, (300, 128))
+    xs = [rng.standard_normal((m, 128)).astype(np.float32) for m in (1, 3, 1, 5)]
+    refs = [x.astype(np.float64) @ cpu_bf16.from_bits(w).astype(np.float64).T for x in xs]
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        for _ in range(50):
+            out = cpu_gemv.linear(xs[i], w)
+            if not np.allclose(out, refs[i], rtol=1e-5, atol=1e-4):
+                errors.append(f"thread {i}: wrong values")
+                return
+
+    cpu_gemv.warm()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert numba.threading_layer() in ("omp", "tbb")
