@@ -9,13 +9,14 @@ decode step reads every weight once, so halving the bytes halves the step where 
 No BLAS has this product (MKL's and OpenBLAS's bf16 products round the input to bf16 too; the OpenBLAS builds on PyPI
 and in Debian 12 have none at all), so the kernels are compiled by Numba (LLVM; `numba` is a dependency on Linux):
 - one row: a dot product per weight row, the rows shared out over the cores;
-- 2 to `ROWS_MAX` rows: each task widens 4 weight rows into a small buffer and multiplies it by every input row,
-  so the weights are read from memory once whatever the number of rows;
+- 2 to `ROWS_MAX` rows: each task widens 4 weight rows into a small buffer, then multiplies them by 4 input rows at
+  a time, a 4x4 tile of sums in registers (8 loads for 16 multiply-adds), so the weights are read from memory once;
 - more rows (compute-bound): 4 MB blocks of the weight widened to fp32 on the calling thread, then the BLAS's sgemm.
-Measured on the project's 2-core AMD Zen 4 VM, weights 3072x1024 / 1024x3072 not in cache: one row 0.16-0.18 ms
-against 0.60 / 1.1 ms for fp32 `sgemv` on the same values in the same run (0.39-0.42 ms in quieter runs); 4 rows
-0.49 / 0.59 ms against 0.80 / 0.73; 16 rows 1.0 / 1.5 ms against 1.9 / 1.9; 46 rows 2.2 / 3.6 ms against
-OpenBLAS's 2.5 / 2.5 ms `sgemm`; 183 rows 8.9 / 14.4 ms against 6.6 / 9.1 (hence sgemm beyond 64 rows).
+Measured on the project's 2-core AMD Zen 4 VM, weights 3072x1024 / 1024x3072 not in cache, against fp32 `sgemv` /
+`sgemm` on the same values in the same run: one row 0.17 / 0.26 ms against 0.44 / 0.93 ms; 4 rows 0.40 / 0.45 ms
+against 0.76 / 0.75; 16 rows 0.84 / 0.83 against 1.9 / 2.0; 46 rows 1.96 / 1.91 against 2.6 / 2.6; 183 rows 6.4 /
+9.0 against 7.0 / 9.2. At 736 rows the tile and the widened blocks measured alike; beyond 256 rows the blocks +
+sgemm are used, whose cache blocking holds up for the thousands of rows of a long-audio batch's prefill.
 
 The kernels compile on first use (a few seconds; cached on disk by Numba) and run on Numba's threads. Without
 Numba, or with FUNASR_NANO_CPU_GEMV=0, `available()` is False and a bf16 LLM on the CPU takes another path.
@@ -33,9 +34,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ROWS = 4  # weight rows a task widens together (each input value loaded once for 4 of them)
 BLOCK = 16  # weight rows per parallel task
-ROWS_MAX = 64  # up to this many input rows the kernels; beyond, weight blocks widened to fp32 and the BLAS's sgemm
+ROWS_MAX = 256  # up to this many input rows the kernels; beyond, weight blocks widened to fp32 and the BLAS's sgemm
 WIDEN_BYTES = 4 << 20  # fp32 bytes of one widened weight block (a buffer kept per thread)
 
 
@@ -55,7 +55,7 @@ def _kernels() -> SimpleNamespace | None:
     prange = numba.prange
     jit = numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True, boundscheck=False)
     serial = numba.njit(cache=True, nogil=True, boundscheck=False)
-    R, BL = ROWS, BLOCK
+    BL = BLOCK
 
     @jit
     def one(x, w, out):  # x [K] f32, w [N, K] u16 (bf16 bits), out [N] f32
@@ -69,41 +69,56 @@ def _kernels() -> SimpleNamespace | None:
                 out[n] = acc
 
     @jit
-    def rows(x, w, out):  # x [M, K] f32, w [N, K] u16, out [M, N] f32
+    def rows(x, w, out):  # x [M, K] f32 with M a multiple of 4, w [N, K] u16, out [M, N] f32
         m_len, k_len = x.shape
         n_rows = w.shape[0]
         for b in prange((n_rows + BL - 1) // BL):
-            buf = np.zeros((R, k_len), np.float32)
+            buf = np.zeros((4, k_len), np.float32)
+            w0, w1, w2, w3 = buf[0], buf[1], buf[2], buf[3]
+            tile = np.empty((4, 4), np.float32)
             n_end = min(n_rows, (b + 1) * BL)
-            for n0 in range(b * BL, n_end, R):
-                r = min(R, n_end - n0)
-                for i in range(r):
-                    row = w[n0 + i]
-                    bi = buf[i]
-                    for k in range(k_len):
-                        bi[k] = np.uint32(np.uint32(row[k]) << np.uint32(16)).view(np.float32)
-                for i in range(r, R):  # a short last group: zero rows, their sums are dropped
-                    buf[i, :] = 0.0
-                b0, b1, b2, b3 = buf[0], buf[1], buf[2], buf[3]
-                for m in range(m_len):
-                    xm = x[m]
-                    a0 = np.float32(0.0)
-                    a1 = np.float32(0.0)
-                    a2 = np.float32(0.0)
-                    a3 = np.float32(0.0)
-                    for k in range(k_len):
-                        v = xm[k]
-                        a0 += b0[k] * v
-                        a1 += b1[k] * v
-                        a2 += b2[k] * v
-                        a3 += b3[k] * v
-                    out[m, n0] = a0
-                    if r > 1:
-                        out[m, n0 + 1] = a1
-                    if r > 2:
-                        out[m, n0 + 2] = a2
-                    if r > 3:
-                        out[m, n0 + 3] = a3
+            for n0 in range(b * BL, n_end, 4):
+                r = min(4, n_end - n0)
+                for i in range(4):
+                    dst = buf[i]
+                    if i < r:
+                        row = w[n0 + i]
+                        for k in range(k_len):
+                            dst[k] = np.uint32(np.uint32(row[k]) << np.uint32(16)).view(np.float32)
+                    else:  # a short last group: zero rows, their sums are not stored
+                        dst[:] = 0.0
+                for m0 in range(0, m_len, 4):
+                    x0, x1, x2, x3 = x[m0], x[m0 + 1], x[m0 + 2], x[m0 + 3]
+                    a00 = a01 = a02 = a03 = np.float32(0.0)
+                    a10 = a11 = a12 = a13 = np.float32(0.0)
+                    a20 = a21 = a22 = a23 = np.float32(0.0)
+                    a30 = a31 = a32 = a33 = np.float32(0.0)
+                    for k in range(k_len):  # a 4x4 tile: 8 loads for 16 multiply-adds
+                        v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
+                        c0, c1, c2, c3 = w0[k], w1[k], w2[k], w3[k]
+                        a00 += v0 * c0
+                        a01 += v0 * c1
+                        a02 += v0 * c2
+                        a03 += v0 * c3
+                        a10 += v1 * c0
+                        a11 += v1 * c1
+                        a12 += v1 * c2
+                        a13 += v1 * c3
+                        a20 += v2 * c0
+                        a21 += v2 * c1
+                        a22 += v2 * c2
+                        a23 += v2 * c3
+                        a30 += v3 * c0
+                        a31 += v3 * c1
+                        a32 += v3 * c2
+                        a33 += v3 * c3
+                    tile[0, 0], tile[0, 1], tile[0, 2], tile[0, 3] = a00, a01, a02, a03
+                    tile[1, 0], tile[1, 1], tile[1, 2], tile[1, 3] = a10, a11, a12, a13
+                    tile[2, 0], tile[2, 1], tile[2, 2], tile[2, 3] = a20, a21, a22, a23
+                    tile[3, 0], tile[3, 1], tile[3, 2], tile[3, 3] = a30, a31, a32, a33
+                    for i in range(4):
+                        for j in range(r):
+                            out[m0 + i, n0 + j] = tile[i, j]
 
     @serial
     def widen(w, out):  # w [N, K] u16 -> out [N, K] f32; on the calling thread: Numba's threads would spin-wait
@@ -161,6 +176,12 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if m == 1:
         kern.one(x[0], w, out[0])
     elif m <= ROWS_MAX:
+        if m % 4:  # the kernel takes input rows 4 at a time: zero rows pad the last group
+            padded = np.zeros((m + 4 - m % 4, k), np.float32)
+            padded[:m] = x
+            wide_out = np.empty((padded.shape[0], n), np.float32)
+            kern.rows(padded, w, wide_out)
+            return wide_out[:m]
         kern.rows(x, w, out)
     else:  # compute-bound: the BLAS's sgemm on fp32 blocks of the weight
         from .cpu_blas import gemm  # (cpu_blas imports cpu_bf16, which is independent of this module)

@@ -30,11 +30,12 @@ def test_numba_is_there_and_warm_compiles_every_kernel():
     assert all(len(getattr(kernels, name).signatures) >= 1 for name in ("one", "rows", "widen"))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 64, 65, 130])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 64, 130, cpu_gemv.ROWS_MAX, cpu_gemv.ROWS_MAX + 1, 300])
 def test_linear_is_an_fp32_product_on_the_widened_weights(m, monkeypatch):
-    """Every path (one row, the rows kernel with a short last group of 4 and a short last block of 16, the widened
-    blocks + sgemm beyond ROWS_MAX, here forced into three blocks) against float64 on the same values; the input is
-    kept fp32, not rounded to bf16 as MKL's bf16 product would."""
+    """Every path (one row; the 4x4-tile kernel with input rows padded to a multiple of 4, a short last group of
+    weight rows and a short last block of 16; the widened blocks + sgemm beyond ROWS_MAX, here forced into three
+    blocks) against float64 on the same values; the input is kept fp32, not rounded to bf16 as MKL's bf16 product
+    would."""
     monkeypatch.setattr(cpu_gemv, "WIDEN_BYTES", 4 * 67 * 16)  # 16 weight rows a block: 37 rows in three
     rng = np.random.default_rng(m)
     w = _bits(rng, (37, 67))
