@@ -32,6 +32,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .cpu_blas import gemm
+
 log = logging.getLogger(__name__)
 
 BLOCK = 16  # weight rows per parallel task
@@ -171,25 +173,23 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     kern = _kernels()
     if kern is None:
         raise RuntimeError("asr.cpu_gemv needs Numba (pip install numba)")
+    if m == 1:
+        out = np.empty((1, n), np.float32)
+        kern.one(np.ascontiguousarray(x[0]), w, out[0])
+        return out
+    if m <= ROWS_MAX:  # the kernel takes input rows 4 at a time: zero rows pad the last group
+        padded = np.zeros((-(-m // 4) * 4, k), np.float32)
+        padded[:m] = x
+        out = np.empty((padded.shape[0], n), np.float32)
+        kern.rows(padded, w, out)
+        return out[:m]
+    # compute-bound: the BLAS's sgemm on fp32 blocks of the weight
     x = np.ascontiguousarray(x)
     out = np.empty((m, n), np.float32)
-    if m == 1:
-        kern.one(x[0], w, out[0])
-    elif m <= ROWS_MAX:
-        if m % 4:  # the kernel takes input rows 4 at a time: zero rows pad the last group
-            padded = np.zeros((m + 4 - m % 4, k), np.float32)
-            padded[:m] = x
-            wide_out = np.empty((padded.shape[0], n), np.float32)
-            kern.rows(padded, w, wide_out)
-            return wide_out[:m]
-        kern.rows(x, w, out)
-    else:  # compute-bound: the BLAS's sgemm on fp32 blocks of the weight
-        from .cpu_blas import gemm  # (cpu_blas imports cpu_bf16, which is independent of this module)
-
-        block = max(1, WIDEN_BYTES // (4 * k))
-        wide = _scratch(min(block, n) * k).reshape(-1, k)
-        for j in range(0, n, block):
-            rows = min(block, n - j)
-            kern.widen(w[j:j + rows], wide[:rows])
-            gemm(x, wide[:rows], out[:, j:j + rows])
+    block = max(1, WIDEN_BYTES // (4 * k))
+    wide = _scratch(min(block, n) * k).reshape(-1, k)
+    for j in range(0, n, block):
+        rows = min(block, n - j)
+        kern.widen(w[j:j + rows], wide[:rows])
+        gemm(x, wide[:rows], out[:, j:j + rows])
     return out
