@@ -33,17 +33,19 @@ CACHE_STEP = 128  # KV cache positions added at a time
 
 def bf16_products() -> str | None:
     """How a bf16 LLM's products run on this CPU: "mkl" (asr.cpu_bf16: MKL's bf16 kernels, each input rounded to
-    bf16), "gemv" (asr.cpu_gemv: fp32 inputs, the bf16 weights widened on the fly) or None (neither: MLX's own)."""
-    if cpu_bf16.available():
+    bf16) where they beat fp32 (Intel CPUs with AMX/AVX512-BF16), else "gemv" (asr.cpu_gemv: fp32 inputs, the bf16
+    weights widened on the fly), else "mkl" where MKL has them at all, else None (MLX's own, slow)."""
+    if cpu_bf16.preferred():
         return "mkl"
-    return "gemv" if cpu_gemv.available() else None
+    if cpu_gemv.available():
+        return "gemv"
+    return "mkl" if cpu_bf16.available() else None
 
 
 def bf16_preferred() -> bool:
     """Whether a bf16 LLM is the faster one on this CPU (so `dtype="auto"` picks it): through asr.cpu_gemv, which
     reads half of fp32's bytes a decode step, or through MKL where its bf16 kernels beat fp32 (asr.cpu_bf16)."""
-    kind = bf16_products()
-    return kind == "gemv" or (kind == "mkl" and cpu_bf16.preferred())
+    return cpu_bf16.preferred() or bf16_products() == "gemv"
 
 
 def fp32_arithmetic(model) -> bool:

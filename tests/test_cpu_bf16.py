@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_map
 
 import asr
-from asr import _blas, cpu_bf16, cpu_llm
+from asr import _blas, cpu_bf16, cpu_gemv, cpu_llm
 from asr import llm as llm_mod
 
 
@@ -55,9 +55,10 @@ def test_mkl_equals_numpy(monkeypatch):
 
 @pytest.fixture
 def bf16_everywhere(monkeypatch):
-    """Take the bf16 paths as if MKL were there (products by NumPy where it is not)."""
+    """Take the bf16 paths as if MKL were there (products by NumPy where it is not), ahead of asr.cpu_gemv."""
     if not cpu_bf16.available():
         monkeypatch.setattr(cpu_bf16, "available", lambda: True)
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
 
 
 def _greedy(llm, prompts, numpy_on_cpu: bool, monkeypatch) -> list[list[int]]:

@@ -100,19 +100,23 @@ def test_bf16_llm_through_gemv_equals_the_fp32_llm(tiny_checkpoint, rows_max, mo
 
 
 def test_auto_dtype_on_the_cpu_follows_the_bf16_path(monkeypatch):
-    """dtype="auto" on a CPU: bf16 where cpu_gemv computes it (fp32 numbers, half the bytes), fp32 where no fast
-    bf16 path exists (MLX's own bf16 on the CPU is slow), bf16 through MKL only where MKL's bf16 beats fp32."""
-    monkeypatch.setattr(cpu_bf16, "available", lambda: False)
-    assert load._normalize_dtype("auto") == "bfloat16"
-    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
-    assert cpu_llm.bf16_products() is None
-    assert load._normalize_dtype("auto") == "float32"
-    monkeypatch.setattr(cpu_bf16, "available", lambda: True)
-    for preferred, dtype in ((False, "float32"), (True, "bfloat16")):
-        monkeypatch.setattr(cpu_bf16, "preferred", lambda p=preferred: p)
-        assert cpu_llm.bf16_products() == "mkl"
-        assert load._normalize_dtype("auto") == dtype
-
+    """dtype="auto" on a CPU: bf16 where cpu_gemv computes it (fp32 numbers, half the bytes) or where MKL's bf16
+    products beat fp32 (which then take precedence), fp32 where no fast bf16 path exists (MLX's own bf16 on the CPU
+    is slow). MKL's bf16 products where they are slower than fp32 (an AMD CPU with FUNASR_NANO_BLAS=mkl) only serve
+    an explicit bf16 model when cpu_gemv is missing."""
+    cases = [  # (cpu_gemv, MKL bf16 available, MKL bf16 preferred) -> (products, auto dtype)
+        ((True, False, False), ("gemv", "bfloat16")),
+        ((True, True, False), ("gemv", "bfloat16")),
+        ((True, True, True), ("mkl", "bfloat16")),
+        ((False, True, True), ("mkl", "bfloat16")),
+        ((False, True, False), ("mkl", "float32")),
+        ((False, False, False), (None, "float32")),
+    ]
+    for (gemv, mkl, preferred), expected in cases:
+        monkeypatch.setattr(cpu_gemv, "available", lambda v=gemv: v)
+        monkeypatch.setattr(cpu_bf16, "available", lambda v=mkl: v)
+        monkeypatch.setattr(cpu_bf16, "preferred", lambda v=preferred: v)
+        assert (cpu_llm.bf16_products(), load._normalize_dtype("auto")) == expected, (gemv, mkl, preferred)
 
 def test_concurrent_callers_get_their_own_results():
     """Products from several threads at once (a library user's threads): the kernels run on a thread-safe layer
