@@ -54,9 +54,24 @@ def _kernels() -> SimpleNamespace | None:
         # OpenMP or TBB: callers on several threads at once (a library user's threads) are safe there, while
         # Numba's fallback layer (workqueue) aborts the process on concurrent parallel calls
         numba.config.THREADING_LAYER = "threadsafe"
+    try:
+        kernels = _build(numba, cache=True)
+    except RuntimeError as exc:  # Numba found no writable place for its disk cache: compile in memory each run
+        log.info("asr.cpu_gemv: no Numba disk cache (%s)", exc)
+        kernels = _build(numba, cache=False)
+    try:  # the first parallel call loads the threading layer
+        kernels.one(np.zeros(1, np.float32), np.zeros((1, 1), np.uint16), np.zeros(1, np.float32))
+    except Exception as exc:  # noqa: BLE001  (Numba raises ValueError and others; any of them: not this path)
+        log.warning("asr.cpu_gemv is off (%s): a bf16 LLM on this CPU takes another path", exc)
+        return None
+    return kernels
+
+
+def _build(numba, cache: bool) -> SimpleNamespace:
+    """The kernels, compiled lazily by Numba (on first call, or loaded from its disk cache where `cache`)."""
     prange = numba.prange
-    jit = numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True, boundscheck=False)
-    serial = numba.njit(cache=True, nogil=True, boundscheck=False)
+    jit = numba.njit(parallel=True, fastmath={"reassoc", "contract"}, cache=cache, nogil=True, boundscheck=False)
+    serial = numba.njit(cache=cache, nogil=True, boundscheck=False)
     BL = BLOCK
 
     @jit
@@ -131,11 +146,6 @@ def _kernels() -> SimpleNamespace | None:
             for k in range(k_len):
                 dst[k] = np.uint32(np.uint32(row[k]) << np.uint32(16)).view(np.float32)
 
-    try:  # the first parallel call loads the threading layer
-        one(np.zeros(1, np.float32), np.zeros((1, 1), np.uint16), np.zeros(1, np.float32))
-    except Exception as exc:  # noqa: BLE001  (Numba raises ValueError and others; any of them: not this path)
-        log.warning("asr.cpu_gemv is off (%s): a bf16 LLM on this CPU takes another path", exc)
-        return None
     return SimpleNamespace(one=one, rows=rows, widen=widen)
 
 

@@ -146,3 +146,29 @@ def test_concurrent_callers_get_their_own_results():
         t.join()
     assert not errors
     assert numba.threading_layer() in ("omp", "tbb")
+
+
+def test_kernels_without_a_disk_cache(monkeypatch):
+    """Where Numba finds no writable cache location (it raises RuntimeError when the kernels are decorated), the
+    kernels are compiled in memory instead: the path stays on and computes the same numbers."""
+    import numba
+
+    real = numba.njit
+
+    def njit_without_locator(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit_without_locator)
+    cpu_gemv._kernels.cache_clear()
+    try:
+        assert cpu_gemv.available()
+        rng = np.random.default_rng(3)
+        w = _bits(rng, (9, 20))
+        x = rng.standard_normal((2, 20)).astype(np.float32)
+        ref = x.astype(np.float64) @ cpu_bf16.from_bits(w).astype(np.float64).T
+        assert np.allclose(cpu_gemv.linear(x, w), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        cpu_gemv._kernels.cache_clear()
