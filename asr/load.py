@@ -99,14 +99,21 @@ def convert(model_dir: Path, out_dir: Path, variant: str) -> Path:
 
 
 # --- loading -------------------------------------------------------------------------------------------
-def _normalize_dtype(dtype: str) -> str:
+def _normalize_dtype(dtype: str, *, part: str = "llm") -> str:
+    """A dtype name or alias -> its canonical name; "auto" -> the faster dtype for `part` ("llm", "encoder" or
+    "quantized-llm") on this device."""
     d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
     if d == "auto":
         # bf16 halves memory and is fast on GPUs. On a CPU, MLX has no fast bf16 kernels (bf16 decoding ~2x and
-        # prefill ~14x slower than fp32 there, docs/performance.md); a bf16 LLM is picked where asr.cpu_llm computes
-        # it faster than fp32 (cpu_llm.bf16_preferred: fp32 inputs on the bf16 weights through asr.cpu_gemv, or MKL's
-        # bf16 products on an Intel CPU with AMX/AVX512-BF16), else fp32
-        return "float32" if mx.default_device() == mx.cpu and not cpu_llm.bf16_preferred() else "bfloat16"
+        # prefill ~14x slower than fp32 there, docs/performance.md). There a bf16 LLM is picked where asr.cpu_llm
+        # computes it faster than fp32 (cpu_llm.bf16_preferred: fp32 inputs on the bf16 weights through
+        # asr.cpu_gemv, or MKL's bf16 products on an Intel CPU with AMX/AVX512-BF16); a bf16 encoder only where
+        # MKL's bf16 products beat fp32 (asr.cpu_gemv does not serve the encoder); a quantized LLM runs on MLX's
+        # own CPU kernels, so its activations stay fp32
+        if mx.default_device() != mx.cpu:
+            return "bfloat16"
+        faster = {"llm": cpu_llm.bf16_preferred, "encoder": cpu_bf16.preferred, "quantized-llm": lambda: False}
+        return "bfloat16" if faster[part]() else "float32"
     if d not in DTYPES:
         raise InvalidOptionError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     return d
@@ -140,8 +147,8 @@ def load_model(
     on CPUs; never float16, whose range the adaptor overflows).
     quantize: 4 or 8 to quantize the LLM's linear layers and embeddings (cached after the first time).
     """
-    dtype = _normalize_dtype(dtype)
-    encoder_dtype = _normalize_dtype(encoder_dtype)
+    dtype = _normalize_dtype(dtype, part="quantized-llm" if quantize else "llm")
+    encoder_dtype = _normalize_dtype(encoder_dtype, part="encoder")
     if encoder_dtype == "float16":
         raise InvalidOptionError("encoder_dtype float16 is not supported: the audio path overflows fp16; use bfloat16")
     if quantize not in (None, 4, 8):

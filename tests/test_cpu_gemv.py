@@ -117,6 +117,9 @@ def test_auto_dtype_on_the_cpu_follows_the_bf16_path(monkeypatch):
         monkeypatch.setattr(cpu_bf16, "available", lambda v=mkl: v)
         monkeypatch.setattr(cpu_bf16, "preferred", lambda v=preferred: v)
         assert (cpu_llm.bf16_products(), load._normalize_dtype("auto")) == expected, (gemv, mkl, preferred)
+        # the encoder has no cpu_gemv path, and a quantized LLM runs on MLX's CPU kernels: bf16 only through MKL
+        assert load._normalize_dtype("auto", part="encoder") == ("bfloat16" if preferred else "float32")
+        assert load._normalize_dtype("auto", part="quantized-llm") == "float32"
 
 def test_concurrent_callers_get_their_own_results():
     """Products from several threads at once (a library user's threads): the kernels run on a thread-safe layer
