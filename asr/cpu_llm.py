@@ -49,11 +49,8 @@ def bf16_preferred() -> bool:
 
 
 def fp32_arithmetic(model) -> bool:
-    """True where this LLM computes in fp32 whatever its weights' dtype: on this runner, fp32 weights or bf16 ones
-    through asr.cpu_gemv. Its prompt embeddings are then built in fp32 too (not rounded to bf16), so a bf16 LLM here
-    gives the fp32 LLM's numbers on the same bf16-valued weights."""
-    if not applies(model):
-        return False
+    """Whether this runner computes an LLM it `applies` to in fp32: fp32 weights, or bf16 ones through
+    asr.cpu_gemv (llm.embeds_dtype then builds the prompt in fp32 too)."""
     return model.model.norm.weight.dtype == mx.float32 or bf16_products() == "gemv"
 
 
@@ -113,24 +110,6 @@ def _product(flat: np.ndarray, w: np.ndarray) -> np.ndarray:
     return cpu_blas.linear(flat, w)
 
 
-def _mms(x: np.ndarray, *ws: np.ndarray) -> tuple[np.ndarray, ...]:
-    """x [..., K] @ w[N, K].T for each w (all fp32, or all bf16 bits: fp32 x through asr.cpu_gemv, or MKL's bf16
-    products, asr.cpu_bf16, with x rounded to bf16 once for all of them)."""
-    flat = x.reshape(-1, x.shape[-1])
-    if ws[0].dtype == np.uint16 and bf16_products() == "gemv":
-        outs = [cpu_gemv.linear(flat, w) for w in ws]
-    elif ws[0].dtype == np.uint16:
-        bits = cpu_bf16.to_bits(flat)
-        outs = [cpu_bf16.matmul_bits(bits, w) for w in ws]
-    else:
-        outs = [_product(flat, w) for w in ws]
-    return tuple(o.reshape(*x.shape[:-1], w.shape[0]) for o, w in zip(outs, ws, strict=True))
-
-
-def _mm(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return _mms(x, w)[0]
-
-
 class NumpyQwen3(KeptOn):
     """The model's LLM as NumPy arrays: `start` prefills a batch, the returned step decodes one token per row.
     `NumpyQwen3.of(model)` builds it on first use and keeps it on the model (asr.kept)."""
@@ -150,8 +129,26 @@ class NumpyQwen3(KeptOn):
             dims = np.arange(0, self.head_dim, 2, dtype=np.float32) / np.float32(self.head_dim)
             inv = 1.0 / (np.float32(model.args.rope_theta) ** dims)
         self.inv_freq = np.asarray(inv, dtype=np.float32)
-        if self.embed.dtype == np.uint16 and bf16_products() == "gemv":
+        # the bf16 weights' products, decided once ("gemv", "mkl"; None for fp32 weights), not per product
+        self.bf16 = bf16_products() if self.embed.dtype == np.uint16 else None
+        if self.bf16 == "gemv":
             cpu_gemv.warm()  # at build time (the model's warm-up), not in a user's first transcription
+
+    def _mms(self, x: np.ndarray, *ws: np.ndarray) -> tuple[np.ndarray, ...]:
+        """x [..., K] @ w[N, K].T for each w (fp32, or bf16 bits: fp32 x through asr.cpu_gemv, or MKL's bf16
+        products, asr.cpu_bf16, with x rounded to bf16 once for all of them)."""
+        flat = x.reshape(-1, x.shape[-1])
+        if self.bf16 == "gemv":
+            outs = [cpu_gemv.linear(flat, w) for w in ws]
+        elif self.bf16 == "mkl":
+            bits = cpu_bf16.to_bits(flat)
+            outs = [cpu_bf16.matmul_bits(bits, w) for w in ws]
+        else:
+            outs = [_product(flat, w) for w in ws]
+        return tuple(o.reshape(*x.shape[:-1], w.shape[0]) for o, w in zip(outs, ws, strict=True))
+
+    def _mm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return self._mms(x, w)[0]
 
     # --- one forward pass over T new positions of every row ----------------------------------------------
     def _rotation(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,9 +180,9 @@ class NumpyQwen3(KeptOn):
         for layer, k_cache, v_cache in zip(self.layers, state.k, state.v, strict=True):
             x = x + self._attention(layer, layer.norm1(x), rotation, bias, k_cache, v_cache, start)
             h = layer.norm2(x)
-            gate, up = _mms(h, layer.w_gate, layer.w_up)
+            gate, up = self._mms(h, layer.w_gate, layer.w_up)
             with np.errstate(over="ignore"):  # exp(-gate) -> inf gives silu = -0.0, as in fp32 elsewhere
-                x = x + _mm(gate / (np.float32(1.0) + np.exp(-gate)) * up, layer.w_down)
+                x = x + self._mm(gate / (np.float32(1.0) + np.exp(-gate)) * up, layer.w_down)
         state.slot = end
         return self.norm(x[:, -1])
 
@@ -194,7 +191,7 @@ class NumpyQwen3(KeptOn):
         B, T, _ = h.shape
         hd, H, KV = self.head_dim, layer.n_heads, layer.n_kv
         G = H // KV
-        q, k, v = _mms(h, layer.wq, layer.wk, layer.wv)
+        q, k, v = self._mms(h, layer.wq, layer.wk, layer.wv)
         q = self._rope(layer.q_norm(q.reshape(B, T, H, hd)), rotation)
         k = self._rope(layer.k_norm(k.reshape(B, T, KV, hd)), rotation)
         v = v.reshape(B, T, KV, hd)
@@ -208,15 +205,15 @@ class NumpyQwen3(KeptOn):
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = (scores / scores.sum(axis=-1, keepdims=True)).reshape(B, KV, G * T, end)
         out = (probs @ v_cache[:, :, :end]).reshape(B, KV, G, T, hd).transpose(0, 3, 1, 2, 4)
-        return _mm(out.reshape(B, T, H * hd), layer.wo)
+        return self._mm(out.reshape(B, T, H * hd), layer.wo)
 
     def _next(self, h: np.ndarray) -> np.ndarray:
-        return np.argmax(_mm(h, self.head), axis=-1).astype(np.int32)
+        return np.argmax(self._mm(h, self.head), axis=-1).astype(np.int32)
 
     def _threads(self):
         """NumPy's own BLAS (the attention products) on one thread while the loaded BLAS computes the weight
         products (asr.cpu_blas); without one, NumPy's BLAS computes everything on all its threads."""
-        if self.embed.dtype == np.uint16 or cpu_blas.available():
+        if self.bf16 is not None or cpu_blas.available():
             return cpu_blas.numpy_serial()
         return contextlib.nullcontext()
 

@@ -92,7 +92,7 @@ def test_bf16_llm_runs_in_numpy(tiny_checkpoint, bf16_everywhere, monkeypatch):
     assert [t[:2] for t in first] == [t[:2] for t in ours]
     x = np.array(prompts[0][None])
     state = cpu_llm._State(1, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.zeros(1, np.int64))
-    logits = cpu_llm._mm(runner._forward(state, x), runner.head)[0]
+    logits = runner._mm(runner._forward(state, x), runner.head)[0]
     ref = np.array(llm(mx.zeros((1, 30), dtype=mx.int32), input_embeddings=prompts[0][None].astype(mx.bfloat16))
                    [0, -1].astype(mx.float32))
     assert float(logits @ ref / np.linalg.norm(logits) / np.linalg.norm(ref)) > 0.999

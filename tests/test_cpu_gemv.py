@@ -92,10 +92,10 @@ def test_bf16_llm_through_gemv_equals_the_fp32_llm(tiny_checkpoint, rows_max, mo
         assert ours == _greedy(fp32, batch)
     x = np.array(prompts[0][None])
     state = cpu_llm._State(1, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.zeros(1, np.int64))
-    logits = cpu_llm._mm(runner._forward(state, x), runner.head)[0]
+    logits = runner._mm(runner._forward(state, x), runner.head)[0]
     ref_runner = cpu_llm.NumpyQwen3.of(fp32)
     state = cpu_llm._State(1, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.zeros(1, np.int64))
-    ref = cpu_llm._mm(ref_runner._forward(state, x), ref_runner.head)[0]
+    ref = ref_runner._mm(ref_runner._forward(state, x), ref_runner.head)[0]
     assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
 
 

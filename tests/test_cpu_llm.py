@@ -51,7 +51,7 @@ def test_prefill_logits_equal_mlx(tiny_model, prompts):
     ref = llm_mod.last_logits(llm, mx.zeros((3, P), dtype=mx.int32), [BatchKVCache(pad) for _ in llm.layers], padded)
     runner = cpu_llm.NumpyQwen3.of(llm)
     state = cpu_llm._State(3, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.asarray(pad))
-    ours = cpu_llm._mm(runner._forward(state, np.array(padded)), runner.head)
+    ours = runner._mm(runner._forward(state, np.array(padded)), runner.head)
     ref = np.array(ref[:, -1, :])
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
     assert (ours.argmax(-1) == ref.argmax(-1)).all()

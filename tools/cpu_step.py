@@ -1,7 +1,8 @@
-"""The CPU LLM runner (asr.cpu_llm) alone: prefill and decode-step times of a model's fp32 LLM, for A/Bs of the
-BLAS, threads and product forms (docs/performance.md, "Current code on the AMD Zen 4 VM").
+"""The CPU LLM runner (asr.cpu_llm) alone: prefill and decode-step times of a model's LLM (fp32 weights, or bf16
+ones through asr.cpu_gemv or MKL), for A/Bs of the BLAS, threads, product forms and weight dtype
+(docs/performance.md, "Current code on the AMD Zen 4 VM" and "bf16 weights with fp32 arithmetic").
 
-    .venv/bin/python tools/cpu_step.py --model DIR [--batch 1 4 16] [--prompt 46] [--steps 20]
+    .venv/bin/python tools/cpu_step.py --model DIR [--batch 1 4 16] [--prompt 46] [--steps 20] [--dtype bfloat16]
 
 Run it under two environments (e.g. .venv with the system OpenBLAS and a venv with the `mkl` extra) a few times,
 alternating, on a machine whose speed drifts. Random prompt embeddings; the tokens are not looked at.
@@ -29,7 +30,7 @@ def main() -> None:
     a = ap.parse_args()
     model = asr.load_model(a.model, dtype=a.dtype)
     runner = cpu_llm.NumpyQwen3.of(model.net.llm)
-    print(f"BLAS {_blas.loaded}, dtype {a.dtype}, bf16 products {cpu_llm.bf16_products()}")
+    print(f"BLAS {_blas.loaded}, dtype {a.dtype}, bf16 products {runner.bf16}")
     for b in a.batch:
         emb = mx.random.normal((b, a.prompt, model.net.llm.args.hidden_size), key=mx.random.key(0)) * 0.5
         runner.start(emb, [0] * b)  # warm-up
