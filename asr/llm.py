@@ -100,6 +100,18 @@ def last_logits(model, dummy: mx.array, cache, embeds: mx.array) -> mx.array:
     return _lm_head(model, _prefill_last(model, cache, embeds))
 
 
+def on_numpy(model) -> bool:
+    """Whether greedy decoding of this LLM runs on asr.cpu_llm's NumPy runner (a CPU, weights it takes)."""
+    return NUMPY_ON_CPU and cpu_llm.applies(model)
+
+
+def embeds_dtype(model, weights_dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype to build this LLM's prompt embeddings in: fp32 where it computes in fp32 whatever its weights
+    (the NumPy runner on fp32 weights, or on bf16 ones through asr.cpu_gemv: so a bf16 LLM there gives the fp32
+    LLM's numbers), else its weights' dtype."""
+    return mx.float32 if on_numpy(model) and cpu_llm.fp32_arithmetic(model) else weights_dtype
+
+
 def prefill_cache(model: qwen3.Model, left_pad: list[int]) -> list:
     """mlx-lm KV caches for the prefill of len(left_pad) rows, each left-padded by left_pad[b] positions. A batch
     of one needs no padding mask: mlx-lm's plain cache gives causal attention (MLX's fused kernel)."""
@@ -207,7 +219,7 @@ def greedy_decode_padded(
     B, P = padded.shape[:2]
     left_pad = [P - n for n in lengths]
     t0 = time.perf_counter()
-    if NUMPY_ON_CPU and cpu_llm.applies(model):
+    if on_numpy(model):
         cur, step = cpu_llm.NumpyQwen3.of(model).start(padded, left_pad)
     else:
         cache = prefill_cache(model, left_pad)

@@ -17,13 +17,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import cpu_llm, cuda_rows
+from . import cuda_rows
 from . import languages as langs
-from . import llm as llm_mod
 from .audio import SAMPLE_RATE
 from .errors import InvalidOptionError, TranscriptionCancelled
 from .frontend import audio_token_count, features, features_padded
-from .llm import greedy_decode_padded
+from .llm import embeds_dtype, greedy_decode_padded
 from .network import DTYPES, FunASRNanoNet, ModelConfig
 from .prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, Language, Segment, Timings, TranscriptionResult
@@ -140,8 +139,7 @@ class FunASRNano:
 
         One gather from a table of [zero row | prefix and suffix embeddings | every audio row], whatever B is."""
         emb = self.net.llm.model.embed_tokens
-        # the LLM's arithmetic dtype: fp32 for a bf16 LLM on the CPU through asr.cpu_gemv (exact bf16 rows widened)
-        dt = mx.float32 if llm_mod.NUMPY_ON_CPU and cpu_llm.fp32_arithmetic(self.net.llm) else DTYPES[self.dtype]
+        dt = embeds_dtype(self.net.llm, DTYPES[self.dtype])
         B, R, D = rows.shape
         n_pre, n_suf = len(ids.prefix), len(ids.suffix)
         text = emb(mx.array(ids.prefix + ids.suffix, dtype=mx.int32)).astype(dt)
@@ -223,8 +221,8 @@ class FunASRNano:
         holds speech at all; longer audio is cut by Silero VAD into segments of at most `max_segment_s`.
         True always segments by VAD; False never runs VAD (one pass over everything, like the reference).
         Segments are decoded `batch_size` at a time (decoding reads every weight once a step, whatever the batch:
-        10 minutes of dense speech took half the time at 16 as at 4 on an H200; 2 minutes on the 2-core CPU 30.7 s at
-        16, 40.3 s at 4 and 66.3 s at 1, docs/performance.md); `repetition_guard` stops degenerate loops.
+        10 minutes of dense speech took half the time at 16 as at 4 on an H200; 2 minutes on the 2-core CPU 21.5 s at
+        16, 26.2 s at 4 and 34.4 s at 1, docs/performance.md); `repetition_guard` stops degenerate loops.
         timestamps: per-token times by CTC forced alignment when the checkpoint has the CTC head (the ModelScope
         copy); otherwise `result.timestamps` is None and `timestamps_note` says why.
         """
