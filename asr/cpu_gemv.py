@@ -74,6 +74,10 @@ def _build(numba, cache: bool) -> SimpleNamespace:
     serial = numba.njit(cache=cache, nogil=True, boundscheck=False)
     BL = BLOCK
 
+    @numba.njit(inline="always")
+    def wide(bits):  # a bf16 bit pattern -> its fp32 value (the top half of the fp32 bits): exact
+        return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
+
     @jit
     def one(x, w, out):  # x [K] f32, w [N, K] u16 (bf16 bits), out [N] f32
         n_rows, k_len = w.shape
@@ -82,7 +86,7 @@ def _build(numba, cache: bool) -> SimpleNamespace:
                 row = w[n]
                 acc = np.float32(0.0)
                 for k in range(k_len):
-                    acc += np.uint32(np.uint32(row[k]) << np.uint32(16)).view(np.float32) * x[k]
+                    acc += wide(row[k]) * x[k]
                 out[n] = acc
 
     @jit
@@ -101,7 +105,7 @@ def _build(numba, cache: bool) -> SimpleNamespace:
                     if i < r:
                         row = w[n0 + i]
                         for k in range(k_len):
-                            dst[k] = np.uint32(np.uint32(row[k]) << np.uint32(16)).view(np.float32)
+                            dst[k] = wide(row[k])
                     else:  # a short last group: zero rows, their sums are not stored
                         dst[:] = 0.0
                 for m0 in range(0, m_len, 4):
@@ -144,7 +148,7 @@ def _build(numba, cache: bool) -> SimpleNamespace:
             row = w[n]
             dst = out[n]
             for k in range(k_len):
-                dst[k] = np.uint32(np.uint32(row[k]) << np.uint32(16)).view(np.float32)
+                dst[k] = wide(row[k])
 
     return SimpleNamespace(one=one, rows=rows, widen=widen)
 
