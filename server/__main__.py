@@ -10,9 +10,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import anyio
+import anyio.to_thread
 
 
 @contextlib.contextmanager
@@ -43,9 +49,10 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None, *, model_loader: Callable[[], Any] | None = None) -> None:
-    """Parse flags/environment and serve over stdio until stdin closes.
+    """Parse flags/environment and serve over stdio until stdin closes or SIGINT/SIGTERM arrives.
 
     `model_loader` replaces `asr.load_model` (for tests and embedding); it runs on the worker thread.
+    Once the server has started, the process ends through `os._exit` (see `_end`).
     """
     from . import __version__
     from .config import ConfigError, build_parser, load_settings
@@ -64,23 +71,101 @@ def main(argv: Sequence[str] | None = None, *, model_loader: Callable[[], Any] |
         raise SystemExit(2) from None
     _setup_logging(settings.log_level)
     log = logging.getLogger("server")
-    with _stdout_to_stderr():
-        from .app import create_server
-
-        server = create_server(settings, model_loader=model_loader, divert_stdout=True)
-        _setup_logging(settings.log_level)  # MCPServer() may have installed its own handler
-    log.info("funasr-nano-mcp %s: model=%s dtype=%s quantize=%s roots=%s url_policy=%s", __version__,
-             settings.model or "(default)", settings.dtype, settings.quantize,
-             os.pathsep.join(str(r) for r in settings.allowed_roots), settings.url_policy)
+    code = 0
+    # until the event loop takes them over (_serve), SIGINT and SIGTERM interrupt the start-up alike
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        server.run("stdio")
+        with _stdout_to_stderr():
+            from .app import create_server
+
+            server = create_server(settings, model_loader=model_loader, divert_stdout=True)
+            _setup_logging(settings.log_level)  # MCPServer() may have installed its own handler
+        log.info("funasr-nano-mcp %s: model=%s dtype=%s quantize=%s roots=%s url_policy=%s", __version__,
+                 settings.model or "(default)", settings.dtype, settings.quantize,
+                 os.pathsep.join(str(r) for r in settings.allowed_roots), settings.url_policy)
+        anyio.run(_serve, server)
     except KeyboardInterrupt:
         pass
-    except BaseException as exc:
-        if not _client_gone(exc):
-            raise
-        log.info("the client closed the connection; stopping")  # jobs were cancelled by the lifespan's exit
+    except BaseException as exc:  # noqa: BLE001 - reported, then the process ends with status 1
+        if _client_gone(exc):
+            log.info("the client closed the connection; stopping")  # jobs were cancelled by the lifespan's exit
+        else:
+            log.exception("funasr-nano-mcp failed")
+            code = 1
     log.info("funasr-nano-mcp stopped")
+    _end(code)
+
+
+async def _serve(server: Any) -> None:
+    """Serve over stdio until the client closes stdin. SIGINT and SIGTERM end the input the same way, so a signal
+    takes the one shutdown path: the SDK cancels the calls in flight (running and queued jobs are cancelled,
+    downloads delete their temporary folders) and the lifespan stops the model thread."""
+    pump = _StdinPump()
+    async with anyio.create_task_group() as tg:
+
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    logging.getLogger("server").info("%s received; stopping", signal.Signals(signum).name)
+                    pump.stop()
+
+        tg.start_soon(on_signal)
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()
+
+
+class _StdinPump:
+    """fd 0 as a pipe that a thread fills from the client's stdin, so that `stop()` can end the input as if the
+    client had closed it.
+
+    The SDK reads stdin on a worker thread that a cancellation cannot interrupt: cancelled while the client stays
+    silent, the server would wait for the client's next line. Ending the input instead lets the SDK shut down as
+    it does when the client hangs up. Only the pump thread touches the pipe's write end (a write blocked on a full
+    pipe is abandoned through the control pipe, never by closing a descriptor under it).
+    """
+
+    def __init__(self) -> None:
+        self._wire = os.dup(0)
+        read_end, self._out = os.pipe()
+        os.dup2(read_end, 0)
+        os.close(read_end)
+        self._ctl_r, self._ctl_w = os.pipe()
+        threading.Thread(target=self._run, name="stdin-pump", daemon=True).start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._ctl_w, b"x")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self._wire, self._ctl_r], [], [])
+                if self._ctl_r in ready:
+                    return
+                data = os.read(self._wire, 1 << 16)
+                if not data:
+                    return
+                while data:
+                    _, writable, _ = select.select([self._ctl_r], [self._out], [])
+                    if not writable:
+                        return
+                    data = data[os.write(self._out, data):]
+        except OSError:
+            return
+        finally:
+            os.close(self._out)  # end of input for the SDK
+
+
+def _end(code: int) -> None:
+    """Flush what was written and end the process at once, skipping the interpreter's and the libraries' exit
+    handlers: with the model thread still inside MLX (loading, decoding), running C++ static destructors aborted
+    the process ("terminate called without an active exception", SIGABRT). Jobs were cancelled, temporary files
+    deleted and the model thread told to stop before this."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _client_gone(exc: BaseException) -> bool:

@@ -57,7 +57,8 @@ STREAM_ABOVE_S = 600.0  # = asr.model.STREAM_ABOVE_S (not imported: that would l
 MAX_HOTWORDS = 100
 POLL_S = 0.05
 HEARTBEAT_S = 2.0
-MODERN_PROTOCOL = "2026-07-28"  # from this revision on, roots are asked via an input-required round trip
+MODERN_PROTOCOL = "2026-07-28"
+STOP_WAIT_S = 1.0  # at shutdown, how long the model thread may take to notice a cancel (the process then ends anyway)  # from this revision on, roots are asked via an input-required round trip
 
 
 # ---- wiring ---------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def create_server(
             yield state
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(engine.stop)
+                await anyio.to_thread.run_sync(lambda: engine.stop(timeout=STOP_WAIT_S))
             if divert_stdout:
                 sys.stdout = saved_stdout
 

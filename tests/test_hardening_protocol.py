@@ -38,14 +38,15 @@ def jsonrpc(line: bytes) -> dict:
 class RawServer:
     """The server over pipes, read without threads (select), so the client side can vanish at any moment."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None):
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, argv: list[str] | None = None):
+        """argv: the server's command line (default: the fake model's server)."""
         self.err_path = tmp / f"stderr-{time.monotonic_ns()}.txt"
         with self.err_path.open("wb") as err:
             self.proc = subprocess.Popen(
                 # queue of 64: the pipelining test sends 20 transcriptions at once, more than the default 16 could
                 # hold if the worker has not taken any yet (a loaded CI machine); a full queue is tested elsewhere
-                [sys.executable, "-c", RUN, "--allowed-root", str(JFK.parent), "--url-policy", "off",
-                 "--queue-size", "64"], cwd=REPO,
+                argv or [sys.executable, "-c", RUN, "--allowed-root", str(JFK.parent), "--url-policy", "off",
+                         "--queue-size", "64"], cwd=REPO,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                 env={**os.environ, "FAKE_LOAD_S": "0", "FAKE_RTF": "0", **(env or {})})
         self.fd = self.proc.stdout.fileno()
