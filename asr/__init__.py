@@ -1,7 +1,16 @@
-"""funasr-nano-mlx: Fun-ASR-Nano speech recognition on MLX."""
+"""funasr-nano-mlx: Fun-ASR-Nano speech recognition on MLX.
 
-from ._blas import preload as _preload_blas
-from ._mlx_env import apply_defaults as _mlx_env_defaults
+    model = asr.load_model()                      # RuntimeOptions choose the backend; see asr.options
+    result = model.transcribe("talk.m4a")
+
+The pipeline, in the order audio flows: asr.audio (decode, features, VAD) -> asr.model (encoder, adaptor, Qwen3,
+prompt, CTC: pure MLX) -> asr.decode (the runner protocol and the one greedy loop) -> asr.backends (mlx, cpu,
+cuda runners) -> asr.pipeline (transcribe) -> asr.loading (checkpoints, conversion, load_model) -> asr.cli and the
+MCP server (the `server` package).
+"""
+
+from .backends.cpu.blas_load import preload as _preload_blas
+from .backends.cuda.env import apply_defaults as _mlx_env_defaults
 
 _preload_blas()  # must precede the first `import mlx` anywhere in the process
 _mlx_env_defaults()  # read by MLX when it loads
@@ -19,17 +28,19 @@ from .errors import (  # noqa: E402
     TranscriptionCancelled,
     UnsupportedLanguageError,
 )
-from .types import Language, Segment, Timings, TranscriptionResult  # noqa: E402
+from .options import RuntimeOptions  # noqa: E402
+from .types import Language, RuntimeInfo, Segment, Timings, TranscriptionResult  # noqa: E402
 
 __all__ = [
     "ASRError", "AudioDecodeError", "AudioError", "AudioNotFoundError", "AudioTooLargeError",
     "CheckpointError", "EmptyAudioError", "InvalidOptionError", "ModelLoadError", "TranscriptionCancelled",
-    "UnsupportedLanguageError", "Language", "Segment", "Timings", "TranscriptionResult", "load_model",
+    "UnsupportedLanguageError", "Language", "RuntimeInfo", "RuntimeOptions", "Segment", "Timings",
+    "TranscriptionResult", "load_model",
 ]
 
 
 def load_model(*args, **kwargs):
-    """Load a Fun-ASR-Nano model; see `asr.load.load_model`."""
-    from .load import load_model as _load
+    """Load a Fun-ASR-Nano model; see `asr.loading.load.load_model`."""
+    from .loading.load import load_model as _load
 
     return _load(*args, **kwargs)

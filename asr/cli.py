@@ -6,11 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import languages as langs
-from .checkpoint import DEFAULT_REPO
 from .errors import ASRError
+from .loading.checkpoint import DEFAULT_REPO
+from .loading.load import load_model
+from .options import BACKENDS, RuntimeOptions
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX
 from .writers import FORMATS, render
 
@@ -30,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-itn", action="store_true", help="ask for verbatim text without inverse text normalisation")
     t.add_argument("-f", "--format", choices=FORMATS, default="txt", help="output format")
     t.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
-    t.add_argument("--dtype", default="auto", help="LLM dtype: auto (bfloat16; float32 on a CPU without numba), bfloat16, float32, float16")
+    t.add_argument("--dtype", default="auto", help="LLM dtype: auto (bfloat16; float32 on a CPU without numba), bfloat16, "
+                   "float32, float16")
     t.add_argument("--encoder-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and with MKL on CPUs)")
     t.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")
@@ -38,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=BATCH_SIZE_DEFAULT,
                    help=f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (fewer hold less memory)")
     t.add_argument("--variant", choices=("nano", "mlt"), help="override the detected model variant")
+    t.add_argument("--backend", choices=BACKENDS, default=os.environ.get("FUNASR_NANO_BACKEND", "auto"),
+                   help="what computes: mlx (MLX's operations; Apple Silicon), cpu (NumPy + BLAS runners), cuda "
+                   "(CUDA kernels), or auto")
     t.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
 
     lg = sub.add_parser("languages", help="list supported languages")
@@ -58,11 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             note = f"  ({lang.note})" if lang.note else ""
             print(f"{lang.code:5} {lang.name:24} {lang.prompt_name}{note}")
         return 0
-    from .load import load_model
-
     try:
+        runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
         model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
-                           encoder_dtype=args.encoder_dtype)
+                           encoder_dtype=args.encoder_dtype, runtime=runtime)
         langs.resolve(args.language, model.variant)  # fail before decoding any file
     except ASRError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,6 +61,17 @@ class Timings(BaseModel):
     real_time_factor: float = Field(default=0.0, description="processing time / audio duration (lower is faster)")
 
 
+class RuntimeInfo(BaseModel):
+    """What computes a loaded model: chosen once at load (asr.options.RuntimeOptions), reported with every result."""
+
+    backend: Literal["mlx", "cpu", "cuda"] = Field(
+        description="mlx: MLX's own operations (Apple Silicon: Metal); cpu: NumPy + BLAS runners; cuda: CUDA kernels")
+    device: str = Field(description="MLX's device and build, e.g. 'gpu (metal)', 'cpu', 'gpu (cuda)'")
+    audio: str = Field(description="what runs the encoder, the adaptor and the CTC decoder")
+    llm: str = Field(description="what runs the LLM's prefill and decode steps")
+    cpu_blas: str | None = Field(default=None, description="the BLAS library loaded for CPU products, if any")
+
+
 FinishReason = Literal["stop", "length", "repetition", "empty"]
 
 
@@ -81,4 +92,5 @@ class TranscriptionResult(BaseModel):
     timestamps_note: str = Field(
         default="", description="why token timestamps are missing, when they are (times are never invented)")
     timings: Timings = Field(default_factory=Timings)
+    runtime: RuntimeInfo | None = Field(default=None, description="what computed this result")
     warnings: list[str] = Field(default_factory=list)

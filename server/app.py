@@ -53,7 +53,7 @@ from .worker import Engine, EngineUnavailable, Job, Model
 log = logging.getLogger(__name__)
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # -60 dBFS: below this the clip holds nothing to transcribe
-STREAM_ABOVE_S = 600.0  # = asr.model.STREAM_ABOVE_S (not imported: that would load MLX at server import)
+STREAM_ABOVE_S = 600.0  # = asr.pipeline.STREAM_ABOVE_S (not imported: that would load MLX at server import)
 MAX_HOTWORDS = 100
 POLL_S = 0.05
 HEARTBEAT_S = 2.0
@@ -78,10 +78,13 @@ class AudioAPI:
 
 def default_loader(settings: Settings) -> Callable[[], Model]:
     def load() -> Model:
+        import dataclasses
+
         import asr  # first: preloads OpenBLAS before MLX
 
+        runtime = dataclasses.replace(asr.RuntimeOptions.from_env(), backend=settings.backend)
         return asr.load_model(settings.model, dtype=settings.dtype, quantize=settings.quantize,
-                              variant=settings.variant, encoder_dtype=settings.encoder_dtype)
+                              variant=settings.variant, encoder_dtype=settings.encoder_dtype, runtime=runtime)
 
     return load
 
@@ -121,8 +124,8 @@ def _public_url(url: str) -> str:
 
 
 def _clean_hotwords(hotwords: list[str] | None) -> list[str] | None:
-    """The library's hotword validation (asr.prompt.clean_hotwords) as a tool error; repeats are dropped."""
-    from asr.prompt import clean_hotwords
+    """The library's hotword validation (asr.model.prompt.clean_hotwords) as a tool error; repeats are dropped."""
+    from asr.model.prompt import clean_hotwords
 
     try:
         return list(dict.fromkeys(clean_hotwords(hotwords))) or None
@@ -299,7 +302,7 @@ def _decode(state: AppState, path: Path, *, stream_long: bool = True) -> Any:
     """Probe, check the duration cap, decode to 16 kHz mono, and refuse silence (runs in a thread).
 
     A file longer than STREAM_ABOVE_S (per its header) is not decoded here when `stream_long`: a `LongAudio`
-    carries its path to the model, which reads it twice in blocks (see asr.model.transcribe). Silence in such a
+    carries its path to the model, which reads it twice in blocks (see asr.pipeline.FunASRNano.transcribe). Silence in such a
     file comes back as an empty transcript with the model's "no speech detected" warning.
     """
     s = state.settings
@@ -378,9 +381,11 @@ def create_server(
     model_loader: Callable[[], Model] | None = None,
     audio_api: AudioAPI | None = None,
     resolver: Resolver | None = None,
+    network: Callable[[str], Any] | None = None,
     divert_stdout: bool = False,
 ) -> MCPServer:
-    """Build the MCP server. `model_loader`, `audio_api` and `resolver` are seams for tests.
+    """Build the MCP server. `model_loader`, `audio_api`, `resolver` and `network` (server.fetch.Fetcher's) are
+    seams for tests.
 
     `divert_stdout` (for stdio serving) points `sys.stdout` at stderr while the server runs, so that
     text printed into Python's stdout buffer cannot reach the wire, not even when flushed at exit.
@@ -397,7 +402,7 @@ def create_server(
         engine.start()  # loads in the background: the handshake is not held up
         fetcher = Fetcher(policy=settings.url_policy, allow_hosts=settings.url_allow_hosts,
                           max_bytes=settings.max_download_bytes, timeout_s=settings.download_timeout_s,
-                          resolver=resolver)
+                          resolver=resolver, network=network)
         state = AppState(settings=settings, engine=engine, paths=paths_policy, fetcher=fetcher,
                          audio=audio_api or AudioAPI.default(), decode_limiter=anyio.CapacityLimiter(2))
         saved_stdout = sys.stdout
@@ -663,6 +668,7 @@ def create_server(
         out = StatusOutput(
             server_version=__version__, model_state=engine.state, model=_model_info(engine),
             model_error=engine.error, compute=engine.info.compute if engine.info else None,
+            runtime=engine.info.runtime if engine.info else None,
             load_elapsed_s=round(engine.load_elapsed_s, 2), queued=queued,
             running=running, jobs=jobs, allowed_roots=[str(r) for r in state.paths.roots],
             url_policy=settings.url_policy,

@@ -33,6 +33,7 @@ class Settings(BaseModel):
     encoder_dtype: Literal["float32", "bfloat16"] = "float32"
     quantize: Literal[4, 8] | None = None
     variant: Literal["nano", "mlt"] | None = None
+    backend: Literal["auto", "mlx", "cpu", "cuda"] = "auto"
     warmup: bool = True
     batch_size: int = Field(default=BATCH_SIZE_DEFAULT, ge=1, le=BATCH_SIZE_MAX)
     # local files
@@ -93,6 +94,8 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
      "with MKL's bf16 products, on CPUs)", "str"),
     ("quantize", "--quantize", "quantize the LLM weights to 4 or 8 bits ('none' to disable; default none)", "int?"),
     ("variant", "--variant", "force the model variant: nano or mlt (default: read from the checkpoint)", "str"),
+    ("backend", "--backend", "what computes: auto (default), mlx (MLX's operations; what Apple Silicon runs), cpu "
+     "(NumPy + BLAS runners, Linux), cuda (CUDA kernels)", "str"),
     ("warmup", "--warmup", "run one warm-up transcription after loading (default on)", "bool"),
     ("batch_size", "--batch-size", f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (default "
      f"{BATCH_SIZE_DEFAULT}; fewer hold less memory, more can be faster on a GPU)", "str"),

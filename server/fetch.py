@@ -137,7 +137,10 @@ class Fetcher:
         timeout_s: float = 120.0,
         resolver: Resolver | None = None,
         tmp_dir: str | None = None,
+        network: Callable[[str], httpcore2.AsyncNetworkBackend] | None = None,
     ):
+        """resolver: host name -> addresses (default: the system's); network: a checked address -> the network
+        backend that connects to it (default: a real TCP connection pinned to that address)."""
         self.policy = policy
         self.allow_hosts = {h.strip().lower().strip("[]").rstrip(".") for h in allow_hosts if h.strip()}
         self.allow_ips = {ip for ip in (_parse_ip(h) for h in self.allow_hosts) if ip is not None}
@@ -145,6 +148,7 @@ class Fetcher:
         self.timeout_s = timeout_s
         self.resolver = resolver or system_resolver
         self.tmp_dir = tmp_dir
+        self.network = network or _PinnedBackend
 
     # ---- policy --------------------------------------------------------------------------------
     def _check_url(self, url: str) -> tuple[str, str, int]:
@@ -258,7 +262,7 @@ class Fetcher:
         for address in addresses[:4]:
             try:
                 async with httpcore2.AsyncConnectionPool(
-                    network_backend=_PinnedBackend(address), max_connections=1, retries=0, http2=False
+                    network_backend=self.network(address), max_connections=1, retries=0, http2=False
                 ) as pool:
                     async with pool.stream(
                         "GET", url,

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from asr.types import BATCH_SIZE_DEFAULT, Language
+from asr.types import BATCH_SIZE_DEFAULT, Language, RuntimeInfo
 
 
 class ModelInfo(BaseModel):
@@ -110,7 +110,8 @@ class StatusOutput(BaseModel):
     model_state: Literal["starting", "loading", "warming", "ready", "failed", "stopped"]
     model: ModelInfo | None = None
     model_error: str | None = None
-    compute: str | None = Field(default=None, description="MLX backend/device the model runs on, and the CPU BLAS")
+    compute: str | None = Field(default=None, description="what computes the model, in one line")
+    runtime: RuntimeInfo | None = Field(default=None, description="what computes the model: backend, device, runners")
     load_elapsed_s: float
     queued: int
     running: int

@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 from asr.errors import ASRError, TranscriptionCancelled
 from asr.languages import resolve
-from asr.types import BATCH_SIZE_DEFAULT, Language, TranscriptionResult
+from asr.types import BATCH_SIZE_DEFAULT, Language, RuntimeInfo, TranscriptionResult
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,16 @@ JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
 FINISHED: tuple[JobState, ...] = ("completed", "failed", "cancelled")
 
 
+class Runtime(Protocol):
+    info: RuntimeInfo
+
+
 class Model(Protocol):
     variant: str
     name: str
     dtype: str
     quantization: int | None
+    runtime: Runtime  # what computes it (asr.decode.runner.Runtime)
 
     @property
     def languages(self) -> list[Language]: ...
@@ -51,41 +56,14 @@ class ModelInfo:
     dtype: str
     quantization: int | None
     languages: tuple[Language, ...]
-    compute: str = "unknown"  # MLX backend and device (and the CPU BLAS), for server_status
+    runtime: RuntimeInfo  # what computes it, chosen at load
 
-
-def _compute(model=None) -> str:
-    """'cpu (BLAS ...)', 'metal' or 'cuda' as MLX sees it on this (the worker) thread, and the LLM's runner."""
-    try:
-        import mlx.core as mx
-
-        from asr import backend, cpu_encoder, cpu_llm, cuda_decode, cuda_persistent, cuda_rows
-
-        b = backend.info()
-    except Exception:  # noqa: BLE001 - informational only
-        return "unknown"
-    net = getattr(model, "net", None)  # test doubles have none
-    llm = getattr(net, "llm", None)
-    encoder = getattr(net, "encoder", None)
-    runner = "; encoder: NumPy + BLAS (asr/cpu_encoder.py)" if encoder is not None and cpu_encoder.applies(encoder) else ""
-    if llm is not None and cpu_llm.applies(llm):
-        kind = cpu_llm.bf16_products() if llm.model.embed_tokens.weight.dtype == mx.bfloat16 else None
-        runner += {"mkl": "; LLM: NumPy + MKL bf16 (asr/cpu_llm.py)",
-                   "gemv": "; LLM: NumPy, bf16 weights x fp32 (asr/cpu_llm.py, asr/cpu_gemv.py)",
-                   None: "; LLM: NumPy BLAS (asr/cpu_llm.py)"}[kind]
-    elif llm is not None:
-        one = cuda_decode.available(llm, 1)
-        one_launch = one and cuda_persistent.blocks_for(llm) is not None
-        rows = cuda_decode.rows_available(llm)
-        rows_one = rows and cuda_rows.make_possible(llm)
-        steps = [name for name, used in (("batch of one: one-launch CUDA step", one_launch),
-                                         ("batch of one: fused CUDA step", one and not one_launch),
-                                         (f"batches up to {cuda_rows.MAX_ROWS}: one-launch CUDA rows step", rows_one),
-                                         ("larger batches: CUDA rows step", rows_one),
-                                         ("batches: CUDA rows step", rows and not rows_one)) if used]
-        runner += (f"; LLM {', '.join(steps)} (asr/cuda_decode.py, asr/cuda_persistent.py, asr/cuda_rows.py)"
-                   if steps else "")
-    return f"{b['backend']} ({b['device']}; CPU BLAS: {b['cpu_blas']}{runner})"
+    @property
+    def compute(self) -> str:
+        """The runtime in one line, for server_status."""
+        r = self.runtime
+        blas = f"; CPU BLAS: {r.cpu_blas}" if r.cpu_blas else ""
+        return f"{r.backend} backend on {r.device}: audio {r.audio}; LLM {r.llm}{blas}"
 
 
 class EngineUnavailable(Exception):
@@ -268,7 +246,7 @@ class Engine:
             model = self._loader()
             info = ModelInfo(
                 name=str(model.name), variant=str(model.variant), dtype=str(model.dtype),
-                quantization=model.quantization, languages=tuple(model.languages), compute=_compute(model),
+                quantization=model.quantization, languages=tuple(model.languages), runtime=model.runtime.info,
             )
             self.info = info
             if self._warmup:

@@ -10,14 +10,14 @@ import pytest
 import asr  # noqa: F401  (preloads OpenBLAS before mlx)
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", ROOT.parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parent / "data"
 AUDIO = TESTDATA / "audio"
 
 
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     if not AUDIO.is_dir():
-        pytest.fail(f"test audio not found at {AUDIO}; set FUNASR_TESTDATA to the shared/testdata folder")
+        pytest.fail(f"test audio not found at {AUDIO}: the repository carries it in tests/data")
     return TESTDATA
 
 

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from asr.audio import MIN_SAMPLES, SAMPLE_RATE, Audio, AudioInfo, iter_audio_blocks, load_audio, probe
+from asr.audio.io import MIN_SAMPLES, SAMPLE_RATE, Audio, AudioInfo, iter_audio_blocks, load_audio, probe
 from asr.errors import (
     AudioDecodeError,
     AudioError,
@@ -25,9 +25,8 @@ from asr.errors import (
     InvalidOptionError,
 )
 
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", Path(__file__).resolve().parents[1].parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parent / "data"
 AUDIO = TESTDATA / "audio"
-needs_testdata = pytest.mark.skipif(not AUDIO.is_dir(), reason=f"test audio not found at {AUDIO}")
 
 
 def sine(freq: float, rate: int, seconds: float, amp: float = 0.5) -> np.ndarray:
@@ -164,7 +163,6 @@ def test_probe_reads_only_the_header(tmp_path):
 
 
 # --- the real clips ----------------------------------------------------------------------------
-@needs_testdata
 def test_testdata_wavs_are_bit_exact():
     wavs = sorted(AUDIO.glob("*/*.wav"))
     assert wavs
@@ -176,7 +174,6 @@ def test_testdata_wavs_are_bit_exact():
         np.testing.assert_array_equal(audio.samples, ref, err_msg=str(path))
 
 
-@needs_testdata
 def test_testdata_mp3_matches_its_ffmpeg_decode():
     audio = load_audio(AUDIO / "original" / "example_zh_48k.mp3")
     assert (audio.format, audio.original_sample_rate) == ("mp3", 48000)
@@ -325,7 +322,7 @@ def test_permission_denied(tmp_path, monkeypatch):
             raised(lambda: load_audio(path), AudioNotFoundError, match="permission denied")
     finally:
         path.chmod(0o600)
-    import asr.audio as audio_mod
+    import asr.audio.io as audio_mod
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -435,7 +432,7 @@ def test_flac_claiming_huge_length(tmp_path):
 def test_limits_checked_before_decoding(tmp_path, monkeypatch):
     path = tmp_path / "a.wav"
     sf.write(path, np.zeros(16000 * 10, np.int16), SAMPLE_RATE)
-    import asr.audio as audio_mod
+    import asr.audio.io as audio_mod
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded despite a limit")

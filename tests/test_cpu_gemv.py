@@ -1,5 +1,5 @@
-"""asr.cpu_gemv (fp32 inputs times bf16-stored weights, compiled by Numba) and the bf16 LLM built on it in asr.cpu_llm:
-the products equal fp32 products on the widened weights (the inputs are not rounded), for every row count and
+"""asr.backends.cpu.gemv (fp32 inputs times bf16-stored weights, compiled by Numba) and the bf16 LLM runner built on
+it: the products equal fp32 products on the widened weights (the inputs are not rounded), for every row count and
 shape edge, and the bf16 LLM's greedy tokens equal the fp32 LLM's on the same bf16-valued weights."""
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 import asr
-from asr import cpu_bf16, cpu_gemv, cpu_llm, load
-from asr import llm as llm_mod
+from asr.backends.cpu import blas as cpu_bf16
+from asr.backends.cpu import gemv as cpu_gemv
+from asr.backends.cpu.llm import NumpyQwen3, _State
+from asr.decode.loop import greedy, left_pad
+from asr.options import RuntimeOptions
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="numba is a dependency on Linux only")
 
@@ -31,17 +34,16 @@ def test_numba_is_there_and_warm_compiles_every_kernel():
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 64, 130, cpu_gemv.ROWS_MAX, cpu_gemv.ROWS_MAX + 1, 300])
-def test_linear_is_an_fp32_product_on_the_widened_weights(m, monkeypatch):
+def test_linear_is_an_fp32_product_on_the_widened_weights(m):
     """Every path (one row; the 4x4-tile kernel with input rows padded to a multiple of 4, a short last group of
     weight rows and a short last block of 16; the widened blocks + sgemm beyond ROWS_MAX, here forced into three
     blocks) against float64 on the same values; the input is kept fp32, not rounded to bf16 as MKL's bf16 product
     would."""
-    monkeypatch.setattr(cpu_gemv, "WIDEN_BYTES", 4 * 67 * 16)  # 16 weight rows a block: 37 rows in three
     rng = np.random.default_rng(m)
     w = _bits(rng, (37, 67))
     x = rng.standard_normal((m, 67)).astype(np.float32)
     wide = cpu_bf16.from_bits(w).astype(np.float64)
-    out = cpu_gemv.linear(x, w)
+    out = cpu_gemv.linear(x, w, widen_bytes=4 * 67 * 16)  # 16 weight rows a block: 37 rows in three
     assert out.shape == (m, 37) and out.dtype == np.float32
     ref = x.astype(np.float64) @ wide.T
     assert np.abs(out - ref).max() < 2e-5 * np.abs(ref).max()
@@ -63,63 +65,33 @@ def test_linear_takes_strided_rows_and_rejects_mismatches():
         cpu_gemv.linear(x.astype(np.float64), w)
 
 
-def _greedy(llm, prompts) -> list[list[int]]:
-    outs = llm_mod.greedy_decode_batch(llm, prompts, eos_ids=set(), max_new_tokens=40, repetition_guard=False)
+def _greedy(runner, prompts) -> list[list[int]]:
+    outs = greedy(runner, *left_pad(prompts), eos_ids=set(), max_new_tokens=40, repetition_guard=False)
     return [o.tokens for o in outs]
 
 
-@pytest.mark.parametrize("rows_max", [cpu_gemv.ROWS_MAX, 8])
-def test_bf16_llm_through_gemv_equals_the_fp32_llm(tiny_checkpoint, rows_max, monkeypatch):
+def test_bf16_llm_through_gemv_equals_the_fp32_llm(tiny_checkpoint):
     """The tiny checkpoint stores bf16 weights (as the official one does), so the fp32 LLM is their exact widening:
     the bf16 LLM on this path computes the same numbers (fp32 activations) up to summation order. Its weights stay
-    bf16 bits, zero-copy views of MLX's. rows_max=8 sends the batch's prefill through widened blocks + sgemm."""
-    monkeypatch.setattr(cpu_gemv, "ROWS_MAX", rows_max)
-    if cpu_bf16.available():  # MKL with bf16 kernels takes precedence; this test is about the other path
-        monkeypatch.setattr(cpu_bf16, "available", lambda: False)
-    assert cpu_llm.bf16_products() == "gemv"
-    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm
-    assert cpu_llm.applies(llm)
-    runner = cpu_llm.NumpyQwen3.of(llm)
+    bf16 bits, zero-copy views of MLX's."""
+    mlx = RuntimeOptions(backend="mlx")
+    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", runtime=mlx).net.llm
+    runner = NumpyQwen3(llm, "gemv")
     assert runner.layers[0].wq.dtype == np.uint16 and not runner.layers[0].wq.flags.owndata
-    fp32 = asr.load_model(str(tiny_checkpoint), dtype="float32").net.llm
+    fp32 = NumpyQwen3(asr.load_model(str(tiny_checkpoint), dtype="float32", runtime=mlx).net.llm, "fp32")
     mx.random.seed(5)
     # bf16-valued prompt embeddings, so that both models see the same inputs
     prompts = [(mx.random.normal((n, llm.args.hidden_size)) * 0.5).astype(mx.bfloat16).astype(mx.float32)
                for n in (30, 11)]
     for batch in ([prompts[0]], prompts):
-        ours = _greedy(llm, batch)
+        ours = _greedy(runner, batch)
         assert all(len(set(t)) > 5 for t in ours), "degenerate tokens make this comparison meaningless"
         assert ours == _greedy(fp32, batch)
     x = np.array(prompts[0][None])
-    state = cpu_llm._State(1, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.zeros(1, np.int64))
-    logits = runner._mm(runner._forward(state, x), runner.head)[0]
-    ref_runner = cpu_llm.NumpyQwen3.of(fp32)
-    state = cpu_llm._State(1, len(runner.layers), runner.layers[0].n_kv, runner.head_dim, np.zeros(1, np.int64))
-    ref = ref_runner._mm(ref_runner._forward(state, x), ref_runner.head)[0]
+    logits, ref = ((r._mm(r._forward(_State(1, len(r.layers), r.layers[0].n_kv, r.head_dim, np.zeros(1, np.int64)),
+                                     x), r.head)[0]) for r in (runner, fp32))
     assert np.abs(logits - ref).max() < 1e-4 * np.abs(ref).max()
 
-
-def test_auto_dtype_on_the_cpu_follows_the_bf16_path(monkeypatch):
-    """dtype="auto" on a CPU: bf16 where cpu_gemv computes it (fp32 numbers, half the bytes) or where MKL's bf16
-    products beat fp32 (which then take precedence), fp32 where no fast bf16 path exists (MLX's own bf16 on the CPU
-    is slow). MKL's bf16 products where they are slower than fp32 (an AMD CPU with FUNASR_NANO_BLAS=mkl) only serve
-    an explicit bf16 model when cpu_gemv is missing."""
-    cases = [  # (cpu_gemv, MKL bf16 available, MKL bf16 preferred) -> (products, auto dtype)
-        ((True, False, False), ("gemv", "bfloat16")),
-        ((True, True, False), ("gemv", "bfloat16")),
-        ((True, True, True), ("mkl", "bfloat16")),
-        ((False, True, True), ("mkl", "bfloat16")),
-        ((False, True, False), ("mkl", "float32")),
-        ((False, False, False), (None, "float32")),
-    ]
-    for (gemv, mkl, preferred), expected in cases:
-        monkeypatch.setattr(cpu_gemv, "available", lambda v=gemv: v)
-        monkeypatch.setattr(cpu_bf16, "available", lambda v=mkl: v)
-        monkeypatch.setattr(cpu_bf16, "preferred", lambda v=preferred: v)
-        assert (cpu_llm.bf16_products(), load._normalize_dtype("auto")) == expected, (gemv, mkl, preferred)
-        # the encoder has no cpu_gemv path, and a quantized LLM runs on MLX's CPU kernels: bf16 only through MKL
-        assert load._normalize_dtype("auto", part="encoder") == ("bfloat16" if preferred else "float32")
-        assert load._normalize_dtype("auto", part="quantized-llm") == "float32"
 
 def test_concurrent_callers_get_their_own_results():
     """Products from several threads at once (a library user's threads): the kernels run on a thread-safe layer
@@ -151,27 +123,30 @@ def test_concurrent_callers_get_their_own_results():
     assert numba.threading_layer() in ("omp", "tbb")
 
 
-def test_kernels_without_a_disk_cache(monkeypatch):
+def test_kernels_without_a_disk_cache():
     """Where Numba finds no writable cache location (it raises RuntimeError when the kernels are decorated), the
     kernels are compiled in memory instead: the path stays on and computes the same numbers."""
     import numba
 
-    real = numba.njit
+    class NoDiskCache:
+        """numba, whose njit refuses cache=True as it does without a writable cache location."""
 
-    def njit_without_locator(*args, **kwargs):
-        if kwargs.get("cache"):
-            raise RuntimeError("cannot cache function: no locator available")
-        return real(*args, **kwargs)
+        def __getattr__(self, name):
+            return getattr(numba, name)
 
-    monkeypatch.setattr(numba, "njit", njit_without_locator)
-    cpu_gemv._kernels.cache_clear()
-    try:
-        assert cpu_gemv.available()
-        rng = np.random.default_rng(3)
-        w = _bits(rng, (9, 20))
-        x = rng.standard_normal((2, 20)).astype(np.float32)
-        ref = x.astype(np.float64) @ cpu_bf16.from_bits(w).astype(np.float64).T
-        assert np.allclose(cpu_gemv.linear(x, w), ref, rtol=1e-5, atol=1e-5)
-    finally:
-        monkeypatch.undo()
-        cpu_gemv._kernels.cache_clear()
+        def njit(self, *args, **kwargs):
+            if kwargs.get("cache"):
+                raise RuntimeError("cannot cache function: no locator available")
+            return numba.njit(*args, **kwargs)
+
+    kernels = cpu_gemv.compile_with(NoDiskCache())
+    assert kernels is not None
+    rng = np.random.default_rng(3)
+    w = _bits(rng, (9, 20))
+    x = rng.standard_normal((2, 20)).astype(np.float32)
+    out = np.empty((4, 9), np.float32)
+    padded = np.zeros((4, 20), np.float32)
+    padded[:2] = x
+    kernels.rows(padded, w, out)
+    ref = x.astype(np.float64) @ cpu_bf16.from_bits(w).astype(np.float64).T
+    assert np.allclose(out[:2], ref, rtol=1e-5, atol=1e-5)

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 import asr
-from asr import ctc
-from asr.audio import load_audio
+from asr.audio.io import load_audio
 from asr.errors import InvalidOptionError
+from asr.model import ctc
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VOCAB = Path("tokenizer/funasr_nano_ctc_candidate/multilingual_zh_ja_yue_char_del.tiktoken")

@@ -1,9 +1,10 @@
-"""asr.cuda_decode: the fused batch-of-one decode step for CUDA.
+"""The CUDA backend's decode steps (asr.backends.cuda.steps, .persistent, .rows) and how its LLM runner picks them.
 
-On any machine: the step's wiring (which weights feed which kernel, the position, the KV cache written in place and
-grown) is checked by running FusedStep with each kernel replaced by the MLX operations it stands for, against
-FastDecoder's own step. On a CUDA machine (MLX's CUDA backend) the kernels themselves are checked against MLX
-operations, and the compiled step against the unfused one.
+On any machine: which step takes which batch on which device, and the steps' wiring (which weights feed which kernel,
+the position, the KV cache written in place and grown), checked by running the runner with each kernel replaced by
+the MLX operations it stands for (steps.Launches) against the reference MLX runner, token for token. On a CUDA
+machine (MLX's CUDA backend) the kernels themselves are checked against MLX operations, and the compiled steps
+against the reference step.
 """
 
 from __future__ import annotations
@@ -14,27 +15,24 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.cache import KVCache
 
-from asr import cpu_llm, cuda_decode, cuda_persistent, cuda_rows
-from asr import llm as llm_mod
+import asr
+from asr.backends.cuda import persistent, rows, steps
+from asr.backends.cuda.kernels import Device, resident_blocks
+from asr.backends.cuda.runners import CUDALLM
+from asr.backends.mlx.runners import MLXLLM
+from asr.decode.loop import greedy, left_pad
+from asr.model.llm import build_llm
+from asr.options import RuntimeOptions
 
 CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
 needs_cuda = pytest.mark.skipif(not CUDA, reason="MLX's CUDA backend is not available here")
-
-
-@pytest.fixture(autouse=True)
-def _mlx_decoders_on_the_cpu(monkeypatch):
-    """These tests drive MLX's decoders; on a CPU a bf16 LLM would go to asr.cpu_llm (asr.cpu_gemv's kernels, or
-    MKL's bf16 products)."""
-    from asr import cpu_bf16, cpu_gemv
-
-    monkeypatch.setattr(cpu_bf16, "available", lambda: False)
-    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+H200 = Device(resident_blocks=132, major=9, shared_memory=232448)
+NO_ONE_LAUNCH = Device(resident_blocks=None, major=None, shared_memory=None)
 
 
 def _mlx_gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu_=False, rows=2):
-    """What a cuda_decode gemv launch computes, in MLX operations."""
+    """What a gemv launch computes, in MLX operations."""
     if norm is not None:
         x = mx.fast.rms_norm(x, norm, eps)
     y = (w @ x[:, None])[:, 0]
@@ -45,7 +43,7 @@ def _mlx_gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu_=False, rows=2):
 
 
 def _mlx_attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, *, heads, kv_heads, eps, scale):
-    """What a cuda_decode attend launch computes, in MLX operations; the cache write goes to the same Python objects.
+    """What an attend launch computes, in MLX operations; the cache write goes to the same Python objects.
 
     qkv [B, N] (or [N] for a batch of one); row b's new token sits at cache position slot[0] with RoPE position
     slot[0] - left_pad[b] and attends to positions left_pad[b]..slot[0]."""
@@ -70,23 +68,13 @@ def _mlx_attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, *,
 
 
 def _mlx_add_norm(x, y, w, eps):
-    """What a cuda_decode add_norm launch computes, in MLX operations."""
+    """What an add_norm launch computes, in MLX operations."""
     h = x + y
     return h, mx.fast.rms_norm(h, w, eps)
 
 
-@pytest.fixture
-def on_cpu():
-    """The wiring tests compare token for token, so both sides run on the CPU (on a GPU machine too): there GPU
-    kernels may sum in other orders than the emulation, and a random 4-bit model's near-ties flipped."""
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
-
-
-def _emulated(monkeypatch) -> None:
-    """Replace the steps' kernel launches by the MLX operations they stand for (same input order)."""
+def emulated_launches() -> steps.Launches:
+    """The steps' kernel launches as the MLX operations they stand for (same inputs), uncompiled."""
 
     def gemv_launch(shape, dtype, *, norm=False, eps=0.0, res=False, swiglu=False, argmax=False, rows=2):
         def run(x, nw, w, r):
@@ -113,174 +101,178 @@ def _emulated(monkeypatch) -> None:
 
         return run
 
-    monkeypatch.setattr(cuda_decode, "gemv_launch", gemv_launch)
-    monkeypatch.setattr(cuda_decode, "attend_launch", attend_launch)
-    monkeypatch.setattr(cuda_decode, "add_norm_launch", add_norm_launch)
-    monkeypatch.setattr(cuda_decode, "COMPILE", False)  # the emulation writes the caches through Python objects
+    return steps.Launches(gemv=gemv_launch, attend=attend_launch, add_norm=add_norm_launch, compile=False)
 
 
-def _prefill(llm, n: int, seed: int = 5):
+@pytest.fixture
+def on_cpu():
+    """The wiring tests compare token for token, so both sides run on the CPU (on a GPU machine too): there GPU
+    kernels may sum in other orders than the emulation, and a random 4-bit model's near-ties flipped."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
+def _prompts(llm, lengths, seed=4):
     dim = llm.args.hidden_size
-    emb = (mx.random.normal((1, n, dim), key=mx.random.key(seed)) * 0.5).astype(llm.model.embed_tokens.weight.dtype)
-    cache = [KVCache() for _ in llm.layers]
-    logits = llm_mod.last_logits(llm, mx.zeros((1, n), dtype=mx.int32), cache, emb)
-    first = mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32)
-    kv = [[llm_mod._grow(c.keys[..., :n, :], n + 1), llm_mod._grow(c.values[..., :n, :], n + 1)] for c in cache]
-    return first, kv, cache
+    dtype = llm.model.norm.weight.dtype
+    keys = mx.random.split(mx.random.key(seed), len(lengths))
+    return left_pad([(mx.random.normal((n, dim), key=k) * 0.5).astype(dtype) for n, k in zip(lengths, keys, strict=True)])
 
 
-def _run(step, first, n: int, forced: list[int] | None = None) -> list[int]:
-    """n greedy tokens; with `forced`, step i is fed forced[i - 1] instead of its own previous token."""
-    out, cur = [], first
-    for i in range(n):
-        if forced is not None and i > 0:
-            cur = mx.array([forced[i - 1]], dtype=mx.int32)
+def _decode(runner, prompts, steps_: int) -> list[list[int]]:
+    outs = greedy(runner, *prompts, eos_ids=set(), max_new_tokens=steps_, repetition_guard=False)
+    return [o.tokens for o in outs]
+
+
+def _run(runner, prompts, n: int, forced: list[list[int]] | None = None) -> list[list[int]]:
+    """n greedy steps of a batch through runner.start: [B][n] tokens; with `forced`, step i is fed forced[.][i - 1]
+    (teacher forcing on another step's tokens)."""
+    first, step = runner.start(*prompts)
+    out, cur = [first.tolist()], first
+    for i in range(1, n):
+        if forced is not None:
+            cur = mx.array([f[i - 1] for f in forced], dtype=mx.int32)
         cur = step(cur)
-        out.append(int(cur.item()))
-    return out
+        out.append(cur.tolist())
+    return [list(r) for r in zip(*out, strict=True)]
 
 
 # the smallest Qwen3 whose widths the kernels take (multiples of 256 bf16 values; head_dim a multiple of 64)
 SMALL = dict(model_type="qwen3", hidden_size=256, num_hidden_layers=2, intermediate_size=768, num_attention_heads=4,
              num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-6, vocab_size=1000, rope_theta=1000000.0,
              tie_word_embeddings=True, max_position_embeddings=4096)
+# Qwen3-0.6B's widths (the model Fun-ASR-Nano decodes with), two layers
+WIDE = dict(SMALL, hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+            vocab_size=151936)
 
 
-def _small(dtype, config=SMALL):
+def _small(dtype, config=SMALL, bits=None):
     mx.random.seed(11)
-    llm = llm_mod.build_llm(config)
+    llm = build_llm(config)
     llm.update(tree_map(lambda p: p * 8 if p.ndim == 2 else p, llm.parameters()))  # livelier logits
     llm.set_dtype(dtype)
+    if bits:
+        nn.quantize(llm, group_size=64, bits=bits)
     mx.eval(llm.parameters())
     return llm
 
 
-def test_used_on_cuda_only_for_what_it_supports(tiny_checkpoint):
-    import asr
+def _runner(llm, device=NO_ONE_LAUNCH, launches=steps.KERNELS, **options):
+    return CUDALLM(llm, RuntimeOptions(**options), device=device, launches=launches)
 
+
+def test_what_the_steps_take(tiny_checkpoint):
     small = _small(mx.bfloat16)
-    assert cuda_decode.available(small, 1) == CUDA
-    assert not cuda_decode.available(small, 2)
-    assert cuda_decode.supports(small) and cuda_decode.supports(_small(mx.float32))
-    assert not cuda_decode.supports(_small(mx.float16))  # compiles, but never run on a GPU
-    tiny = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm  # hidden size 64: not a multiple of 256
-    assert not cuda_decode.supports(tiny) and not cuda_decode.available(tiny, 1)
-    q4 = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", quantize=4).net.llm
-    assert not cuda_decode.supports(q4)
-    assert not cuda_decode.supports_rows(q4)  # head_dim 32
-    small_q4 = _small(mx.bfloat16)
-    nn.quantize(small_q4, group_size=64, bits=4)
-    assert cuda_decode.supports_rows(small) and cuda_decode.supports_rows(small_q4)  # quantized: MLX's products
-    assert cuda_decode.rows_available(small_q4) == CUDA and not cuda_decode.available(small_q4, 1)
-    assert not cuda_decode.supports_rows(_small(mx.float16))
+    assert steps.supports(small) and steps.supports(_small(mx.float32))
+    assert not steps.supports(_small(mx.float16))  # compiles, but never run on a GPU
+    tiny = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", runtime=RuntimeOptions(backend="mlx")).net.llm
+    assert not steps.supports(tiny)  # hidden size 64: not a multiple of 256
+    q4 = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", quantize=4, runtime=RuntimeOptions(backend="mlx"))
+    assert not steps.supports(q4.net.llm) and not steps.supports_rows(q4.net.llm)  # head_dim 32
+    small_q4 = _small(mx.bfloat16, bits=4)
+    assert steps.supports_rows(small) and steps.supports_rows(small_q4)  # quantized: MLX's products
+    assert not steps.supports(small_q4)
+    assert not steps.supports_rows(_small(mx.float16))
     small.model.norm.weight = small.model.norm.weight.astype(mx.float32)  # the kernels read one dtype
-    assert not cuda_decode.supports(small) and not cuda_decode.supports_rows(small)
+    assert not steps.supports(small) and not steps.supports_rows(small)
 
 
-def test_server_status_names_the_fused_step(tiny_checkpoint, monkeypatch):
-    import asr
-    from server.worker import _compute
-
-    model = asr.load_model(str(tiny_checkpoint), dtype="bfloat16")
-    assert "CUDA step" not in _compute(model) and "CUDA rows step" not in _compute(model)
-    monkeypatch.setattr(cpu_llm, "applies", lambda llm: False)  # as on a GPU (on a CPU, asr.cpu_llm runs bf16 too)
-    monkeypatch.setattr(cuda_decode, "rows_available", lambda llm: True)
-    assert "LLM batches: CUDA rows step (asr/cuda_decode.py" in _compute(model)
-    monkeypatch.setattr(cuda_decode, "available", lambda llm, batch: batch == 1)
-    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 132)
-    assert "LLM batch of one: one-launch CUDA step, batches: CUDA rows step" in _compute(model)
-    monkeypatch.setattr(cuda_persistent, "ENABLED", False)
-    assert "LLM batch of one: fused CUDA step, batches: CUDA rows step" in _compute(model)
-    monkeypatch.setattr(cuda_rows, "fits", lambda llm: True)  # the tiny model's widths are not the kernel's
-    monkeypatch.setattr(cuda_rows, "device_takes", lambda llm: True)  # no CUDA runtime to ask here
-    assert ("batch of one: fused CUDA step, batches up to 64: one-launch CUDA rows step, larger batches: CUDA "
-            "rows step") in _compute(model)
-
-
-def test_step_wiring_matches_fast_decoder(tiny_checkpoint, monkeypatch, on_cpu):
-    """FusedStep with its kernels emulated gives FastDecoder's tokens for 150 steps after a 21-token prompt (the
-    cache starts at 128 positions and grows past them)."""
-    import asr
-
-    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm
-    dec = llm_mod.FastDecoder(llm)
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
-    first, _, cache = _prefill(llm, 21)
-    theirs = _run(dec.start(cache, 21, [0]), first, 150)
-
-    _emulated(monkeypatch)
-    fused = cuda_decode.FusedStep(llm, dec._layer_plans())
-    first, kv, _ = _prefill(llm, 21)
-    assert kv[0][0].shape[2] == 128
-    ours = _run(fused.start(kv, 21), first, 150)
-    assert len(set(theirs)) > 10, "degenerate tokens make this comparison meaningless"
-    assert ours == theirs
+def test_the_runner_picks_a_step_per_batch_and_says_which():
+    """A batch of one takes the one-launch step where every block fits, else the fused step; 2-64 rows of a bf16
+    LLM the one-launch rows step where the device takes it; other batches RowsStep; an fp16 LLM the reference."""
+    llm = _small(mx.bfloat16)
+    r = _runner(llm, H200)
+    assert isinstance(r.one, persistent.PersistentStep) and isinstance(r.rows_one, rows.PersistentRows)
+    assert isinstance(r.rows, steps.RowsStep)
+    assert r.description == "CUDA kernels (batch of one: PersistentStep, 2-64 rows: PersistentRows, batches: RowsStep)"
+    assert r.warm_batches(64) == [2, 17, 33, 49]
+    r = _runner(llm, H200, cuda_one_launch=False)
+    assert isinstance(r.one, steps.FusedStep) and r.rows_one is None and r.warm_batches(64) == []
+    assert r.description == "CUDA kernels (batch of one: FusedStep, batches: RowsStep)"
+    r = _runner(_small(mx.float32), H200)
+    assert isinstance(r.one, persistent.PersistentStep) and r.rows_one is None  # mma takes bf16 operands only
+    r = _runner(_small(mx.bfloat16, bits=4), H200)
+    assert r.one is None and r.rows_one is None and isinstance(r.rows, steps.RowsStep)
+    r = _runner(_small(mx.float16), H200)
+    assert r.one is None and r.rows is None and r.description == r.reference.description
 
 
-def _batch_prompts(llm, lengths, seed=4):
-    dim = llm.args.hidden_size
-    dtype = llm.model.norm.weight.dtype
-    keys = mx.random.split(mx.random.key(seed), len(lengths))
-    return [(mx.random.normal((n, dim), key=k) * 0.5).astype(dtype) for n, k in zip(lengths, keys, strict=True)]
+def test_one_launch_step_only_where_every_block_fits(monkeypatch):
+    """PersistentStep's barrier needs all its blocks resident: no SM count, too few SMs, or an MPS share of the GPU
+    (the SM count overstates what is resident) fall back to FusedStep."""
+    llm = _small(mx.bfloat16)
+    plans = steps.prepare(llm)
+    assert persistent.make(llm, plans, NO_ONE_LAUNCH) is None
+    assert persistent.make(llm, plans, Device(3, 9, 232448)) is None  # fewer than the 4 query heads
+    step = persistent.make(llm, plans, H200)
+    assert isinstance(step, persistent.PersistentStep) and step.options["grid"][0] == 132 * 32 * persistent.NW
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")
+    assert resident_blocks() is None
 
 
-def _decode_batch(llm, prompts, steps):
-    outs = llm_mod.greedy_decode_batch(llm, prompts, eos_ids=set(), max_new_tokens=steps, repetition_guard=False)
-    return [o.tokens for o in outs]
+def test_one_launch_rows_step_only_where_it_fits():
+    """PersistentRows takes unquantized bf16 models only (mma's operands), a device of compute capability 8.0 or
+    later with the shared memory a block needs, and every block resident (as PersistentStep)."""
+    llm = _small(mx.bfloat16)
+    plans = steps.prepare(llm)
+    assert rows.fits(llm) and not rows.fits(_small(mx.float32)) and not rows.fits(_small(mx.bfloat16, bits=4))
+    need = rows.shared_bytes(llm) + rows.static_bytes(llm)  # ptxas: 37,568 static bytes at 64 rows
+    assert rows.make(llm, plans, NO_ONE_LAUNCH) is None
+    assert rows.make(llm, plans, Device(132, 9, need - 1)) is None
+    assert rows.make(llm, plans, Device(132, 7, 232448)) is None
+    assert rows.make(llm, plans, Device(None, 9, 232448)) is None
+    step = rows.make(llm, plans, Device(132, 9, need))
+    assert isinstance(step, rows.PersistentRows) and step.blocks == 132
+    with pytest.raises(ValueError, match="2 to 64 rows"):
+        step.start([], 5, [0] * 65)
 
 
-@pytest.mark.parametrize("quantize,lengths,steps", [(None, [30, 9, 21], 150), (None, [17], 150),
-                                                    (4, [30, 9, 21], 30)])
-def test_rows_step_wiring_matches_masked_step(tiny_checkpoint, monkeypatch, on_cpu, quantize, lengths, steps):
-    """RowsStep with its kernels emulated gives the masked MLX step's tokens: rows left-padded differently and a batch
-    of one, for 150 steps (the caches grow past 128 positions); and a 4-bit LLM (30 steps: MLX's CPU quantized
-    products are slow)."""
-    import asr
-
-    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", quantize=quantize).net.llm
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
-    monkeypatch.setattr(llm_mod, "COMPILE_DECODE", False)
-    prompts = _batch_prompts(llm, lengths)
-    theirs = _decode_batch(llm, prompts, steps)
-    _emulated(monkeypatch)
-    monkeypatch.setattr(cuda_decode, "rows_available", lambda model: True)
-    llm._fast_decoder = None
-    ours = _decode_batch(llm, prompts, steps)
-    assert llm._fast_decoder._rows_step is not None
+@pytest.mark.parametrize("quantize,lengths,steps_", [(None, [21], 150), (None, [30, 9, 21], 150),
+                                                     (4, [30, 9, 21], 30)])
+def test_steps_wiring_matches_the_reference(tiny_checkpoint, on_cpu, quantize, lengths, steps_):
+    """The CUDA runner with its kernels emulated gives the reference runner's tokens: FusedStep for a batch of one
+    and RowsStep for rows left-padded differently, for 150 steps (the caches start at 128 positions and grow past
+    them); and a 4-bit LLM through RowsStep (30 steps: MLX's CPU quantized products are slow)."""
+    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", quantize=quantize,
+                         runtime=RuntimeOptions(backend="mlx")).net.llm
+    prompts = _prompts(llm, lengths)
+    theirs = _decode(MLXLLM(llm, 0), prompts, steps_)
+    runner = _runner(llm, launches=emulated_launches())
+    if quantize is None:  # the tiny model's widths are not the kernels': the steps take it emulated
+        runner.one = steps.FusedStep(llm, steps.prepare(llm), emulated_launches())
+    runner.rows = steps.RowsStep(llm, steps.prepare(llm), emulated_launches())
+    ours = _decode(runner, prompts, steps_)
     assert all(len(set(t)) > 5 for t in theirs), "degenerate tokens make this comparison meaningless"
     assert ours == theirs
 
 
-def test_rows_step_wiring_fails_when_miswired(tiny_checkpoint, monkeypatch, on_cpu):
+def test_steps_wiring_check_fails_when_miswired(tiny_checkpoint, on_cpu):
     """The comparison above can fail: RowsStep fed the wrong norm (ln1 for ln2) gives other tokens."""
-    import asr
-
-    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16").net.llm
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
-    monkeypatch.setattr(llm_mod, "COMPILE_DECODE", False)
-    prompts = _batch_prompts(llm, [30, 9, 21])
-    theirs = _decode_batch(llm, prompts, 40)
-    _emulated(monkeypatch)
-    monkeypatch.setattr(cuda_decode, "rows_available", lambda model: True)
-    llm._fast_decoder = None
-    dec = llm_mod.FastDecoder.of(llm)
-    for plan in dec._layer_plans():
+    llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", runtime=RuntimeOptions(backend="mlx")).net.llm
+    prompts = _prompts(llm, [30, 9, 21])
+    theirs = _decode(MLXLLM(llm, 0), prompts, 40)
+    runner = _runner(llm)
+    plans = steps.prepare(llm)
+    for plan in plans:
         plan.ln2 = plan.ln1
-    assert _decode_batch(llm, prompts, 40) != theirs
+    runner.rows = steps.RowsStep(llm, plans, emulated_launches())
+    assert _decode(runner, prompts, 40) != theirs
 
 
 # --- the kernels themselves (CUDA only) ---------------------------------------------------------------------------
 def _gemv(w, x, *, norm=None, eps=0.0, res=None, swiglu=False, rows=2):
-    """One cuda_decode gemv launch on these arrays (unused inputs: any array)."""
-    launch = cuda_decode.gemv_launch(w.shape, w.dtype, norm=norm is not None, eps=eps, res=res is not None,
+    """One gemv launch on these arrays (unused inputs: any array)."""
+    launch = steps.gemv_launch(w.shape, w.dtype, norm=norm is not None, eps=eps, res=res is not None,
                                      swiglu=swiglu, rows=rows)
     return launch(x, norm if norm is not None else x, w, res if res is not None else x)
 
 
 def _attend(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache, *, heads, kv_heads, eps, scale, warps,
             par):
-    """One cuda_decode attend launch (writes k_cache/v_cache at slot[0] in place)."""
-    launch = cuda_decode.attend_launch(qkv.dtype, batch=k_cache.shape[0], heads=heads, kv_heads=kv_heads,
+    """One attend launch (writes k_cache/v_cache at slot[0] in place)."""
+    launch = steps.attend_launch(qkv.dtype, batch=k_cache.shape[0], heads=heads, kv_heads=kv_heads,
                                        head_dim=k_cache.shape[-1], eps=eps, scale=scale, warps=warps,
                                        par=par)
     return launch(qkv, q_norm, k_norm, freqs, slot, left_pad, k_cache, v_cache)
@@ -323,8 +315,8 @@ def test_gemv_argmax_is_the_first_largest_value(dtype, n, k):
     for norm in (None, nw):
         for xs in (x, -x):
             plain = _gemv(w, xs, norm=norm, eps=1e-6, rows=4)
-            launch = cuda_decode.gemv_launch(w.shape, dtype, norm=norm is not None, eps=1e-6, argmax=True, rows=4)
-            tok = cuda_decode.argmax_of_keys(launch(xs, nw, w, xs))
+            launch = steps.gemv_launch(w.shape, dtype, norm=norm is not None, eps=1e-6, argmax=True, rows=4)
+            tok = steps.argmax_of_keys(launch(xs, nw, w, xs))
             assert tok.dtype == mx.int32 and tok.shape == (1,)
             first = int(mx.argmax(plain).item())
             assert tok.item() == first
@@ -373,110 +365,46 @@ def test_add_norm_matches_mlx(dtype, batch, dim):
     x = mx.random.normal((batch, dim), key=keys[0]).astype(dtype)
     y = mx.random.normal((batch, dim), key=keys[1]).astype(dtype)
     w = (1 + 0.1 * mx.random.normal((dim,), key=keys[2])).astype(dtype)
-    h, n = cuda_decode.add_norm_launch(dtype, batch=batch, dim=dim, eps=1e-6)(x, y, w)
+    h, n = steps.add_norm_launch(dtype, batch=batch, dim=dim, eps=1e-6)(x, y, w)
     ref_h, ref_n = _mlx_add_norm(x, y, w, 1e-6)
     assert mx.array_equal(h, ref_h).item()
     _close(n, ref_n, dtype)
 
 
-# Qwen3-0.6B's widths (the model Fun-ASR-Nano decodes with), two layers
-WIDE = dict(SMALL, hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
-            vocab_size=151936)
-
-
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
-@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("config", [SMALL, WIDE], ids=["small", "qwen3-0.6b-widths"])
-def test_compiled_step_tokens_match_unfused(dtype, persistent, config, monkeypatch):
-    """Teacher-forced on the unfused step's tokens (one flipped near-tie would derail a free-running comparison of a
-    random model), the one-launch step (PersistentStep) and the compiled fused step (FusedStep) predict the same
+def test_compiled_step_tokens_match_the_reference(dtype, one_launch, config):
+    """Teacher-forced on the reference step's tokens (one flipped near-tie would derail a free-running comparison of
+    a random model), the one-launch step (PersistentStep) and the compiled fused step (FusedStep) predict the same
     next token at nearly every one of 150 steps."""
     llm = _small(dtype, config)
-    monkeypatch.setattr(cuda_persistent, "ENABLED", persistent)
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
-    first, _, cache = _prefill(llm, 21)
-    theirs = _run(llm_mod.FastDecoder(llm).start(cache, 21, [0]), first, 150)
-    assert len(set(theirs)) > 10, "degenerate tokens make this comparison meaningless"
-    monkeypatch.setattr(cuda_decode, "ENABLED", True)
-    dec = llm_mod.FastDecoder(llm)
-    first, _, cache = _prefill(llm, 21)
-    ours = _run(dec.start(cache, 21, [0]), first, 150, forced=theirs)
-    kind = cuda_persistent.PersistentStep if persistent else cuda_decode.FusedStep
-    assert isinstance(dec._fused_step, kind)
-    if not persistent:
-        assert dec._fused_step._step is not dec._fused_step._forward
-    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    prompts = _prompts(llm, [21], seed=5)
+    theirs = _run(MLXLLM(llm, 0), prompts, 150)
+    assert len(set(theirs[0])) > 10, "degenerate tokens make this comparison meaningless"
+    runner = CUDALLM(llm, RuntimeOptions(cuda_one_launch=one_launch))
+    assert isinstance(runner.one, persistent.PersistentStep if one_launch else steps.FusedStep)
+    ours = _run(runner, prompts, 150, forced=theirs)
+    same = sum(a == b for a, b in zip(ours[0], theirs[0], strict=True))
     assert same >= 145, f"{same}/150 tokens equal"
-
-
-def _prefill_rows(llm, lengths):
-    from mlx_lm.models.cache import BatchKVCache
-
-    prompts = _batch_prompts(llm, lengths)
-    P = max(lengths)
-    left_pad = [P - n for n in lengths]
-    padded = mx.stack([mx.pad(p, [(P - n, 0), (0, 0)]) for p, n in zip(prompts, lengths, strict=True)])
-    cache = [BatchKVCache(left_pad) for _ in llm.layers]
-    logits = llm_mod.last_logits(llm, mx.zeros((len(lengths), P), dtype=mx.int32), cache, padded)
-    return mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32), cache, P, left_pad
-
-
-def _run_rows(step, first, n: int, forced: list[list[int]] | None = None) -> list[list[int]]:
-    """n greedy steps of a batch: [B][n] tokens; with `forced`, step i is fed forced[.][i - 1]."""
-    out, cur = [], first
-    for i in range(n):
-        if forced is not None and i > 0:
-            cur = mx.array([f[i - 1] for f in forced], dtype=mx.int32)
-        cur = step(cur)
-        out.append(cur.tolist())
-    return [list(r) for r in zip(*out, strict=True)]
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype,bits", [(mx.bfloat16, None), (mx.float32, None), (mx.bfloat16, 4)])
-def test_compiled_rows_step_tokens_match_masked_step(dtype, bits, monkeypatch):
-    """Teacher-forced on the masked MLX step's tokens, the compiled RowsStep predicts the same next token at nearly
+def test_compiled_rows_step_tokens_match_the_reference(dtype, bits):
+    """Teacher-forced on the reference step's tokens, the compiled RowsStep predicts the same next token at nearly
     every one of 150 steps, for 3 rows left-padded differently (also with a 4-bit LLM)."""
-    llm = _small(dtype)
-    if bits:
-        nn.quantize(llm, group_size=64, bits=bits)
-        mx.eval(llm.parameters())
-    assert cuda_decode.supports_rows(llm)
-    monkeypatch.setattr(cuda_rows, "ENABLED", False)  # bf16 batches would take the one-launch step
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
-    first, cache, P, pad = _prefill_rows(llm, [30, 9, 21])
-    theirs = _run_rows(llm_mod.FastDecoder(llm).start(cache, P, pad), first, 150)
+    llm = _small(dtype, bits=bits)
+    prompts = _prompts(llm, [30, 9, 21])
+    theirs = _run(MLXLLM(llm, 0), prompts, 150)
     assert all(len(set(t)) > 10 for t in theirs), "degenerate tokens make this comparison meaningless"
-    monkeypatch.setattr(cuda_decode, "ENABLED", True)
-    dec = llm_mod.FastDecoder(llm)
-    first, cache, P, pad = _prefill_rows(llm, [30, 9, 21])
-    ours = _run_rows(dec.start(cache, P, pad), first, 150, forced=theirs)
-    assert dec._rows_step is not None and dec._rows_step._step is not dec._rows_step._forward
+    runner = CUDALLM(llm, RuntimeOptions(cuda_one_launch=False))  # bf16 batches would take the one-launch step
+    assert runner.rows is not None and runner.rows._step is not runner.rows._forward
+    ours = _run(runner, prompts, 150, forced=theirs)
     for o, t in zip(ours, theirs, strict=True):
         same = sum(a == b for a, b in zip(o, t, strict=True))
         assert same >= 145, f"{same}/150 tokens equal"
-
-
-def test_one_launch_step_only_where_every_block_fits(monkeypatch):
-    """PersistentStep's barrier needs all its blocks resident: no SM count, too few SMs, or an MPS share of the GPU
-    (the SM count overstates what is resident) fall back to FusedStep."""
-    llm = _small(mx.bfloat16)
-    plans = llm_mod.FastDecoder(llm)._layer_plans()
-    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: None)
-    assert cuda_persistent.make(llm, plans) is None
-    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 3)  # fewer than the 4 query heads
-    assert cuda_persistent.make(llm, plans) is None
-    monkeypatch.setattr(cuda_persistent, "sm_count", lambda: 132)
-    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")
-    assert cuda_persistent.make(llm, plans) is None
-    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")
-    monkeypatch.setattr(cuda_persistent, "ENABLED", False)
-    assert cuda_persistent.make(llm, plans) is None
-    monkeypatch.setattr(cuda_persistent, "ENABLED", True)
-    monkeypatch.setattr(cuda_persistent, "kernel", lambda *args, **kwargs: None)  # no NVRTC off CUDA
-    step = cuda_persistent.make(llm, plans)
-    assert isinstance(step, cuda_persistent.PersistentStep) and step.options["grid"][0] == 132 * 32 * cuda_persistent.NW
 
 
 # 40 and 64 rows of other prompt lengths (3 and 4 row tiles of 16 in PersistentRows)
@@ -487,57 +415,23 @@ ROWS_64 = [25 - (i * 5) % 17 for i in range(64)]
 @needs_cuda
 @pytest.mark.parametrize("config,lengths", [(SMALL, [30, 9, 21]), (SMALL, ROWS_40), (WIDE, ROWS_64)],
                          ids=["small-3-rows", "small-40-rows", "qwen3-0.6b-widths-64-rows"])
-def test_one_launch_rows_step_tokens_match_masked_step(config, lengths, monkeypatch):
-    """Teacher-forced on the masked MLX step's tokens, the one-launch batched step (PersistentRows: tensor-core
+def test_one_launch_rows_step_tokens_match_the_reference(config, lengths):
+    """Teacher-forced on the reference step's tokens, the one-launch batched step (PersistentRows: tensor-core
     products) predicts the same next token at nearly every one of 150 steps in every row, and as often as RowsStep
-    does. (The masked step's attention rounds its scores to bf16, where both of these keep float32, so over many
+    does. (The reference step's attention rounds its scores to bf16, where both of these keep float32, so over many
     rows a few near-ties flip in each; RowsStep's rate is the yardstick.)"""
     llm = _small(mx.bfloat16, config)
-    assert cuda_rows.fits(llm)
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
-    first, cache, P, pad = _prefill_rows(llm, lengths)
-    theirs = _run_rows(llm_mod.FastDecoder(llm).start(cache, P, pad), first, 150)
+    assert rows.fits(llm)
+    prompts = _prompts(llm, lengths)
+    theirs = _run(MLXLLM(llm, 0), prompts, 150)
     assert min(len(set(t)) for t in theirs) > 5, "degenerate tokens make this comparison meaningless"
-    monkeypatch.setattr(cuda_decode, "ENABLED", True)
     same = {}
     for one_launch in (False, True):
-        monkeypatch.setattr(cuda_rows, "ENABLED", one_launch)
-        dec = llm_mod.FastDecoder(llm)
-        first, cache, P, pad = _prefill_rows(llm, lengths)
-        ours = _run_rows(dec.start(cache, P, pad), first, 150, forced=theirs)
-        assert isinstance(dec._rows_one, cuda_rows.PersistentRows) == one_launch
+        runner = CUDALLM(llm, RuntimeOptions(cuda_one_launch=one_launch))
+        assert isinstance(runner.rows_one, rows.PersistentRows) == one_launch
+        ours = _run(runner, prompts, 150, forced=theirs)
         same[one_launch] = [sum(a == b for a, b in zip(o, t, strict=True)) for o, t in zip(ours, theirs, strict=True)]
     total = 150 * len(lengths)
     assert min(same[True]) >= 135, f"tokens equal per row: {same[True]}"
     assert sum(same[True]) >= sum(same[False]) - total // 100, (
         f"PersistentRows {sum(same[True])}/{total}, RowsStep {sum(same[False])}/{total} tokens equal")
-
-
-def test_one_launch_rows_step_only_where_it_fits(monkeypatch):
-    """PersistentRows takes unquantized bf16 models only (mma's operands), a device of compute capability 8.0 or
-    later with the shared memory a block needs, every block resident (as PersistentStep), and can be switched off;
-    where make() says no, FastDecoder keeps RowsStep."""
-    llm = _small(mx.bfloat16)
-    plans = llm_mod.FastDecoder(llm)._layer_plans()
-    assert cuda_rows.fits(llm) and not cuda_rows.fits(_small(mx.float32))
-    quantized = _small(mx.bfloat16)
-    nn.quantize(quantized, group_size=64, bits=4)
-    assert not cuda_rows.fits(quantized)
-    h200 = {16: 132, 75: 9, 97: 232448}  # SMs, compute capability major, opt-in shared memory a block
-    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: None)
-    assert cuda_rows.make(llm, plans) is None
-    need = cuda_rows.shared_bytes(llm) + cuda_rows.static_bytes(llm)  # ptxas: 37,568 static bytes at 64 rows
-    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: {**h200, 97: need - 1}[code])
-    assert cuda_rows.make(llm, plans) is None
-    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: {**h200, 75: 7}[code])
-    assert cuda_rows.make(llm, plans) is None
-    monkeypatch.setattr(cuda_persistent, "device_attribute", lambda code: {**h200, 97: need}[code])
-    monkeypatch.setattr(cuda_rows, "kernel", lambda *args, **kwargs: None)  # no NVRTC off CUDA
-    monkeypatch.setattr(cuda_rows, "ENABLED", False)
-    assert cuda_rows.make(llm, plans) is None
-    monkeypatch.setattr(cuda_rows, "ENABLED", True)
-    monkeypatch.setattr(cuda_persistent, "ENABLED", False)  # the batch-of-one step's switch is its own
-    step = cuda_rows.make(llm, plans)
-    assert isinstance(step, cuda_rows.PersistentRows) and step.blocks == 132
-    with pytest.raises(ValueError, match="2 to 64 rows"):
-        step.start([], 5, [0] * 65)

@@ -1,5 +1,5 @@
-"""asr.cuda_encoder: the SAN-M layer's attention and FSMN kernels against the MLX operations they replace (CUDA only),
-and where the encoder uses them."""
+"""asr.backends.cuda.encoder: the SAN-M layer's attention and FSMN kernels (KernelCore) against the plain MLX core
+they replace (CUDA only), and which batches take them."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from asr import cuda_encoder
-from asr.attention import attention
-from asr.encoder import EncoderConfig, SANMAttention, SenseVoiceEncoder
+from asr.backends.cuda import encoder as cuda_encoder
+from asr.model.encoder import EncoderConfig, MaskedCore, SANMAttention, SenseVoiceEncoder
 
 CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
 needs_cuda = pytest.mark.skipif(not CUDA, reason="MLX's CUDA backend is not available here")
@@ -24,11 +23,6 @@ def _close(ours: mx.array, ref: mx.array, dtype) -> None:
     assert np.abs(a - b).max() <= tol * np.abs(b).max(), np.abs(a - b).max()
 
 
-def _masks(lengths: list[int], L: int, dtype):
-    valid = mx.arange(L)[None, :] < mx.array(lengths)[:, None]
-    return valid[:, :, None].astype(dtype), mx.where(valid, 0.0, -mx.inf)[:, None, None, :].astype(dtype)
-
-
 def _attn(dtype, seed=0) -> SANMAttention:
     a = SANMAttention(512, 512, 4, 11, 0)
     a.fsmn_weight = mx.random.normal(a.fsmn_weight.shape, key=mx.random.key(seed)) * 0.3
@@ -36,36 +30,32 @@ def _attn(dtype, seed=0) -> SANMAttention:
     return a
 
 
-def test_not_used_off_cuda_or_for_large_batches():
-    x = mx.zeros((1, 10, 512))
-    assert cuda_encoder.applies(x, 4, 512) == (CUDA and mx.default_device() == mx.gpu)
+def test_which_batches_the_kernels_take():
+    assert cuda_encoder.takes(1, mx.float32, 4, 512) and cuda_encoder.takes(64, mx.float32, 4, 512)
     big = cuda_encoder.MAX_BATCH[mx.bfloat16] + 1
-    assert not cuda_encoder.applies(mx.zeros((big, 10, 512), dtype=mx.bfloat16), 4, 512)
-    assert not cuda_encoder.applies(x.astype(mx.float16), 4, 512)
-    assert not cuda_encoder.applies(x, 5, 500)  # head width 100: not a multiple of 32
+    assert cuda_encoder.takes(big - 1, mx.bfloat16, 4, 512) and not cuda_encoder.takes(big, mx.bfloat16, 4, 512)
+    assert not cuda_encoder.takes(1, mx.float16, 4, 512)
+    assert not cuda_encoder.takes(1, mx.float32, 5, 500)  # head width 100: not a multiple of 32
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("lengths", [[1], [9], [184], [250], [184, 97, 3]])
-def test_fsmn_and_attention_match_mlx(dtype, lengths):
-    """Both kernels against the layer's MLX operations (masks for the padded rows of a batch)."""
+def test_kernel_core_matches_the_plain_core(dtype, lengths):
+    """Attention and memory of one layer through the kernels against the plain core (masks for the padded rows)."""
     B, L = len(lengths), max(lengths)
     a = _attn(dtype)
     x = mx.random.normal((B, L, 512), key=mx.random.key(1)).astype(dtype)
     qkv = a.linear_q_k_v(x)
-    mask, attn_mask = _masks(lengths, L, dtype) if B > 1 else (None, None)
-    q, k, v = mx.split(qkv, 3, axis=-1)
-    valid = mx.array(lengths, dtype=mx.int32)
-    _close(cuda_encoder.fsmn(qkv, a.fsmn_weight, valid, a.left_pad), a.fsmn(v, mask), dtype)
-    heads = (t.reshape(B, L, 4, 128).transpose(0, 2, 1, 3) for t in (q, k, v))
-    ref = attention(*heads, 128**-0.5, attn_mask).transpose(0, 2, 1, 3).reshape(B, L, 512)
-    _close(cuda_encoder.attend(qkv, valid, 4, 128**-0.5), ref, dtype)
+    plain = MaskedCore(mx.array(lengths) if B > 1 else None, L, dtype)
+    kernels = cuda_encoder.KernelCore(mx.array(lengths))
+    for ours, ref in zip(kernels(a, qkv), plain(a, qkv), strict=True):
+        _close(ours, ref, dtype)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_encoder_with_kernels_matches_without(dtype, monkeypatch):
+def test_encoder_with_kernels_matches_without(dtype):
     """A 3-layer SenseVoice encoder (the real widths), alone and as a padded batch, with and without the kernels."""
     enc = SenseVoiceEncoder(EncoderConfig(num_blocks=2, tp_blocks=1))
     for layer in enc.encoders0 + enc.encoders + enc.tp_encoders:
@@ -73,9 +63,6 @@ def test_encoder_with_kernels_matches_without(dtype, monkeypatch):
     enc.set_dtype(dtype)
     xs = mx.random.normal((3, 120, 560), key=mx.random.key(2)).astype(dtype)
     lengths = mx.array([120, 77, 31])
-    for inputs in ((xs[:1], None), (xs, lengths)):
-        ours = enc(*inputs)
-        monkeypatch.setattr(cuda_encoder, "ENABLED", False)
-        ref = enc(*inputs)
-        monkeypatch.setattr(cuda_encoder, "ENABLED", True)
-        _close(ours, ref, dtype)  # padded rows included: their queries see the same keys either way
+    for x, n in ((xs[:1], None), (xs, lengths)):
+        ours = enc(x, n, core=cuda_encoder.KernelCore(n if n is not None else mx.array([120])))
+        _close(ours, enc(x, n), dtype)  # padded rows included: their queries see the same keys either way

@@ -26,8 +26,8 @@ import yaml
 from mcp import Client
 
 import asr
-from asr import checkpoint as ckpt
 from asr.errors import CheckpointError, ModelLoadError
+from asr.loading import checkpoint as ckpt
 from server.app import create_server
 from server.config import Settings
 from server.schemas import StatusOutput
@@ -197,7 +197,7 @@ def test_absurd_sizes_are_refused_before_building(tiny_checkpoint, tmp_path, cas
 
 
 def test_tensor_with_the_wrong_shape(tiny_checkpoint, tmp_path):
-    from asr.torch_zip import load_state_dict
+    from asr.loading.torch_zip import load_state_dict
 
     d = clone(tiny_checkpoint, tmp_path / "shape")
     state = load_state_dict(tiny_checkpoint / "model.pt")

@@ -33,7 +33,7 @@ import soundfile as sf
 from mcp import Client
 
 import asr  # noqa: F401  (BLAS preload before mlx)
-from asr.audio import SAMPLE_RATE, AudioInfo, load_audio, probe
+from asr.audio.io import SAMPLE_RATE, AudioInfo, load_audio, probe
 from asr.errors import (
     AudioDecodeError,
     AudioError,
@@ -437,7 +437,7 @@ def test_library_memory_is_bounded(corpus, tmp_path):
     listing.write_text(json.dumps([str(corpus[n]) for n in names]))
     code = PEAK_SRC + textwrap.dedent("""
         import json, sys, asr
-        from asr.audio import load_audio, probe
+        from asr.audio.io import load_audio, probe
         from asr.errors import AudioError
         base = peak()
         for p in json.load(open(sys.argv[1])):
@@ -558,7 +558,7 @@ _SERVER_SCRIPT = PEAK_SRC + """
 import json, sys, time
 import anyio
 from mcp import Client
-from asr.audio import iter_audio_blocks
+from asr.audio.io import iter_audio_blocks
 from server.app import create_server
 from server.config import Settings
 from tests.test_server_support import FakeModel

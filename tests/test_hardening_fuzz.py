@@ -28,12 +28,11 @@ from hypothesis import strategies as st
 from mcp import Client
 
 import asr  # noqa: F401  (BLAS preload before mlx)
-from asr.audio import SAMPLE_RATE, load_audio
+from asr.audio.io import SAMPLE_RATE, load_audio
 from asr.errors import AudioError, InvalidOptionError
-from asr.prompt import chatml, clean_hotwords, instruction
+from asr.model.prompt import chatml, clean_hotwords, instruction
 from server.app import create_server
 from server.config import Settings
-from server.fetch import _PinnedBackend
 from server.schemas import CancelOutput, LanguagesOutput, StatusOutput, TranscriptionOutput
 from tests.test_audio import encode_pyav, sine
 from tests.test_hardening_corpus import riff
@@ -177,8 +176,20 @@ async def _loopback(host: str, port: int) -> list[str]:
     return ["127.0.0.1"]  # every name resolves to loopback: the default policy refuses it before connecting
 
 
-async def _no_network(*args, **kwargs):
-    raise httpcore2.ConnectError("the tests never connect out")
+class _NoNetwork(httpcore2.AsyncNetworkBackend):
+    """A network that refuses every connection: the tests never connect out."""
+
+    def __init__(self, address: str):
+        pass
+
+    async def connect_tcp(self, *args, **kwargs):
+        raise httpcore2.ConnectError("the tests never connect out")
+
+    async def connect_unix_socket(self, *args, **kwargs):
+        raise httpcore2.ConnectError("the tests never connect out")
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +200,8 @@ def tools(tmp_path_factory):
     (root / "notes.wav").write_text("not audio")
     loader, model = fake_loader(FakeModel())
     server = create_server(Settings(allowed_roots=[root], call_budget_s=5, queue_size=4, max_jobs_kept=8),
-                           model_loader=loader, resolver=_loopback)
-    with pytest.MonkeyPatch.context() as mp, start_blocking_portal("asyncio") as portal:
-        mp.setattr(_PinnedBackend, "connect_tcp", _no_network)
+                           model_loader=loader, resolver=_loopback, network=_NoNetwork)
+    with start_blocking_portal("asyncio") as portal:
         with portal.wrap_async_context_manager(Client(server, mode="legacy")) as client:
             portal.call(client.call_tool, "list_languages", {})  # wait for the model
 

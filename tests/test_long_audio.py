@@ -18,8 +18,8 @@ import soundfile as sf
 
 import asr
 import asr.audio
-from asr.model import STREAM_ABOVE_S
-from asr.vad import plan_segments
+from asr.audio.vad import plan_segments
+from asr.pipeline import STREAM_ABOVE_S
 from tests.conftest import AUDIO
 
 SR = 16000

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
 
 import asr
-from asr import checkpoint as ckpt
+from asr.decode.loop import find_loop
 from asr.errors import (
     AudioDecodeError,
     AudioNotFoundError,
@@ -21,7 +23,8 @@ from asr.errors import (
     ModelLoadError,
     UnsupportedLanguageError,
 )
-from asr.llm import find_loop
+from asr.loading import checkpoint as ckpt
+from asr.pipeline import FunASRNano
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -104,7 +107,7 @@ def test_broken_model_dirs(tmp_path, tiny_checkpoint):
 
 
 def test_missing_tensor_is_named(tmp_path, model_cache):
-    from asr.torch_zip import load_state_dict
+    from asr.loading.torch_zip import load_state_dict
     from tools.checkpoint import write_checkpoint
     from tools.torch_zip_writer import save_state_dict
 
@@ -250,33 +253,43 @@ def test_long_audio_segments_and_batching(tiny_model, testdata):
     assert seq.segments[-1].end <= 69.24 + 1e-6
 
 
-def test_default_batch_and_warmup(tiny_model, testdata, monkeypatch):
-    """transcribe decodes 16 segments at a time unless told otherwise; warm-up decodes a clip, then a batch of two
-    (which compiles the batched step on CUDA)."""
-    sizes: list[int] = []
-    decode = type(tiny_model)._decode_batch
+class Recorder:
+    """An LLM runner that records the batch sizes it is started with and passes them on to another, announcing
+    `warm` as the batch sizes whose first use compiles something."""
 
-    def spy(self, pieces, *args, **kwargs):
-        sizes.append(len(pieces))
-        return decode(self, pieces, *args, **kwargs)
+    def __init__(self, inner, warm: list[int] | None = None):
+        self.inner, self.warm, self.sizes = inner, warm or [], []
+        self.description, self.embeds_dtype = inner.description, inner.embeds_dtype
 
-    monkeypatch.setattr(type(tiny_model), "_decode_batch", spy)
-    tiny_model.warmup()
-    assert sizes == [1, 2]
-    sizes.clear()
-    from asr import cuda_rows
+    def start(self, prompts, lengths):
+        self.sizes.append(len(lengths))
+        return self.inner.start(prompts, lengths)
 
-    monkeypatch.setattr(cuda_rows, "make_possible", lambda model: True)  # as on an H100/H200: a kernel per row tile
-    assert cuda_rows.warm_rows(tiny_model.net.llm, 16) == [2] and cuda_rows.warm_rows(tiny_model.net.llm, 17) == [2, 17]
-    assert cuda_rows.warm_rows(tiny_model.net.llm, 64) == cuda_rows.warm_rows(tiny_model.net.llm, 256) == [2, 17, 33, 49]
-    tiny_model.warmup(batch_size=40)
-    assert sizes == [1, 2, 17, 33]
-    monkeypatch.undo()
-    monkeypatch.setattr(type(tiny_model), "_decode_batch", spy)
-    sizes.clear()
+    def warm_batches(self, batch_size: int) -> list[int]:
+        return [n for n in self.warm if n <= batch_size]
+
+
+def with_llm(model, llm) -> FunASRNano:
+    """The same loaded model with another LLM runner."""
+    return FunASRNano(model.net, model.cfg, model.tokenizer, replace(model.runtime, llm=llm), name=model.name,
+                      dtype=model.dtype, quantization=model.quantization, encoder_dtype=model.encoder_dtype,
+                      model_dir=model.model_dir)
+
+
+def test_default_batch_and_warmup(tiny_model, testdata):
+    """transcribe decodes 16 segments at a time unless told otherwise; warm-up decodes a clip, a batch of two, then a
+    batch of every size the runner says compiles something (CUDA's one-launch rows step: one per row tile)."""
+    runner = Recorder(tiny_model.runtime.llm, warm=[2, 17, 33, 49])
+    model = with_llm(tiny_model, runner)
+    model.warmup()
+    assert runner.sizes == [1, 2]
+    runner.sizes.clear()
+    model.warmup(batch_size=40)
+    assert runner.sizes == [1, 2, 17, 33]
+    runner.sizes.clear()
     long = asr.audio.load_audio(str(testdata / "audio/long/voxpopuli_en_test_000.wav")).samples
-    r = tiny_model.transcribe(np.concatenate([long] * 7), max_new_tokens=2)  # ~480 s: more than 16 segments
-    assert len(r.segments) > 16 and sizes == [16] * (len(r.segments) // 16) + [len(r.segments) % 16] * bool(
+    r = model.transcribe(np.concatenate([long] * 7), max_new_tokens=2)  # ~480 s: more than 16 segments
+    assert len(r.segments) > 16 and runner.sizes == [16] * (len(r.segments) // 16) + [len(r.segments) % 16] * bool(
         len(r.segments) % 16)
 
 
@@ -294,29 +307,28 @@ def test_find_loop_cuts_loops_only():
     assert find_loop([5] * 31) is None  # too short to call it a loop
 
 
-def test_repetition_guard_on_a_looping_model(tiny_model, monkeypatch):
-    """Force a looping decoder: the guard stops it and says so; switched off, it runs to the limit."""
-    import mlx.core as mx
+class Looper:
+    """An LLM runner stuck on one token."""
 
-    vocab = tiny_model.net.llm.args.vocab_size
+    description = "a looping decoder"
+    embeds_dtype = mx.float32
 
-    class Looper:
-        def __init__(self, inner):
-            self.inner, self.layers, self.args, self.model = inner, inner.layers, inner.args, inner.model
+    def start(self, prompts, lengths):
+        def step(tokens):
+            return mx.full(tokens.shape, 1234, dtype=mx.int32)
 
-        def __call__(self, inputs, cache=None, input_embeddings=None):
-            out = self.inner(inputs, cache=cache, input_embeddings=input_embeddings)
-            n = out.shape[1]
-            fixed = mx.zeros((1, n, vocab)) + mx.where(mx.arange(vocab) == 1234, 100.0, 0.0)
-            return fixed
+        return mx.full((len(lengths),), 1234, dtype=mx.int32), step
 
-    import asr.model as model_module
+    def warm_batches(self, batch_size):
+        return []
 
-    real = model_module.greedy_decode_padded
-    monkeypatch.setattr(model_module, "greedy_decode_padded", lambda llm, *a, **k: real(Looper(llm), *a, **k))
+
+def test_repetition_guard_on_a_looping_model(tiny_model):
+    """A looping decoder: the guard stops it and says so; switched off, it runs to the limit."""
+    model = with_llm(tiny_model, Looper())
     samples = np.random.default_rng(3).standard_normal(16000 * 2).astype(np.float32) * 0.1
-    on = tiny_model.transcribe(samples, max_new_tokens=100, vad=False)
-    off = tiny_model.transcribe(samples, max_new_tokens=100, vad=False, repetition_guard=False)
+    on = model.transcribe(samples, max_new_tokens=100, vad=False)
+    off = model.transcribe(samples, max_new_tokens=100, vad=False, repetition_guard=False)
     assert on.finish_reason == "repetition" and on.token_ids == [1234]
     assert any("repetition" in w for w in on.warnings)
     assert off.finish_reason == "length" and off.token_ids == [1234] * 100
@@ -381,8 +393,8 @@ def test_batched_features_and_prompts_match_one_by_one(tiny_model, testdata):
     prompt_embeddings give for each utterance alone, with zeros in the padding."""
     import mlx.core as mx
 
-    from asr.audio import load_audio
-    from asr.frontend import audio_token_count, features, features_padded
+    from asr.audio.features import audio_token_count, features, features_padded
+    from asr.audio.io import load_audio
 
     clips = [load_audio(testdata / "audio" / "en" / "jfk.wav").samples,
              load_audio(testdata / "audio" / "zh" / "example_zh.wav").samples,

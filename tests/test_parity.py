@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 import asr
-from asr.frontend import audio_token_count, fbank, lfr
-from asr.llm import teacher_forced_logits
+from asr.audio.features import audio_token_count, fbank, lfr
+from asr.model.llm import teacher_forced_logits
 
 pytestmark = pytest.mark.parity
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +61,23 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.fixture(scope="module")
-def golden_model(model_cache):
-    return asr.load_model(str(GOLDENS / "model"), dtype="float32")
+def _backends() -> list[tuple[str, str]]:
+    """(backend, LLM dtype) pairs this machine runs the parity suite through: the reference MLX backend always (what
+    Apple Silicon runs; here on MLX's CPU or CUDA device), and the backend this machine serves, in the parity dtype,
+    plus the CPU default (bf16 weights, fp32 arithmetic: the same numbers, as the checkpoint's weights are bf16)."""
+    if mx.default_device() == mx.cpu:
+        return [("mlx", "float32"), ("cpu", "float32"), ("cpu", "bfloat16")]
+    if getattr(mx, "cuda", None) and mx.cuda.is_available():
+        return [("mlx", "float32"), ("cuda", "float32")]
+    return [("mlx", "float32")]
+
+
+@pytest.fixture(scope="module", params=_backends(), ids=lambda p: f"{p[0]}-{p[1]}")
+def golden_model(request, model_cache):
+    backend, dtype = request.param
+    model = asr.load_model(str(GOLDENS / "model"), dtype=dtype, runtime=asr.RuntimeOptions(backend=backend))
+    assert model.runtime.info.backend == backend
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +105,8 @@ def test_fixture_tokens_vary():
         assert len(set(s)) >= 16, f"too few distinct tokens: {s}"
 
 
-def test_tokens_match_committed_fixture(tmp_path, model_cache, testdata):
+@pytest.mark.parametrize("backend", ["mlx", "auto"])
+def test_tokens_match_committed_fixture(tmp_path, model_cache, testdata, backend):
     """Without the reference venv: regenerate the checkpoint, check its hash, decode, compare ids."""
     from tools.checkpoint import write_checkpoint
 
@@ -99,7 +114,7 @@ def test_tokens_match_committed_fixture(tmp_path, model_cache, testdata):
     d = write_checkpoint(tmp_path / "tiny", size=fx["checkpoint"]["size"], seed=fx["checkpoint"]["seed"])
     sha = hashlib.sha256((d / "model.pt").read_bytes()).hexdigest()
     assert sha == fx["checkpoint"]["model_pt_sha256"], "tools/checkpoint.py no longer writes the fixture's checkpoint"
-    model = asr.load_model(str(d), dtype="float32")
+    model = asr.load_model(str(d), dtype="float32", runtime=asr.RuntimeOptions(backend=backend))
     for e in fx["entries"]:
         opts = _opts(e)
         ids = model.prompt_ids(**opts)
@@ -119,7 +134,7 @@ def _each(golden):
 
 @needs_goldens
 def test_waveform(golden, testdata):
-    from asr.audio import load_audio
+    from asr.audio.io import load_audio
 
     for name, e, d in _each(golden):
         ours = load_audio(str(testdata / e["clip"])).samples
@@ -190,13 +205,13 @@ def test_greedy_ids_end_to_end(golden, golden_model, testdata):
 @needs_goldens
 def test_batched_equals_sequential_on_goldens(golden, golden_model, testdata):
     """Batched decoding (several clips at once, left padding) gives the same ids as one-by-one decoding."""
-    from asr.llm import greedy_decode_batch
+    from asr.decode.loop import greedy, left_pad
 
     prompts, expected = [], []
     for _name, _e, d in _each(golden):
         prompts.append(mx.array(d["inputs_embeds"]))
         eos = int(d["eos_index"])
         expected.append(d["greedy_ids"].tolist()[: eos if eos >= 0 else 32])
-    outs = greedy_decode_batch(golden_model.net.llm, prompts, eos_ids=golden_model.eos_ids, max_new_tokens=32,
-                               repetition_guard=False)
+    outs = greedy(golden_model.runtime.llm, *left_pad(prompts), eos_ids=golden_model.eos_ids, max_new_tokens=32,
+                  repetition_guard=False)
     assert [o.tokens for o in outs] == expected

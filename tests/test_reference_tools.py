@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from asr.torch_zip import load_state_dict
+from asr.loading.torch_zip import load_state_dict
 from tools import checkpoint as ck
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "golden_tiny_tokens.json"

@@ -17,6 +17,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
+import asr
 from server.schemas import CancelOutput, LanguagesOutput, StatusOutput, TranscriptionOutput
 from tests.test_server_support import JFK, REPO, http_server, send_body
 
@@ -89,13 +90,15 @@ async def call_every_tool(client: Client, port: int, *, expect_text: str | None,
     status = StatusOutput.model_validate((await client.call_tool("server_status", {})).structured_content)
     assert status.model_state == "ready" and len(status.jobs) == 2
     assert status.url_policy == "allowlist"
-    assert status.compute and status.compute.startswith("cpu (")  # this test machine: MLX on the CPU
+    assert status.compute and status.runtime  # the fake model reports one; the tiny model the CPU backend's
+    if status.runtime.audio != "fake":
+        assert status.compute.startswith("cpu backend on cpu") and status.runtime.backend == "cpu"
     return out
 
 
 def _params(command: str, args: list[str], env: dict[str, str]) -> StdioServerParameters:
-    # the switches that choose the server's compute paths follow the test run's (FUNASR_NANO_CPU_BF16=0, ...)
-    passed = {k: v for k, v in os.environ.items() if k in ("FUNASR_NANO_CPU_BF16", "FUNASR_NANO_BLAS")}
+    # the environment that chooses the server's compute paths follows the test run's
+    passed = {k: v for k, v in os.environ.items() if k in ("FUNASR_NANO_BACKEND", "FUNASR_NANO_BLAS")}
     return StdioServerParameters(command=command, args=args, env={**passed, **env}, cwd=str(REPO))
 
 
@@ -145,11 +148,11 @@ async def test_stdio_console_script_with_tiny_model(tmp_path, tiny_model):
         with anyio.fail_after(120):
             async with Client(stdio_client(_params(command, pre, env), errlog=err), mode="legacy") as client:
                 # random weights: 'auto' lets the repetition guard end the garbage early (faster than 'en')
-                # dtype auto on a CPU: bf16 where asr.cpu_llm computes it faster (asr.cpu_gemv, or MKL's bf16)
-                from asr import cpu_llm
+                # dtype auto on a CPU: bf16 where the CPU backend computes it faster (Numba's kernels or MKL)
+                from asr.backends.cpu.runners import auto_dtype
 
                 out = await call_every_tool(client, port, expect_text=None, language="auto",
-                                            expect_dtype="bfloat16" if cpu_llm.bf16_preferred() else "float32")
+                                            expect_dtype=auto_dtype("llm", asr.RuntimeOptions()))
     assert out.model.name.endswith("Fun-ASR-Nano-tiny") and out.timings.generated_tokens > 0
     logged = errlog.read_text()
     assert "ready after" in logged

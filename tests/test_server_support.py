@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import soundfile as sf
@@ -21,10 +22,10 @@ import soundfile as sf
 import asr  # noqa: F401  (before anything that could import mlx)
 from asr.errors import ModelLoadError, TranscriptionCancelled
 from asr.languages import detect_from_text, languages, resolve
-from asr.types import Segment, Timings, TranscriptionResult
+from asr.types import RuntimeInfo, Segment, Timings, TranscriptionResult
 
 REPO = Path(__file__).resolve().parents[1]
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", REPO.parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parent / "data"
 JFK = TESTDATA / "audio" / "en" / "jfk.wav"
 
 
@@ -37,6 +38,7 @@ class FakeModel:
         self.name = "Fun-ASR-Nano-2512" if variant == "nano" else "Fun-ASR-MLT-Nano-2512"
         self.dtype = "bfloat16"
         self.quantization = None
+        self.runtime = SimpleNamespace(info=RuntimeInfo(backend="mlx", device="cpu", audio="fake", llm="fake"))
         self.seconds_per_audio_s = seconds_per_audio_s
         self.step_s = step_s
         self.fail = fail

@@ -17,7 +17,7 @@ import pytest
 
 import asr  # noqa: F401  (BLAS preload before mlx)
 from asr.errors import CheckpointError
-from asr.torch_zip import TensorData, load_state_dict
+from asr.loading.torch_zip import TensorData, load_state_dict
 from tools import torch_zip_writer as tzw
 from tools.torch_zip_writer import bf16_bits_to_float32, float32_to_bf16_bits, save_state_dict
 

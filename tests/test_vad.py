@@ -14,20 +14,17 @@ import pytest
 import soundfile as sf
 
 import asr  # noqa: F401  (preloads BLAS before mlx)
+from asr.audio.vad import DEFAULT_WEIGHTS, SileroVAD, SpeechSpan, plan_segments, speech_spans
 from asr.errors import AudioError, CheckpointError, InvalidOptionError
-from asr.vad import DEFAULT_WEIGHTS, SileroVAD, SpeechSpan, plan_segments, speech_spans
 from tools import fetch_silero_weights as fetch
 
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", Path(__file__).resolve().parents[1].parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parent / "data"
 SR = 16000
 TOL = 1e-4  # max abs difference of probabilities against the official model
 
 
 def clip(name: str) -> np.ndarray:
-    path = TESTDATA / "audio" / name
-    if not path.is_file():
-        pytest.skip(f"test audio {path} not found (set FUNASR_TESTDATA)")
-    x, sr = sf.read(path, dtype="float32")
+    x, sr = sf.read(TESTDATA / "audio" / name, dtype="float32")
     assert sr == SR and x.ndim == 1
     return x
 

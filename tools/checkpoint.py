@@ -22,7 +22,6 @@ no CTC tensors and the reference disables the CTC branch at load (checkpoint_uti
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -31,11 +30,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tools.testdata import CTC_VOCAB, write_qwen3_tokenizer
 from tools.torch_zip_writer import float32_to_bf16_bits, save_state_dict
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
-QWEN3_TOKENIZER_DIR = TESTDATA / "tokenizer" / "qwen3"
-CTC_VOCAB = TESTDATA / "tokenizer" / "funasr_nano_ctc_candidate" / "multilingual_zh_ja_yue_char_del.tiktoken"
 LLM_DIR_NAME = "Qwen3-0.6B"
 CTC_VOCAB_NAME = "multilingual.tiktoken"
 
@@ -419,13 +416,6 @@ def random_state_dict(size: str | Dims = "tiny", seed: int = 0, ctc: bool = Fals
 # writer
 
 
-def _copy_tokenizer(llm_dir: Path) -> None:
-    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copyfile(QWEN3_TOKENIZER_DIR / name, llm_dir / name)
-    with gzip.open(QWEN3_TOKENIZER_DIR / "tokenizer.json.gz", "rb") as src, open(llm_dir / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-
-
 def write_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, ctc: bool = False,
                      variant: str = "nano", scales: InitScales | None = None) -> Path:
     """Write a complete random-weight model directory and return its path.
@@ -448,7 +438,7 @@ def write_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, ctc
     (llm_dir / "config.json").write_text(json.dumps(qwen3_config(size), indent=2) + "\n", encoding="utf-8")
     (llm_dir / "generation_config.json").write_text(json.dumps(QWEN3_GENERATION_CONFIG, indent=2) + "\n",
                                                      encoding="utf-8")
-    _copy_tokenizer(llm_dir)
+    write_qwen3_tokenizer(llm_dir)
     shutil.copyfile(CTC_VOCAB, out / CTC_VOCAB_NAME)
 
     save_state_dict(out / "model.pt", random_state_dict(size, seed, ctc, scales))

@@ -4,9 +4,9 @@
 #   bash tools/setup_reference_env.sh            # -> .venv-ref in the repo root
 #   VENV=/some/where bash tools/setup_reference_env.sh
 #
-# Idempotent: an existing venv with the pinned versions is left as it is. torch is only ever installed from a
-# local wheel file (torch==2.13.0 CPU; looked up in $TORCH_WHEEL, ./.whl/ and /opt/wheels/), never resolved
-# from an index, and the later installs are constrained so nothing can replace it.
+# Idempotent: an existing venv with the pinned versions is left as it is. torch==2.13.0 comes from a local wheel
+# file where there is one ($TORCH_WHEEL, ./.whl/, /opt/wheels/), else from the package index (see below), and the
+# later installs are constrained so nothing can replace it.
 # The main package never imports torch; only tools/reference.py runs in this venv.
 set -euo pipefail
 
@@ -49,12 +49,16 @@ else
               /opt/wheels/torch-"$TORCH_VERSION"*-cp"$pyver"-*.whl; do
     if [[ -n "$cand" && -f "$cand" ]]; then wheel="$cand"; break; fi
   done
-  if [[ -z "$wheel" ]]; then
-    say "ERROR: no local torch $TORCH_VERSION wheel for cp$pyver (set TORCH_WHEEL=/path/to/torch-$TORCH_VERSION+cpu-*.whl)"
-    exit 1
+  if [[ -n "$wheel" ]]; then
+    say "installing torch from $wheel"
+    quiet_pip "${PIP[@]}" install --quiet "$wheel"
+  else
+    # PyTorch's CPU-only index first (~190 MB); where it cannot be reached, PyPI's default build (on Linux x86-64
+    # the CUDA one: ~3.5 GB with its nvidia-* dependencies; macOS and Linux ARM wheels are CPU builds)
+    say "no local torch $TORCH_VERSION wheel: installing it from the package index (PyPI, or PyTorch's CPU index)"
+    quiet_pip "${PIP[@]}" install --quiet --retries 1 --timeout 30 \
+      --extra-index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION"
   fi
-  say "installing torch from $wheel"
-  quiet_pip "${PIP[@]}" install --quiet "$wheel"
 fi
 
 constraints="$(mktemp)"

@@ -1,0 +1,77 @@
+"""How a loaded model runs: one frozen options object, read once when the model loads (asr.load_model), recorded
+in every result (TranscriptionResult.runtime) and reported by the server.
+
+Precision (dtype, encoder_dtype, quantize) is an argument of `load_model`: it changes the numbers. These options
+choose what computes the same numbers; benchmarks and tests compare runners by passing different options.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from .errors import InvalidOptionError
+
+Backend = Literal["auto", "mlx", "cpu", "cuda"]
+BACKENDS = ("auto", "mlx", "cpu", "cuda")
+CPU_BF16 = ("auto", "gemv", "mkl")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """backend: "mlx" runs MLX's own operations everywhere (the reference, and what Apple Silicon runs on Metal);
+    "cpu" runs the encoder, adaptor and LLM in NumPy on an optimised BLAS while MLX computes on the CPU (Linux);
+    "cuda" runs custom CUDA kernels for the encoder and the decode steps on MLX's CUDA backend; "auto" picks
+    cuda on MLX's CUDA backend, cpu where MLX computes on the CPU, else mlx.
+
+    cpu_bf16: how the cpu backend multiplies a bfloat16 LLM: "gemv" (fp32 inputs on the bf16 weights, Numba
+    kernels: the fp32 model's numbers at half the bytes a step), "mkl" (MKL's bf16 products, inputs rounded to bf16:
+    faster on Intel CPUs with AMX / AVX512-BF16), "auto" (mkl where it beats fp32, else gemv, else mkl).
+    cuda_one_launch: the cuda backend's whole decode step in one kernel launch where the device can run it (False:
+    the multi-kernel steps only, for comparisons and for devices shared through MPS).
+    cuda_encoder_kernels: the cuda backend's attention and FSMN kernels in the encoder (False: MLX's operations).
+    inflight_mb: on a GPU, how many MB of a deep graph's intermediates (encoder layers, prefill layers) may be queued
+    at once; 0 queues the whole graph.
+    """
+
+    backend: Backend = "auto"
+    cpu_bf16: Literal["auto", "gemv", "mkl"] = "auto"
+    cuda_one_launch: bool = True
+    cuda_encoder_kernels: bool = True
+    inflight_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InvalidOptionError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.cpu_bf16 not in CPU_BF16:
+            raise InvalidOptionError(f"cpu_bf16 {self.cpu_bf16!r} is not one of {', '.join(CPU_BF16)}")
+        if isinstance(self.inflight_mb, bool) or not isinstance(self.inflight_mb, int) or self.inflight_mb < 0:
+            raise InvalidOptionError(f"inflight_mb must be a whole number of MB >= 0; got {self.inflight_mb!r}")
+        for name in ("cuda_one_launch", "cuda_encoder_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidOptionError(f"{name} must be True or False; got {getattr(self, name)!r}")
+
+    @property
+    def inflight_bytes(self) -> int:
+        return self.inflight_mb << 20
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RuntimeOptions:
+        """The options users set through the environment: FUNASR_NANO_BACKEND (auto, mlx, cpu, cuda) and
+        FUNASR_NANO_INFLIGHT_MB; the rest keep their defaults."""
+        env = os.environ if environ is None else environ
+        kwargs: dict = {}
+        if env.get("FUNASR_NANO_BACKEND", "").strip():
+            kwargs["backend"] = env["FUNASR_NANO_BACKEND"].strip().lower()
+        if env.get("FUNASR_NANO_INFLIGHT_MB", "").strip():
+            try:
+                kwargs["inflight_mb"] = int(env["FUNASR_NANO_INFLIGHT_MB"])
+            except ValueError:
+                raise InvalidOptionError(f"FUNASR_NANO_INFLIGHT_MB={env['FUNASR_NANO_INFLIGHT_MB']!r} is not a "
+                                         "whole number of MB") from None
+        return cls(**kwargs)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

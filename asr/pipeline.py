@@ -1,0 +1,387 @@
+"""Fun-ASR-Nano on MLX: a loaded model and `transcribe` (segments, batching, results).
+
+Pipeline (ref: funasr/models/fun_asr_nano/model.py::inference / inference_prepare / inference_llm):
+audio (asr.audio.io) -> fbank + LFR (asr.audio.features) -> SAN-M encoder -> adaptor (the runtime's audio runner)
+-> first ceil(L/8) rows spliced into the ChatML prompt (asr.model.prompt) -> Qwen3 greedy decoding (the runtime's
+LLM runner through asr.decode.loop) -> text cleanup. Long audio is cut into segments by VAD (asr.audio.vad).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import languages as langs
+from .audio.features import audio_token_count, features, features_padded
+from .audio.io import SAMPLE_RATE, Audio, iter_audio_blocks, load_audio, probe
+from .audio.vad import SileroVAD, plan_segments, speech_spans
+from .decode.loop import greedy
+from .decode.runner import Runtime
+from .errors import InvalidOptionError, TranscriptionCancelled
+from .model.config import ModelConfig
+from .model.ctc import CTCTokenizer, ctc_result
+from .model.network import FunASRNanoNet
+from .model.prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
+from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, Language, Segment, Timings, TranscriptionResult
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS_LIMIT = 4096
+ProgressFn = Callable[[float, float, str], None]
+
+
+# --- the model -----------------------------------------------------------------------------------------
+SHORT_AUDIO_S = 30.0  # up to this, audio is decoded in one pass like the reference (VAD only checks for speech)
+STREAM_ABOVE_S = 600.0  # files longer than this are read twice in blocks (VAD pass, decode pass)
+BLOCK_S = 60.0
+
+
+@dataclass
+class _Piece:
+    """A segment to decode: times in the original audio, and its samples."""
+
+    start: float
+    end: float
+    samples: np.ndarray
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "stop"
+    ctc: object | None = None  # asr.ctc.CTCResult when token timestamps were computed
+
+
+class FunASRNano:
+    """A loaded model. Thread-affine under MLX: load it and call it from one thread."""
+
+    def __init__(self, net: FunASRNanoNet, cfg: ModelConfig, tokenizer: PromptTokenizer, runtime: Runtime, *,
+                 name: str, dtype: str, quantization: int | None, encoder_dtype: str, model_dir: Path):
+        self.net = net
+        self.runtime = runtime  # the runners, chosen at load (asr.backends.select)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.name = name
+        self.dtype = dtype
+        self.encoder_dtype = encoder_dtype
+        self.quantization = quantization
+        self.model_dir = model_dir
+        self.eos_ids = {tokenizer.im_end}
+        eos = cfg.llm.get("eos_token_id")
+        for e in (eos if isinstance(eos, list) else [eos]):
+            if isinstance(e, int):
+                self.eos_ids.add(e)
+        self._prompt_cache: dict[tuple, PromptIds] = {}
+        self._vad = None
+        self._ctc_tok = None
+
+    # ---- properties the server reads
+    @property
+    def variant(self) -> str:
+        return self.cfg.variant
+
+    @property
+    def languages(self) -> list[Language]:
+        return langs.languages(self.variant)
+
+    @property
+    def has_ctc(self) -> bool:
+        return self.cfg.ctc is not None
+
+    @property
+    def timestamps_available(self) -> bool:
+        return self.has_ctc and (self.model_dir / "multilingual.tiktoken").is_file()
+
+    def _ctc_tokenizer(self) -> CTCTokenizer:
+        if self._ctc_tok is None:
+            self._ctc_tok = CTCTokenizer.from_file(self.model_dir / "multilingual.tiktoken")
+        return self._ctc_tok
+
+    @property
+    def vad(self) -> SileroVAD:
+        if self._vad is None:
+            self._vad = SileroVAD.load()
+        return self._vad
+
+    # ---- stages (public for parity tests and benchmarks)
+    def features(self, samples: np.ndarray | mx.array) -> mx.array:
+        return features(mx.array(samples), self.cfg.frontend)
+
+    def encode(self, feats: mx.array, lengths: mx.array | None = None) -> mx.array:
+        """[L, 560] -> [L, 512], or batched [B, L, 560] with lengths -> [B, L, 512] (fp32)."""
+        x = feats if feats.ndim == 3 else feats[None]
+        out = self.runtime.audio.encode(x, lengths)
+        return out if feats.ndim == 3 else out[0]
+
+    def adapt(self, enc: mx.array, lengths: mx.array | None = None) -> mx.array:
+        x = enc if enc.ndim == 3 else enc[None]
+        out = self.runtime.audio.adapt(x, lengths)
+        return out if enc.ndim == 3 else out[0]
+
+    def prompt_ids(self, language: str | None = None, hotwords: list[str] | None = None, itn: bool = True) -> PromptIds:
+        lang = langs.resolve(language, self.variant)
+        key = (lang.prompt_name if lang else None, tuple(clean_hotwords(hotwords)), bool(itn))
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = self.tokenizer.prompt_ids(instruction(list(key[1]), key[0], key[2]))
+        return self._prompt_cache[key]
+
+    def prompt_embeddings(self, audio_rows: mx.array, ids: PromptIds) -> mx.array:
+        """[1, P, D]: embeddings of the prefix | audio rows | suffix (ref: inference_prepare)."""
+        return self.prompt_batch(audio_rows[None], [audio_rows.shape[0]], ids)[0]
+
+    def prompt_batch(self, rows: mx.array, counts: list[int], ids: PromptIds) -> tuple[mx.array, list[int]]:
+        """Several prompts at once, left-padded with zeros into [B, P, D]: row b is the prefix embeddings | its
+        first counts[b] audio rows of `rows` [B, R, D] | the suffix embeddings; and each prompt's length.
+
+        One gather from a table of [zero row | prefix and suffix embeddings | every audio row], whatever B is."""
+        emb = self.net.llm.model.embed_tokens
+        dt = self.runtime.llm.embeds_dtype
+        B, R, D = rows.shape
+        n_pre, n_suf = len(ids.prefix), len(ids.suffix)
+        text = emb(mx.array(ids.prefix + ids.suffix, dtype=mx.int32)).astype(dt)
+        table = mx.concatenate([mx.zeros((1, D), dtype=dt), text, rows.reshape(B * R, D).astype(dt)], axis=0)
+        lengths = [n_pre + c + n_suf for c in counts]
+        P = max(lengths)
+        idx = np.zeros((B, P), dtype=np.int32)  # 0: the zero row (left padding)
+        for b, c in enumerate(counts):
+            start = P - lengths[b]
+            idx[b, start: start + n_pre] = 1 + np.arange(n_pre)
+            idx[b, start + n_pre: start + n_pre + c] = 1 + n_pre + n_suf + b * R + np.arange(c)
+            idx[b, start + n_pre + c:] = 1 + n_pre + np.arange(n_suf)
+        return mx.take(table, mx.array(idx), axis=0), lengths
+
+    # ---- a batch of segments
+    def batch_prompts(self, samples: list[np.ndarray], ids: PromptIds,
+                      t: dict | None = None) -> tuple[mx.array, list[int], mx.array, list[int]]:
+        """Features, encoder, adaptor and prompts of several segments in one padded pass: (prompts [B, P, D], their
+        lengths, the encoder output [B, L, D_enc], the feature lengths). With `t`, each stage is evaluated and its
+        time added to t["features_s" | "encoder_s" | "adaptor_s"]; without, nothing is evaluated."""
+        clock = [time.perf_counter()]
+
+        def stage(name: str, value):
+            if t is not None:
+                mx.eval(value)
+                now = time.perf_counter()
+                t[name] += now - clock[0]
+                clock[0] = now
+            return value
+
+        feats, lengths = stage("features_s", features_padded(samples, self.cfg.frontend))
+        valid = mx.array(lengths) if len(samples) > 1 else None  # one utterance: no padding
+        enc = stage("encoder_s", self.encode(feats, valid))
+        prompts, prompt_lengths = stage("adaptor_s", self.prompt_batch(
+            self.adapt(enc, valid), [audio_token_count(n) for n in lengths], ids))
+        return prompts, prompt_lengths, enc, lengths
+
+    def _decode_batch(self, pieces: list[_Piece], ids: PromptIds, max_new_tokens: int, repetition_guard: bool,
+                      cancel: threading.Event | None, t: dict, timestamps: bool = False) -> None:
+        prompts, prompt_lengths, enc, lengths = self.batch_prompts([p.samples for p in pieces], ids, t)
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
+        outs = greedy(self.runtime.llm, prompts, prompt_lengths, eos_ids=self.eos_ids, max_new_tokens=max_new_tokens,
+                      cancel=cancel, repetition_guard=repetition_guard)
+        t["prefill_s"] += outs[0].prefill_s
+        t["decode_s"] += outs[0].decode_s
+        t["prompt_tokens"] += sum(o.prompt_tokens for o in outs)
+        for p, o in zip(pieces, outs, strict=True):
+            p.tokens, p.finish_reason = o.tokens, o.finish_reason
+            p.text = clean_text(self.tokenizer.decode(p.tokens))
+        if timestamps:  # CTC alignment of each segment's text on its own encoder rows (ref: inference_llm)
+            t0 = time.perf_counter()
+            for i, (p, n) in enumerate(zip(pieces, lengths, strict=True)):
+                p.ctc = ctc_result(self.net, enc[i, :n], p.text, self._ctc_tokenizer(), offset_s=p.start,
+                                   decoder=self.runtime.audio.ctc_decode)
+            t["timestamps_s"] += time.perf_counter() - t0
+
+    def transcribe(
+        self,
+        audio,
+        *,
+        sample_rate: int | None = None,
+        language: str | None = None,
+        hotwords: list[str] | None = None,
+        itn: bool = True,
+        max_new_tokens: int = 512,
+        vad: bool | None = None,
+        max_segment_s: float = 30.0,
+        batch_size: int = BATCH_SIZE_DEFAULT,
+        repetition_guard: bool = True,
+        timestamps: bool = True,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TranscriptionResult:
+        """Transcribe a path, bytes, numpy array (+ sample_rate; default 16 kHz) or `asr.audio.Audio`.
+
+        vad: None (auto) decodes audio up to 30 s in one pass, as the reference does, after checking that it
+        holds speech at all; longer audio is cut by Silero VAD into segments of at most `max_segment_s`.
+        True always segments by VAD; False never runs VAD (one pass over everything, like the reference).
+        Segments are decoded `batch_size` at a time (decoding reads every weight once a step, whatever the batch:
+        10 minutes of dense speech took half the time at 16 as at 4 on an H200; 2 minutes on the 2-core CPU 21.5 s at
+        16, 26.2 s at 4 and 34.4 s at 1, docs/performance.md); `repetition_guard` stops degenerate loops.
+        timestamps: per-token times by CTC forced alignment when the checkpoint has the CTC head (the ModelScope
+        copy); otherwise `result.timestamps` is None and `timestamps_note` says why.
+        """
+        t_start = time.perf_counter()
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_SIZE_MAX:
+            raise InvalidOptionError(f"batch_size must be an integer in 1..{BATCH_SIZE_MAX}; got {batch_size!r}")
+        if not 5.0 <= max_segment_s <= 60.0:
+            raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
+        lang = langs.resolve(language, self.variant)
+        ids = self.prompt_ids(language, hotwords, itn)
+        t = _stage_times()
+        warnings: list[str] = []
+
+        # 1. audio: in memory, or (long files) streamed twice in blocks so memory does not grow with duration
+        streamed = None
+        if isinstance(audio, (str, Path)) and vad is not False:
+            info = probe(audio)
+            if info.duration_s is None or info.duration_s > STREAM_ABOVE_S:
+                streamed = str(audio)
+        if streamed is None:
+            audio_obj = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate)
+            t["audio_decode_s"] += audio_obj.decode_s
+            warnings += list(getattr(audio_obj, "warnings", []) or [])
+            samples = audio_obj.samples
+            duration = audio_obj.duration_s
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
+
+        # 2. plan segments
+        if streamed is not None:
+            t0 = time.perf_counter()
+            stream, chunks, n = self.vad.stream(), [], 0
+            for block in iter_audio_blocks(streamed, BLOCK_S):
+                if cancel is not None and cancel.is_set():
+                    raise TranscriptionCancelled("transcription cancelled")
+                chunks.append(stream.feed(block))
+                n += block.shape[0]
+            chunks.append(stream.flush())
+            probs = np.concatenate(chunks)
+            duration = n / SAMPLE_RATE
+            t["audio_decode_s"] += time.perf_counter() - t0
+            plan = self._plan(probs, duration, n, True, max_segment_s)
+        elif vad is False:
+            plan = [(0.0, duration)]
+        else:
+            plan = self._plan(self.vad.probabilities(samples), duration, samples.shape[0], bool(vad), max_segment_s)
+        if vad is False and duration > SHORT_AUDIO_S:
+            warnings.append(f"audio is {duration:.0f} s long and VAD is off; the model is trained on utterances up to "
+                            "~30 s and may loop or drop text")
+        if not plan:
+            warnings.append("no speech detected")
+        if progress:
+            progress(0.0, duration, f"{len(plan)} segment(s) to decode")
+
+        # 3. decode, batch by batch, in time order
+        pieces: list[_Piece] = []
+        for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size):
+            self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t,
+                               timestamps=timestamps and self.timestamps_available)
+            for p in batch:
+                p.samples = np.zeros(0, np.float32)  # release audio as we go
+            pieces += batch
+            if progress:
+                progress(min(batch[-1].end, duration), duration, f"{len(pieces)}/{len(plan)} segment(s) transcribed")
+
+        # 4. result
+        segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens,
+                            timestamps=p.ctc.timestamps if p.ctc else None) for p in pieces]
+        if timestamps and self.timestamps_available:
+            all_ts, note = [ts for s in segments for ts in (s.timestamps or [])], ""
+        else:
+            all_ts = None
+            note = ("timestamps not requested" if not timestamps else
+                    "this checkpoint has no CTC head (the Hugging Face copies lack it; the ModelScope copy has it), "
+                    "so only segment-level times are given")
+        text = " ".join(s.text.strip() for s in segments if s.text.strip()) if len(segments) > 1 else (
+            segments[0].text if segments else "")
+        finish = "empty" if not pieces else next(
+            (r for r in ("repetition", "length") if any(p.finish_reason == r for p in pieces)), "stop")
+        if any(p.finish_reason == "length" for p in pieces):
+            warnings.append(f"decoding stopped at max_new_tokens={max_new_tokens}; the transcript may be cut short")
+        if any(p.finish_reason == "repetition" for p in pieces):
+            warnings.append("a repetition loop was detected and cut (repetition_guard)")
+        code, source, method = _language_of(lang, text, self.variant)
+        total = time.perf_counter() - t_start
+        tokens = [tok for p in pieces for tok in p.tokens]
+        timings = Timings(
+            **t, total_s=total, audio_duration_s=duration, generated_tokens=len(tokens),
+            prefill_tokens_per_s=t["prompt_tokens"] / t["prefill_s"] if t["prefill_s"] > 0 else 0.0,
+            decode_tokens_per_s=len(tokens) / t["decode_s"] if t["decode_s"] > 0 else 0.0,
+            real_time_factor=total / duration if duration > 0 else 0.0,
+        )
+        return TranscriptionResult(
+            text=text, language=code, language_source=source, language_method=method, segments=segments,
+            token_ids=tokens, finish_reason=finish, timestamps=all_ts, timestamps_note=note, timings=timings,
+            runtime=self.runtime.info, warnings=warnings,
+        )
+
+    def _plan(self, probs: np.ndarray, duration: float, num_samples: int, force: bool,
+              max_segment_s: float) -> list[tuple[float, float]]:
+        spans = speech_spans(probs, num_samples=num_samples)
+        if not spans:
+            return []
+        if not force and duration <= SHORT_AUDIO_S:
+            return [(0.0, duration)]
+        segs = plan_segments(spans, probs, max_segment_s=max_segment_s, duration_s=duration)
+        return [(s.start, s.end) for s in segs]
+
+    def _pieces(self, plan: list[tuple[float, float]], path: str | None, samples: np.ndarray | None,
+                batch_size: int):
+        """Yield batches of `_Piece`s in time order; for a streamed file, cut them from a second block pass."""
+        if samples is not None:
+            for i in range(0, len(plan), batch_size):
+                yield [_Piece(s, e, samples[int(s * SAMPLE_RATE): int(e * SAMPLE_RATE)])
+                       for s, e in plan[i: i + batch_size]]
+            return
+        buf, buf_start, k, batch = np.zeros(0, np.float32), 0, 0, []
+        for block in iter_audio_blocks(path, BLOCK_S):
+            buf = np.concatenate([buf, block])
+            while k < len(plan) and int(plan[k][1] * SAMPLE_RATE) <= buf_start + buf.shape[0]:
+                s, e = (int(x * SAMPLE_RATE) - buf_start for x in plan[k])
+                batch.append(_Piece(plan[k][0], plan[k][1], buf[s:e].copy()))
+                k += 1
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            keep_from = int(plan[k][0] * SAMPLE_RATE) - buf_start if k < len(plan) else buf.shape[0]
+            keep_from = max(0, min(keep_from, buf.shape[0]))
+            buf, buf_start = buf[keep_from:], buf_start + keep_from
+        while k < len(plan):  # segments running to the very end
+            s, e = (int(x * SAMPLE_RATE) - buf_start for x in plan[k])
+            batch.append(_Piece(plan[k][0], plan[k][1], buf[max(0, s):e].copy()))
+            k += 1
+        if batch:
+            yield batch
+
+    def warmup(self, batch_size: int = BATCH_SIZE_DEFAULT) -> None:
+        """Run a short dummy utterance, then a batch of two, so that neither the first short call nor the first
+        long one (whose segments are decoded in batches) is the slow one. On CUDA, also a batch for each kernel
+        the one-launch batched step compiles for batches up to `batch_size` (one per row tile, ~1.4 s each on an
+        H200 at first use; the LLM runner's warm_batches)."""
+        rng = np.random.default_rng(0)
+        samples = (0.01 * rng.standard_normal(SAMPLE_RATE)).astype(np.float32)
+        clips = [samples, samples[: SAMPLE_RATE // 2]]  # batches alternate them: rows of two prompt lengths
+        ids = self.prompt_ids()
+        for n in sorted({1, 2, *self.runtime.llm.warm_batches(batch_size)}):
+            pieces = [_Piece(float(i), i + clips[i % 2].shape[0] / SAMPLE_RATE, clips[i % 2]) for i in range(n)]
+            self._decode_batch(pieces, ids, 2, False, None, _stage_times())
+
+
+def _stage_times() -> dict:
+    """Per-stage accumulators, named like the `Timings` fields they fill."""
+    return {**dict.fromkeys(("audio_decode_s", "features_s", "encoder_s", "adaptor_s", "prefill_s", "decode_s",
+                             "timestamps_s"), 0.0), "prompt_tokens": 0}
+
+
+def _language_of(lang: Language | None, text: str, variant: str) -> tuple[str | None, str, str | None]:
+    if lang is not None:
+        return lang.code, "requested", None
+    code = langs.detect_from_text(text, variant)
+    return (code, "detected", "script-heuristic") if code else (None, "unknown", "script-heuristic")
