@@ -8,7 +8,9 @@ LLM runner through asr.decode.loop) -> text cleanup. Long audio is cut into segm
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import numpy as np
 
 from . import languages as langs
 from .audio.features import audio_token_count, features, features_padded
-from .audio.io import SAMPLE_RATE, Audio, iter_audio_blocks, load_audio, probe
+from .audio.io import SAMPLE_RATE, Audio, AudioFile, check_duration, iter_audio_blocks, load_audio, probe
 from .audio.vad import SileroVAD, plan_segments, speech_spans
 from .decode.loop import greedy
 from .decode.runner import Runtime
@@ -213,8 +215,10 @@ class FunASRNano:
         timestamps: bool = True,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
+        max_duration_s: float | None = None,
     ) -> TranscriptionResult:
-        """Transcribe a path, bytes, numpy array (+ sample_rate; default 16 kHz) or `asr.audio.Audio`.
+        """Transcribe a path, an opened `asr.audio.AudioFile`, bytes, a numpy array (+ sample_rate; default 16 kHz)
+        or `asr.audio.Audio`. A path is opened once and every pass reads that descriptor.
 
         vad: None (auto) decodes audio up to 30 s in one pass, as the reference does, after checking that it
         holds speech at all; longer audio is cut by Silero VAD into segments of at most `max_segment_s`.
@@ -224,6 +228,8 @@ class FunASRNano:
         16, 26.2 s at 4 and 34.4 s at 1, docs/performance.md); `repetition_guard` stops degenerate loops.
         timestamps: per-token times by CTC forced alignment when the checkpoint has the CTC head (the ModelScope
         copy); otherwise `result.timestamps` is None and `timestamps_note` says why.
+        max_duration_s: refuse audio longer than this (AudioTooLargeError), from the header where it says, else
+        while decoding, so that neither memory nor time grows past it.
         """
         t_start = time.perf_counter()
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -237,57 +243,13 @@ class FunASRNano:
         t = _stage_times()
         warnings: list[str] = []
 
-        # 1. audio: in memory, or (long files) streamed twice in blocks so memory does not grow with duration
-        streamed = None
-        if isinstance(audio, (str, Path)) and vad is not False:
-            info = probe(audio)
-            if info.duration_s is None or info.duration_s > STREAM_ABOVE_S:
-                streamed = str(audio)
-        if streamed is None:
-            audio_obj = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate)
-            t["audio_decode_s"] += audio_obj.decode_s
-            warnings += list(getattr(audio_obj, "warnings", []) or [])
-            samples = audio_obj.samples
-            duration = audio_obj.duration_s
-        if cancel is not None and cancel.is_set():
-            raise TranscriptionCancelled("transcription cancelled")
-
-        # 2. plan segments
-        if streamed is not None:
-            t0 = time.perf_counter()
-            stream, chunks, n = self.vad.stream(), [], 0
-            for block in iter_audio_blocks(streamed, BLOCK_S):
-                if cancel is not None and cancel.is_set():
-                    raise TranscriptionCancelled("transcription cancelled")
-                chunks.append(stream.feed(block))
-                n += block.shape[0]
-            chunks.append(stream.flush())
-            probs = np.concatenate(chunks)
-            duration = n / SAMPLE_RATE
-            t["audio_decode_s"] += time.perf_counter() - t0
-            plan = self._plan(probs, duration, n, True, max_segment_s)
-        elif vad is False:
-            plan = [(0.0, duration)]
-        else:
-            plan = self._plan(self.vad.probabilities(samples), duration, samples.shape[0], bool(vad), max_segment_s)
-        if vad is False and duration > SHORT_AUDIO_S:
-            warnings.append(f"audio is {duration:.0f} s long and VAD is off; the model is trained on utterances up to "
-                            "~30 s and may loop or drop text")
-        if not plan:
-            warnings.append("no speech detected")
-        if progress:
-            progress(0.0, duration, f"{len(plan)} segment(s) to decode")
-
-        # 3. decode, batch by batch, in time order
-        pieces: list[_Piece] = []
-        for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size):
-            self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t,
-                               timestamps=timestamps and self.timestamps_available)
-            for p in batch:
-                p.samples = np.zeros(0, np.float32)  # release audio as we go
-            pieces += batch
-            if progress:
-                progress(min(batch[-1].end, duration), duration, f"{len(pieces)}/{len(plan)} segment(s) transcribed")
+        with contextlib.ExitStack() as stack:
+            if isinstance(audio, (str, os.PathLike)):  # opened once: every pass reads this descriptor
+                audio = stack.enter_context(AudioFile.open(audio))
+            pieces, duration, decode_warnings = self._decode_audio(
+                audio, sample_rate, vad, max_segment_s, max_duration_s, batch_size, ids, max_new_tokens,
+                repetition_guard, timestamps, progress, cancel, t)
+        warnings += decode_warnings
 
         # 4. result
         segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens,
@@ -322,6 +284,67 @@ class FunASRNano:
             runtime=self.runtime.info, warnings=warnings,
         )
 
+    def _decode_audio(self, audio, sample_rate, vad, max_segment_s, max_duration_s, batch_size, ids, max_new_tokens,
+                      repetition_guard, timestamps, progress, cancel, t) -> tuple[list[_Piece], float, list[str]]:
+        """Steps 1-3 of transcribe: the audio (in memory, or a file streamed twice in blocks so that memory does not
+        grow with its length), the segment plan, and every segment decoded, batch by batch in time order."""
+        warnings: list[str] = []
+        # 1. audio: in memory, or (long files) streamed twice in blocks so memory does not grow with duration
+        streamed = None
+        if isinstance(audio, AudioFile) and vad is not False:
+            info = probe(audio)  # no trustworthy length, or a long one: stream it
+            if info.duration_s is None or info.duration_s > STREAM_ABOVE_S:
+                streamed = audio
+                check_duration(info, audio.name, max_duration_s)
+        if streamed is None:
+            audio_obj = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate,
+                                                                          max_duration_s=max_duration_s)
+            t["audio_decode_s"] += audio_obj.decode_s
+            warnings += list(getattr(audio_obj, "warnings", []) or [])
+            samples = audio_obj.samples
+            duration = audio_obj.duration_s
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
+
+        # 2. plan segments
+        if streamed is not None:
+            t0 = time.perf_counter()
+            stream, chunks, n = self.vad.stream(), [], 0
+            for block in iter_audio_blocks(streamed, BLOCK_S, max_duration_s=max_duration_s):
+                if cancel is not None and cancel.is_set():
+                    raise TranscriptionCancelled("transcription cancelled")
+                chunks.append(stream.feed(block))
+                n += block.shape[0]
+            chunks.append(stream.flush())
+            probs = np.concatenate(chunks)
+            duration = n / SAMPLE_RATE
+            t["audio_decode_s"] += time.perf_counter() - t0
+            plan = self._plan(probs, duration, n, True, max_segment_s)
+        elif vad is False:
+            plan = [(0.0, duration)]
+        else:
+            plan = self._plan(self.vad.probabilities(samples), duration, samples.shape[0], bool(vad), max_segment_s)
+        if vad is False and duration > SHORT_AUDIO_S:
+            warnings.append(f"audio is {duration:.0f} s long and VAD is off; the model is trained on utterances up to "
+                            "~30 s and may loop or drop text")
+        if not plan:
+            warnings.append("no speech detected")
+        if progress:
+            progress(0.0, duration, f"{len(plan)} segment(s) to decode")
+
+        # 3. decode, batch by batch, in time order
+        pieces: list[_Piece] = []
+        for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size):
+            self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t,
+                               timestamps=timestamps and self.timestamps_available)
+            for p in batch:
+                p.samples = np.zeros(0, np.float32)  # release audio as we go
+            pieces += batch
+            if progress:
+                progress(min(batch[-1].end, duration), duration, f"{len(pieces)}/{len(plan)} segment(s) transcribed")
+
+        return pieces, duration, warnings
+
     def _plan(self, probs: np.ndarray, duration: float, num_samples: int, force: bool,
               max_segment_s: float) -> list[tuple[float, float]]:
         spans = speech_spans(probs, num_samples=num_samples)
@@ -332,7 +355,7 @@ class FunASRNano:
         segs = plan_segments(spans, probs, max_segment_s=max_segment_s, duration_s=duration)
         return [(s.start, s.end) for s in segs]
 
-    def _pieces(self, plan: list[tuple[float, float]], path: str | None, samples: np.ndarray | None,
+    def _pieces(self, plan: list[tuple[float, float]], path: AudioFile | None, samples: np.ndarray | None,
                 batch_size: int):
         """Yield batches of `_Piece`s in time order; for a streamed file, cut them from a second block pass."""
         if samples is not None:

@@ -9,13 +9,13 @@ with the transcript - or, past the call budget, with a job handle that get_trans
 # No `from __future__ import annotations`: the SDK reads these signatures at registration.
 
 import logging
+import os
 import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -29,6 +29,8 @@ from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from asr.audio import io as audio_io
+from asr.audio.io import AudioFile
 from asr.errors import ASRError, AudioTooLargeError, EmptyAudioError
 from asr.languages import resolve as resolve_language
 
@@ -63,7 +65,7 @@ STOP_WAIT_S = 1.0  # at shutdown, how long the model thread may take to notice a
 
 # ---- wiring ---------------------------------------------------------------------------------------
 class AudioAPI:
-    """The two audio functions the server needs (the `asr.audio` module; a fake in unit tests)."""
+    """The two audio functions the server needs (asr.audio.io's; a fake in unit tests)."""
 
     def __init__(self, probe: Callable[..., Any], load_audio: Callable[..., Any]):
         self.probe = probe
@@ -71,9 +73,7 @@ class AudioAPI:
 
     @classmethod
     def default(cls) -> "AudioAPI":
-        from asr import audio  # decoders load on first use, not at server import
-
-        return cls(audio.probe, audio.load_audio)
+        return cls(audio_io.probe, audio_io.load_audio)
 
 
 def default_loader(settings: Settings) -> Callable[[], Model]:
@@ -285,37 +285,47 @@ def _check_options(state: AppState, language: str, hotwords: list[str] | None) -
 
 @dataclass(frozen=True)
 class LongAudio:
-    """A long file handed to the model by path, so that it streams it in blocks (bounded memory) instead of
-    the server holding every sample; the model's VAD then decides whether it holds speech."""
+    """A file the model streams in blocks from its one opened descriptor (bounded memory) instead of the server
+    holding every sample: long per its header, or of unknown length (WebM as browsers record it says none). The
+    duration limit is then enforced while the model decodes it; its VAD decides whether it holds speech."""
 
-    path: str
-    duration_s: float
+    file: AudioFile
+    duration_s: float  # per the header; 0.0 where unknown until read
     warnings: tuple[str, ...] = ()
 
 
 def _model_input(audio: Any) -> Any:
-    """What the model's `transcribe` gets: the path of a long file, else the decoded `Audio`."""
-    return audio.path if isinstance(audio, LongAudio) else audio
+    """What the model's `transcribe` gets: the opened file of a long one, else the decoded `Audio`."""
+    return audio.file if isinstance(audio, LongAudio) else audio
 
 
-def _decode(state: AppState, path: Path, *, stream_long: bool = True) -> Any:
-    """Probe, check the duration cap, decode to 16 kHz mono, and refuse silence (runs in a thread).
+def _decode(state: AppState, file: AudioFile) -> Any:
+    """Probe, check the duration cap, decode to 16 kHz mono in memory, and refuse silence (runs in a thread).
 
-    A file longer than STREAM_ABOVE_S (per its header) is not decoded here when `stream_long`: a `LongAudio`
-    carries its path to the model, which reads it twice in blocks (see asr.pipeline.FunASRNano.transcribe). Silence in such a
-    file comes back as an empty transcript with the model's "no speech detected" warning.
+    Memory is bounded for every input: what is longer than STREAM_ABOVE_S per its header, or says no length at all,
+    is not decoded here but handed to the model as a `LongAudio`, which reads it twice in blocks (see
+    asr.pipeline.FunASRNano.transcribe) with the duration limit enforced as it reads; and what is decoded here is
+    cut at STREAM_ABOVE_S even where its header understated its length (then it is streamed too). Silence in a
+    streamed file comes back as an empty transcript with the model's "no speech detected" warning.
     """
     s = state.settings
-    info = state.audio.probe(str(path))
+    info = state.audio.probe(file)
     duration = getattr(info, "duration_s", None)
     if duration is not None and duration > s.max_duration_s:
         raise AudioTooLargeError(
             f"the audio lasts {_fmt_duration(duration)}, over this server's {_fmt_duration(s.max_duration_s)} limit "
             "(--max-duration-s); split it into shorter parts"
         )
-    if stream_long and duration is not None and duration > STREAM_ABOVE_S:
-        return LongAudio(path=str(path), duration_s=float(duration))
-    audio = state.audio.load_audio(str(path), max_bytes=s.max_file_bytes, max_duration_s=s.max_duration_s)
+    if duration is None or duration > STREAM_ABOVE_S:
+        return LongAudio(file=file, duration_s=float(duration or 0.0))
+    try:
+        audio = state.audio.load_audio(file, max_bytes=s.max_file_bytes,
+                                       max_duration_s=min(s.max_duration_s, STREAM_ABOVE_S))
+    except AudioTooLargeError:
+        if s.max_duration_s <= STREAM_ABOVE_S:
+            raise
+        return LongAudio(file=file, duration_s=0.0)  # the header understated the length
+    file.close()  # decoded: the samples are all the job needs
     samples = np.asarray(audio.samples)
     if samples.size == 0 or audio.duration_s <= 0:
         raise EmptyAudioError("the file contains no audio samples; pass a recording with sound in it")
@@ -333,25 +343,29 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-async def _decode_async(state: AppState, path: Path, source: str, *, downloaded: bool = False) -> Any:
-    # a download is deleted when its call returns, before the job runs: it is always decoded here
+async def _decode_async(state: AppState, file: AudioFile, source: str) -> Any:
+    """_decode on a worker thread; the file is closed if the call fails or is cancelled (a job that gets it closes
+    it when it ends)."""
     try:
-        return await anyio.to_thread.run_sync(lambda: _decode(state, path, stream_long=not downloaded),
-                                              abandon_on_cancel=True,
+        return await anyio.to_thread.run_sync(lambda: _decode(state, file), abandon_on_cancel=True,
                                               limiter=state.decode_limiter)
     except ASRError as exc:
+        file.close()
         message = str(exc)
-        if downloaded:  # never show the private temporary path
-            message = message.replace(repr(str(path)), "the downloaded file").replace(str(path), "the downloaded file")
-        elif str(path) in message or source in message:
+        if file.name in message or source in message:
             raise ToolError(f"Cannot transcribe: {message}") from None
         raise ToolError(f"Cannot transcribe {source}: {message}") from None
+    except BaseException:
+        file.close()
+        raise
 
 
 async def _submit(state: AppState, job: Job) -> Job:
     try:
         return state.engine.submit(job)
     except EngineUnavailable as exc:
+        if isinstance(job.audio, AudioFile):
+            job.audio.close()
         raise ToolError(str(exc)) from None
 
 
@@ -398,7 +412,8 @@ def create_server(
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
         engine = Engine(loader, queue_size=settings.queue_size, warmup=settings.warmup, batch_size=settings.batch_size,
-                        result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept)
+                        result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept,
+                        max_duration_s=settings.max_duration_s)
         engine.start()  # loads in the background: the handshake is not held up
         fetcher = Fetcher(policy=settings.url_policy, allow_hosts=settings.url_allow_hosts,
                           max_bytes=settings.max_download_bytes, timeout_s=settings.download_timeout_s,
@@ -490,13 +505,14 @@ def create_server(
         _check_engine(state)
         hotwords = _clean_hotwords(hotwords)
         _check_options(state, language, hotwords)
-        narrowed = roots_from_uris(str(r.uri) for r in roots.roots) if roots is not None and roots.roots else None
+        # the client's answer narrows, even when it lists no file:// folder at all: then nothing may be read
+        narrowed = roots_from_uris(str(r.uri) for r in roots.roots) if roots is not None else None
         try:
             checked = await anyio.to_thread.run_sync(lambda: state.paths.check(path, narrowed))
         except PathRefused as exc:
             raise ToolError(str(exc)) from None
         decode_start = time.monotonic()
-        audio = await _decode_async(state, checked.path, path)
+        audio = await _decode_async(state, checked.file, path)
         job = Job(source=path, audio=_model_input(audio), duration_s=float(audio.duration_s), language=language,
                   hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
                   warnings=list(getattr(audio, "warnings", None) or []))
@@ -543,12 +559,16 @@ def create_server(
                 async with state.fetcher.download(url, progress=on_bytes) as dl:
                     log.info("downloaded %d bytes from %s in %.2f s", dl.size_bytes, urlsplit(source).hostname,
                              dl.seconds)
-                    decode_start = time.monotonic()
-                    audio = await _decode_async(state, dl.path, source, downloaded=True)
-                    decode_s = time.monotonic() - decode_start
+                    # opened before the download's folder is deleted: the job reads this descriptor, and messages
+                    # name the URL, never the private temporary path
+                    file = AudioFile(os.open(dl.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)),
+                                     f"the download from {source}", path=dl.path.name)
             except FetchError as exc:
                 raise ToolError(f"Cannot fetch {source}: {exc}") from None
-            job = Job(source=source, audio=audio, duration_s=float(audio.duration_s), language=language,
+            decode_start = time.monotonic()
+            audio = await _decode_async(state, file, source)
+            decode_s = time.monotonic() - decode_start
+            job = Job(source=source, audio=_model_input(audio), duration_s=float(audio.duration_s), language=language,
                       hotwords=hotwords, itn=itn, download_s=dl.seconds, audio_decode_s=decode_s,
                       warnings=list(getattr(audio, "warnings", None) or []))
             await _submit(state, job)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from asr.audio.io import AudioFile
 from asr.errors import ASRError, TranscriptionCancelled
 from asr.languages import resolve
 from asr.types import BATCH_SIZE_DEFAULT, Language, RuntimeInfo, TranscriptionResult
@@ -118,6 +119,7 @@ class Engine:
         batch_size: int = BATCH_SIZE_DEFAULT,
         result_ttl_s: float = 3600.0,
         max_jobs_kept: int = 64,
+        max_duration_s: float | None = None,
     ):
         self._loader = loader
         self._warmup = warmup
@@ -125,6 +127,7 @@ class Engine:
         self.queue_size = queue_size
         self.result_ttl_s = result_ttl_s
         self.max_jobs_kept = max_jobs_kept
+        self.max_duration_s = max_duration_s  # enforced while a streamed file is decoded
         self.state: EngineState = "starting"
         self.info: ModelInfo | None = None
         self.error: str | None = None
@@ -280,6 +283,8 @@ class Engine:
         job.message = "transcribing"
 
         def progress(done_s: float, total_s: float, message: str = "") -> None:
+            if not job.duration_s and total_s:  # a streamed file's length, known once it has been read
+                job.duration_s = float(total_s)
             job.done_s = max(job.done_s, min(float(done_s), job.duration_s or float(done_s)))
             if message:
                 job.message = message
@@ -288,7 +293,7 @@ class Engine:
             lang = resolve(job.language, self.info.variant)
             result = self._model.transcribe(
                 job.audio, language=lang.code if lang else None, hotwords=job.hotwords or None, itn=job.itn,
-                batch_size=self.batch_size, progress=progress, cancel=job.cancel,
+                batch_size=self.batch_size, progress=progress, cancel=job.cancel, max_duration_s=self.max_duration_s,
             )
         except TranscriptionCancelled:
             with self._cond:
@@ -302,6 +307,7 @@ class Engine:
                 self._finish(job, "failed", error="internal error while transcribing (details are in the server log)")
         else:
             job.result = result
+            job.duration_s = job.duration_s or result.timings.audio_duration_s
             job.done_s = job.duration_s
             with self._cond:
                 self._finish(job, "completed")
@@ -314,7 +320,9 @@ class Engine:
         job.state = state
         job.error = error
         job.finished = time.monotonic()
-        job.audio = None  # release the samples
+        if isinstance(job.audio, AudioFile):
+            job.audio.close()
+        job.audio = None  # release the samples, or the file
         job.message = state
         job.done.set()
         if state != "completed":

@@ -14,7 +14,6 @@ every entry point.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -354,21 +353,14 @@ def build_corpus(d: Path) -> dict[str, Path]:
 
 @contextlib.contextmanager
 def unreadable(path: Path) -> Iterator[None]:
-    """Make `path` unreadable: chmod 000 and, because root reads anything, refuse `os.open` on it too (both the
-    library and the server open files through `os.open`)."""
-    real_open, target = os.open, os.path.realpath(path)
-
-    def guarded(p, flags, *args, **kwargs):
-        if not isinstance(p, int) and os.path.realpath(os.fsdecode(p)) == target:
-            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(p))
-        return real_open(p, flags, *args, **kwargs)
-
+    """Make `path` unreadable (chmod 000). Root reads anything: there the case is skipped, and
+    tests/test_server_paths.py::test_permission_denied checks it in a process without root's rights."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file; checked in a process that drops root (test_server_paths.py)")
     os.chmod(path, 0)
-    os.open = guarded
     try:
         yield
     finally:
-        os.open = real_open
         os.chmod(path, 0o644)
 
 

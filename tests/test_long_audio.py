@@ -18,6 +18,7 @@ import soundfile as sf
 
 import asr
 import asr.audio
+from asr.audio.io import AudioFile
 from asr.audio.vad import plan_segments
 from asr.pipeline import STREAM_ABOVE_S
 from tests.conftest import AUDIO
@@ -99,25 +100,22 @@ def long_file(testdata, tmp_path_factory) -> LongFile:
     return LongFile(path, samples, clips)
 
 
+class CountingFile(AudioFile):
+    """An opened file that counts the passes reading it (each pass takes a reader of its own)."""
+
+    readers = 0
+
+    def reader(self):
+        self.readers += 1
+        return super().reader()
+
+
 @pytest.fixture(scope="module")
 def streamed(tiny_model, long_file):
-    """The file by path: > STREAM_ABOVE_S, so read in blocks twice (VAD pass, decode pass), never loaded."""
-    calls = {"blocks": 0, "load": 0}
-    blocks, load = asr.audio.iter_audio_blocks, asr.audio.load_audio
-
-    def counting_blocks(*a, **k):
-        calls["blocks"] += 1
-        return blocks(*a, **k)
-
-    def counting_load(*a, **k):
-        calls["load"] += 1
-        return load(*a, **k)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(asr.audio, "iter_audio_blocks", counting_blocks)
-        mp.setattr(asr.audio, "load_audio", counting_load)
-        result = tiny_model.transcribe(str(long_file.path), max_new_tokens=MAX_NEW_TOKENS)
-    return result, calls
+    """The file, opened once: > STREAM_ABOVE_S, so read in blocks twice (VAD pass, decode pass), never loaded whole."""
+    with CountingFile.open(long_file.path) as file:
+        result = tiny_model.transcribe(file, max_new_tokens=MAX_NEW_TOKENS)
+        return result, file.readers
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +127,13 @@ def touching(segments, t0: float, t1: float):
     return [s for s in segments if s.end > t0 and s.start < t1]
 
 
-def test_the_file_is_streamed_in_blocks(long_file, streamed):
-    result, calls = streamed
+def test_the_file_is_streamed_in_blocks(long_file, streamed, tiny_model):
+    result, readers = streamed
     assert long_file.duration > STREAM_ABOVE_S
-    assert calls == {"blocks": 2, "load": 0}
+    assert readers == 3  # the header, the VAD pass, the decode pass (loaded whole it would be 2)
+    with CountingFile.open(long_file.path) as file:
+        tiny_model.transcribe(file, max_new_tokens=1, vad=False)  # no VAD: one pass over everything, in memory
+        assert file.readers == 1
     assert result.timings.audio_duration_s == pytest.approx(long_file.duration, abs=1e-3)
 
 
@@ -237,9 +238,9 @@ def mcp_server(tiny_checkpoint, roots: list[Path]):
         recorder.append(Recorder(asr.load_model(str(tiny_checkpoint), dtype="float32")))
         return recorder[0]
 
-    def load_audio(*a, **k):
-        loads.append(str(a[0]))
-        return asr.audio.load_audio(*a, **k)
+    def load_audio(file, **k):
+        loads.append(file.name)
+        return asr.audio.load_audio(file, **k)
 
     settings = Settings(allowed_roots=roots, warmup=False, call_budget_s=300.0)
     server = create_server(settings, model_loader=loader, audio_api=AudioAPI(asr.audio.probe, load_audio))
@@ -278,7 +279,7 @@ async def test_mcp_segments_of_the_voxpopuli_clip(tiny_checkpoint, tiny_model):
     assert all(a.end <= b.start for a, b in pairwise(out.segments))
     assert "Segments:" in text and f"[{out.segments[0].start:.2f}-{out.segments[0].end:.2f}]" in text
     assert plain.segments is None and plain.text == out.text
-    assert len(loads) == 1 and loads[0].endswith(clip.name)  # short: the server decodes it
+    assert len(loads) == 1 and loads[0] == repr(str(clip))  # short: the server decodes it
     assert all(isinstance(x, asr.audio.Audio) for x in recorder[0].inputs)
 
 
@@ -286,7 +287,9 @@ async def test_mcp_segments_of_the_voxpopuli_clip(tiny_checkpoint, tiny_model):
 async def test_mcp_streams_a_long_file(tiny_checkpoint, long_file, streamed):
     server, recorder, loads = mcp_server(tiny_checkpoint, [long_file.path.parent])
     out, _ = await call(server, long_file.path, include_segments=True)
-    assert loads == [] and recorder[0].inputs == [str(long_file.path.resolve())]  # the path, not the samples
+    # the opened file, not the samples
+    assert loads == [] and [x.path for x in recorder[0].inputs] == [str(long_file.path.resolve())]
+    assert all(isinstance(x, AudioFile) and x.fd is None for x in recorder[0].inputs)  # closed with its job
     assert out.duration_s == pytest.approx(long_file.duration, abs=1e-3)
     expected = streamed[0]
     assert [(s.start, s.end, s.text) for s in out.segments] == [(s.start, s.end, s.text) for s in expected.segments]
@@ -299,7 +302,7 @@ async def test_mcp_long_silence_is_a_clear_empty_result(tiny_checkpoint, long_si
     decides: a completed result with no text, no segments and the "no speech detected" warning."""
     server, recorder, loads = mcp_server(tiny_checkpoint, [long_silence.parent])
     out, text = await call(server, long_silence, include_segments=True)
-    assert loads == [] and recorder[0].inputs == [str(long_silence.resolve())]
+    assert loads == [] and [x.path for x in recorder[0].inputs] == [str(long_silence.resolve())]
     assert out.status == "completed" and out.text == "" and out.finish_reason == "empty"
     assert out.segments == [] and "no speech detected" in out.warnings
     assert "(no speech recognised)" in text and "Warning: no speech detected" in text

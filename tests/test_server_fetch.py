@@ -218,7 +218,8 @@ async def test_transcribe_url_tool(tmp_path, mode):
             assert "SECRET" not in result.content[0].text
             assert out.timings.download_s is not None and out.timings.download_s >= 0
             bad = await client.call_tool("transcribe_url", {"url": f"http://media.test:{port}/notes.wav"})
-            assert bad.is_error and "the downloaded file" in bad.content[0].text
-            assert "funasr-nano-mcp-" not in bad.content[0].text  # the temp path is not shown
+            text = bad.content[0].text
+            assert bad.is_error and f"the download from http://media.test:{port}/notes.wav" in text  # the URL
+            assert "funasr-nano-mcp-" not in text and "/tmp" not in text  # the private temp path is not shown
             good = await client.call_tool("transcribe_url", {"url": url})
             assert not good.is_error

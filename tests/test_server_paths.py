@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from server.paths import PathPolicy, PathRefused, roots_from_uris
+from tests.test_server_support import REPO as ROOT
 from tests.test_server_support import write_wav
 
 
@@ -122,16 +128,43 @@ def test_symlink_loop_and_size_cap(tree):
     assert "MiB" in msg and "--max-file-mb" in msg
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
-def test_permission_denied(tree):
-    root, _, _ = tree
-    target = root / "locked.wav"
-    write_wav(target, 0.2)
-    target.chmod(0)
+UNPRIVILEGED = 65534  # nobody
+
+
+def test_permission_denied(tmp_path):
+    """A file the server may not read: the policy and the library both say so (as root, in a child process that
+    drops root's rights, since root reads every file)."""
+    base = Path(tempfile.mkdtemp(dir="/tmp" if os.geteuid() == 0 else tmp_path))  # traversable by `nobody`
     try:
-        assert "no permission" in refusal(policy(root), str(target))
+        os.chmod(base, 0o755)
+        target = base / "locked.wav"
+        write_wav(target, 0.2)
+        target.chmod(0)
+        code = textwrap.dedent(f"""
+            import ctypes, os, sys
+            from asr.audio.io import load_audio
+            from asr.errors import AudioNotFoundError
+            from server.paths import PathPolicy, PathRefused
+            ctypes.CDLL(None)  # loaded while this process may still read the interpreter's folders
+            if os.geteuid() == 0:
+                os.setgid({UNPRIVILEGED}); os.setuid({UNPRIVILEGED})
+            for opener in ("openat2", "walk"):
+                try:
+                    PathPolicy([{str(base)!r}], max_bytes=2**20, opener=opener).check({str(target)!r})
+                except PathRefused as exc:
+                    print(str(exc))
+            try:
+                load_audio({str(target)!r})
+            except AudioNotFoundError as exc:
+                print(str(exc))
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        lines = out.stdout.splitlines()
+        assert out.returncode == 0 and len(lines) == 3, out.stderr[-2000:]
+        assert "no permission to read" in lines[0] and "no permission to read" in lines[1]
+        assert "permission denied" in lines[2]
     finally:
-        target.chmod(0o644)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_client_roots_only_narrow(tree):

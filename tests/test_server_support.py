@@ -7,6 +7,7 @@ which thread loaded and ran it, honours `cancel` and reports progress like the r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import os
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import soundfile as sf
 
 import asr  # noqa: F401  (before anything that could import mlx)
+from asr.audio.io import AudioFile, iter_audio_blocks, probe
 from asr.errors import ModelLoadError, TranscriptionCancelled
 from asr.languages import detect_from_text, languages, resolve
 from asr.types import RuntimeInfo, Segment, Timings, TranscriptionResult
@@ -46,6 +48,8 @@ class FakeModel:
         self.calls: list[dict] = []
         self.batch_sizes: list[int] = []
         self.cancelled = threading.Event()
+        self.read_sha256: list[str] = []  # of each file handed to transcribe as an opened AudioFile
+        self.inputs: list[tuple] = []  # (audio, max_duration_s) of each call
         self.started = threading.Event()
         self.warmed = False
 
@@ -59,13 +63,24 @@ class FakeModel:
         self.warm_batch_size = batch_size
 
     def transcribe(self, audio, *, language=None, hotwords=None, itn=True, max_new_tokens=512, batch_size=16,
-                   progress=None, cancel=None) -> TranscriptionResult:
+                   progress=None, cancel=None, max_duration_s=None) -> TranscriptionResult:
         self.threads.add(threading.current_thread().name)
         self.calls.append({"language": language, "hotwords": hotwords, "itn": itn})
+        self.inputs.append((audio, max_duration_s))
         self.batch_sizes.append(batch_size)
         self.started.set()
         t0 = time.perf_counter()
-        duration = float(audio.duration_s)
+        if isinstance(audio, AudioFile):  # a streamed file: what the model reads from it is what it was handed
+            digest = hashlib.sha256()
+            with audio.reader() as r:
+                for chunk in iter(lambda: r.read(1 << 20), b""):
+                    digest.update(chunk)
+            self.read_sha256.append(digest.hexdigest())
+            duration = probe(audio).duration_s
+            if duration is None:  # read it through, in blocks, as the real model's VAD pass does
+                duration = sum(len(b) for b in iter_audio_blocks(audio, max_duration_s=max_duration_s)) / 16000
+        else:
+            duration = float(audio.duration_s)
         lang = resolve(language, self.variant)
         done = 0.0
         while done < duration:
@@ -120,6 +135,34 @@ def fake_loader(model: FakeModel | None = None, delay_s: float = 0.0,
 def write_wav(path: Path, seconds: float, freq: float = 440.0, amplitude: float = 0.3, sr: int = 16000) -> Path:
     t = np.arange(int(seconds * sr)) / sr
     sf.write(path, (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32), sr, subtype="PCM_16")
+    return path
+
+
+def duration_less_webm(path: Path, samples: np.ndarray, repeat: int = 1, rate: int = 16000) -> Path:
+    """Opus in WebM as browsers record it (MediaRecorder): written live, so the file says no duration. The samples
+    are encoded once and their packets written `repeat` times back to back (an hour takes a second)."""
+    import av
+    import soxr
+
+    pcm = np.clip(soxr.resample(np.asarray(samples, np.float32), rate, 48000) * 32767, -32768, 32767).astype(np.int16)
+    frame = 960  # 20 ms at 48 kHz
+    usable = len(pcm) // frame * frame
+    with av.open(str(path), "w", format="webm", options={"live": "1"}) as out:
+        stream = out.add_stream("libopus", rate=48000)
+        stream.layout = "mono"
+        packets = []
+        for i in range(0, usable, frame):
+            f = av.AudioFrame.from_ndarray(pcm[None, i:i + frame], format="s16", layout="mono")
+            f.sample_rate, f.pts = 48000, i
+            packets += stream.encode(f)
+        packets += stream.encode(None)
+        base = packets[0].time_base
+        shift = round(usable / 48000 / base)
+        for k in range(repeat):
+            for p in packets:
+                q = av.Packet(bytes(p))
+                q.pts, q.dts, q.time_base, q.stream = p.pts + k * shift, p.dts + k * shift, base, stream
+                out.mux(q)
     return path
 
 

@@ -84,7 +84,117 @@ class Audio:
     warnings: list[str] = field(default_factory=list)  # e.g. "file looks truncated"
 
 
-# --- opening a source --------------------------------------------------------------------------
+# --- opening a source --------------------------------------------------------------------------------------------
+class AudioFile:
+    """A file opened once: every later pass (probe, VAD, block reads, decoding) reads this descriptor, never the path
+    again, so the file cannot be swapped (for a symlink, say) between a check and a read.
+
+    `AudioFile.open(path)` opens and checks a path (a regular file, not a kernel pseudo-file, within `max_bytes`);
+    `AudioFile(fd, name)` takes a descriptor opened elsewhere (the MCP server opens files beneath its allowed folders
+    without following symlinks) and owns it from then on. Each `reader()` is an independent binary file object with
+    its own position (reads through pread), so passes never disturb each other. Close it when done (or use `with`).
+    """
+
+    def __init__(self, fd: int, name: str, *, path: str | None = None):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise AudioNotFoundError(f"{name} is a {_describe_mode(st.st_mode)}, not a regular file; save the audio "
+                                     "to a regular file and pass that")
+        self.fd: int | None = fd
+        self.name = name  # for messages
+        self.path = path
+        self.size = st.st_size
+        self.ext = os.path.splitext(path or "")[1].lstrip(".").lower() or None
+
+    @classmethod
+    def open(cls, source: str | os.PathLike, max_bytes: int | None = None) -> AudioFile:
+        path = os.fsdecode(os.fspath(source))
+        if "\x00" in path:  # os.stat would raise ValueError, not OSError
+            raise AudioNotFoundError(f"{path!r} contains a NUL character, so it cannot name a file; pass a plain file "
+                                     "path")
+        full = os.path.expanduser(path)
+        try:  # what the path names now, to refuse what is no file without opening it (the opened one is re-checked)
+            mode = os.stat(full).st_mode
+        except OSError as e:
+            raise _stat_error(path, e) from None
+        if stat.S_ISDIR(mode):
+            raise AudioNotFoundError(f"{path!r} is a directory, not an audio file; pass the path of a file inside it")
+        if not stat.S_ISREG(mode):  # never open FIFOs and devices: reading could block forever
+            raise AudioNotFoundError(f"{path!r} is a {_describe_mode(mode)}, not a regular file; save the audio to a "
+                                     "regular file and pass that")
+        real = os.path.realpath(full)
+        if real.startswith(("/proc/", "/sys/", "/dev/")):
+            raise AudioNotFoundError(f"{path!r} is a kernel pseudo-file ({real}), not an audio file; save the audio "
+                                     "to a regular file and pass that")
+        try:  # O_NONBLOCK: should the path have become a FIFO meanwhile, fstat refuses it without waiting
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise _stat_error(path, e) from None
+        file = cls(fd, repr(path), path=path)
+        try:
+            file.check_size(max_bytes)
+        except BaseException:
+            file.close()
+            raise
+        return file
+
+    def check_size(self, max_bytes: int | None) -> None:
+        if self.size == 0:
+            raise EmptyAudioError(f"{self.name} is empty (0 bytes); record or export the audio again")
+        if max_bytes is not None and self.size > max_bytes:
+            raise AudioTooLargeError(f"{self.name} is {self.size:,} bytes, over the {max_bytes:,}-byte limit; "
+                                     "trim or re-encode it (e.g. to 16 kHz mono), or raise max_bytes")
+
+    def reader(self) -> BinaryIO:
+        if self.fd is None:
+            raise ValueError(f"{self.name} is closed")
+        return io.BufferedReader(_PositionalReader(self.fd, self.size), buffer_size=1 << 16)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> AudioFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _PositionalReader(io.RawIOBase):
+    """A seekable raw reader of a descriptor through pread: its own position, the descriptor's untouched."""
+
+    def __init__(self, fd: int, size: int):
+        self._fd, self._size, self._pos = fd, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        data = os.pread(self._fd, len(buffer), self._pos)
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+
 @dataclass
 class _Source:
     fileobj: BinaryIO
@@ -92,6 +202,7 @@ class _Source:
     path: str | None
     size: int
     ext: str | None
+    owned: AudioFile | None = None  # a file opened for this pass, closed with it
 
 
 def _check_limit(name: str, value: float | None) -> None:
@@ -101,7 +212,7 @@ def _check_limit(name: str, value: float | None) -> None:
 
 def _describe_mode(mode: int) -> str:
     for test, what in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
         if test(mode):
             return what
     return "special file"
@@ -122,41 +233,10 @@ def _stat_error(path: str, err: OSError) -> AudioNotFoundError:
     return AudioNotFoundError(f"cannot access {path!r}: {err.strerror or err}; check the path and permissions")
 
 
-def _open_path(source: str | os.PathLike, max_bytes: int | None) -> _Source:
-    path = os.fsdecode(os.fspath(source))
-    if "\x00" in path:  # os.stat would raise ValueError, not OSError
-        raise AudioNotFoundError(f"{path!r} contains a NUL character, so it cannot name a file; pass a plain file path")
-    full = os.path.expanduser(path)
-    try:
-        st = os.stat(full)  # follows symlinks: what we would actually read
-    except OSError as e:
-        raise _stat_error(path, e) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise AudioNotFoundError(f"{path!r} is a directory, not an audio file; pass the path of a file inside it")
-    if not stat.S_ISREG(st.st_mode):  # never open FIFOs/devices: reading could block forever
-        raise AudioNotFoundError(f"{path!r} is a {_describe_mode(st.st_mode)}, not a regular file; "
-                                 "save the audio to a regular file and pass that")
-    real = os.path.realpath(full)
-    if real.startswith(("/proc/", "/sys/", "/dev/")):
-        raise AudioNotFoundError(f"{path!r} is a kernel pseudo-file ({real}), not an audio file; "
-                                 "save the audio to a regular file and pass that")
-    if st.st_size == 0:
-        raise EmptyAudioError(f"{path!r} is empty (0 bytes); record or export the audio again")
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise AudioTooLargeError(f"{path!r} is {st.st_size:,} bytes, over the {max_bytes:,}-byte limit; "
-                                 "trim or re-encode it (e.g. to 16 kHz mono), or raise max_bytes")
-    try:  # O_NONBLOCK + fstat: even if the path was swapped for a FIFO meanwhile, we never block
-        fd = os.open(full, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as e:
-        raise _stat_error(path, e) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise AudioNotFoundError(f"{path!r} is not a regular file; save the audio to a regular file and pass that")
-    ext = os.path.splitext(full)[1].lstrip(".").lower() or None
-    return _Source(os.fdopen(fd, "rb"), repr(path), path, st.st_size, ext)
+Source = str | os.PathLike | bytes | AudioFile
 
 
-def _open_source(source: str | os.PathLike | bytes, max_bytes: int | None) -> _Source:
+def _open_source(source: Source, max_bytes: int | None) -> _Source:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
@@ -165,9 +245,13 @@ def _open_source(source: str | os.PathLike | bytes, max_bytes: int | None) -> _S
             raise AudioTooLargeError(f"the audio is {len(data):,} bytes, over the {max_bytes:,}-byte limit; "
                                      "trim or re-encode it (e.g. to 16 kHz mono), or raise max_bytes")
         return _Source(io.BytesIO(data), "the audio bytes", None, len(data), None)
+    if isinstance(source, AudioFile):
+        source.check_size(max_bytes)
+        return _Source(source.reader(), source.name, source.path, source.size, source.ext)
     if isinstance(source, (str, os.PathLike)):
-        return _open_path(source, max_bytes)
-    raise InvalidOptionError(f"audio must be a path, bytes or a numpy array, got {type(source).__name__}")
+        file = AudioFile.open(source, max_bytes)
+        return _Source(file.reader(), file.name, file.path, file.size, file.ext, owned=file)
+    raise InvalidOptionError(f"audio must be a path, bytes, an AudioFile or a numpy array, got {type(source).__name__}")
 
 
 def _undecodable(src: _Source, detail: str) -> AudioDecodeError:
@@ -410,6 +494,8 @@ class _Decoding:
         if self.reader is not None:
             self.reader.close()
         self.src.fileobj.close()
+        if self.src.owned is not None:
+            self.src.owned.close()
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:
@@ -424,7 +510,8 @@ def _too_long(name: str, seconds: float, limit: float, qualifier: str = "") -> A
                               "stream it with iter_audio_blocks, or raise max_duration_s")
 
 
-def _check_header(info: AudioInfo, name: str, max_duration_s: float | None) -> None:
+def check_duration(info: AudioInfo, name: str, max_duration_s: float | None) -> None:
+    """AudioTooLargeError where the header says the audio is longer than max_duration_s."""
     if max_duration_s is not None and info.duration_s is not None and info.duration_s > max_duration_s:
         raise _too_long(name, info.duration_s, max_duration_s)
 
@@ -461,7 +548,7 @@ def _empty(name: str, n: int) -> EmptyAudioError:
 
 
 # --- public API --------------------------------------------------------------------------------
-def probe(source: str | os.PathLike | bytes) -> AudioInfo:
+def probe(source: Source) -> AudioInfo:
     """Read a file's header only: format, codec, rate, channels, duration (None if unknown)."""
     dec = _Decoding(source, None)
     try:
@@ -470,11 +557,11 @@ def probe(source: str | os.PathLike | bytes) -> AudioInfo:
         dec.close()
 
 
-def load_audio(source: str | os.PathLike | bytes | np.ndarray, sample_rate: int | None = None, *,
+def load_audio(source: Source | np.ndarray, sample_rate: int | None = None, *,
                max_bytes: int | None = None, max_duration_s: float | None = None) -> Audio:
     """Decode `source` to 16 kHz mono float32.
 
-    `source` is a path, the bytes of an encoded file, or a numpy array of samples. For an array,
+    `source` is a path, an AudioFile, the bytes of an encoded file, or a numpy array of samples. For an array,
     `sample_rate` is its rate and defaults to 16000 (as in the official code); integer arrays are
     scaled to [-1, 1), 2-D arrays may be (samples, channels) or (channels, samples) with at most 8
     channels, and a 16 kHz float32 mono array is returned without a copy. For files and bytes the
@@ -492,7 +579,7 @@ def load_audio(source: str | os.PathLike | bytes | np.ndarray, sample_rate: int 
     dec = _Decoding(source, max_bytes)
     try:
         info = dec.open()
-        _check_header(info, dec.src.name, max_duration_s)
+        check_duration(info, dec.src.name, max_duration_s)
         if sample_rate is not None and sample_rate != info.sample_rate:
             log.warning("%s: sample_rate=%s ignored; the file's header says %d Hz",
                         dec.src.name, sample_rate, info.sample_rate)
@@ -507,7 +594,7 @@ def load_audio(source: str | os.PathLike | bytes | np.ndarray, sample_rate: int 
                  info.format, time.perf_counter() - t0, dec.warnings)
 
 
-def iter_audio_blocks(source: str | os.PathLike | bytes, block_s: float = 60.0, *,
+def iter_audio_blocks(source: Source, block_s: float = 60.0, *,
                       max_duration_s: float | None = None) -> Iterator[np.ndarray]:
     """Yield consecutive 16 kHz mono float32 blocks of `block_s` seconds (the last one shorter).
 
@@ -523,7 +610,7 @@ def iter_audio_blocks(source: str | os.PathLike | bytes, block_s: float = 60.0, 
     dec = _Decoding(source, None)
     try:
         info = dec.open()
-        _check_header(info, dec.src.name, max_duration_s)
+        check_duration(info, dec.src.name, max_duration_s)
     except BaseException:
         dec.close()
         raise
