@@ -309,7 +309,7 @@ class FunASRNano:
         # 2. plan segments
         if streamed is not None:
             t0 = time.perf_counter()
-            stream, chunks, n = self.vad.stream(), [], 0
+            stream, chunks, n = self.vad.stream(robust=True), [], 0
             for block in iter_audio_blocks(streamed, BLOCK_S, max_duration_s=max_duration_s):
                 if cancel is not None and cancel.is_set():
                     raise TranscriptionCancelled("transcription cancelled")
@@ -323,7 +323,8 @@ class FunASRNano:
         elif vad is False:
             plan = [(0.0, duration)]
         else:
-            plan = self._plan(self.vad.probabilities(samples), duration, samples.shape[0], bool(vad), max_segment_s)
+            plan = self._plan(self.vad.probabilities(samples, robust=True), duration, samples.shape[0], bool(vad),
+                              max_segment_s)
         if vad is False and duration > SHORT_AUDIO_S:
             warnings.append(f"audio is {duration:.0f} s long and VAD is off; the model is trained on utterances up to "
                             "~30 s and may loop or drop text")

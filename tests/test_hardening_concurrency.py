@@ -323,3 +323,64 @@ def test_soak_1000_calls(tmp_path):
     """The issue's soak: 1,000 sequential calls, RSS growth <= 5 % after warm-up (fake model, ~1 min)."""
     got = _soak(tmp_path, "--calls", "1000", "--warmup", "100")
     assert got["rss_growth_pct"] <= 5.0 and got["calls"] >= 1000
+
+
+async def test_a_file_swapped_for_a_symlink_while_queued_or_running_is_never_read_outside(tmp_path):
+    """Long files (here WebM without a duration, which the model streams) wait in the queue holding the descriptor
+    the check opened. A loop swaps the file for a symlink to a file outside the allowed folder and back while calls
+    arrive, queue and run: whatever is refused, every transcription reads the file that was checked, never the one
+    outside (before, a queued long-file job opened the path again when it started)."""
+    import hashlib
+    import os
+    import threading
+
+    import soundfile as sf
+
+    from tests.test_server_support import TESTDATA, duration_less_webm
+
+    root, outside = tmp_path / "shared", tmp_path / "private"
+    root.mkdir()
+    outside.mkdir()
+    x, _ = sf.read(TESTDATA / "audio" / "en" / "jfk.wav", dtype="float32")
+    inside = duration_less_webm(root / "meeting.webm", x[: 16000 * 4])
+    secret = duration_less_webm(outside / "secret.webm", x[16000 * 4: 16000 * 9])
+    inside_sha = hashlib.sha256(inside.read_bytes()).hexdigest()
+    stash = root / "stash.webm"
+    loader, model = fake_loader(FakeModel(seconds_per_audio_s=0.02, step_s=0.5))
+    server = create_server(Settings(allowed_roots=[root], queue_size=64, call_budget_s=0.2), model_loader=loader)
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.replace(inside, stash)
+            inside.symlink_to(secret)
+            time.sleep(0.001)
+            inside.unlink()
+            os.replace(stash, inside)
+            time.sleep(0.001)
+
+    jobs, refused = [], 0
+    async with Client(server, mode="legacy") as client:
+        await client.call_tool("list_languages", {})  # the model is loaded
+        swapper = threading.Thread(target=swap)
+        swapper.start()
+        try:
+            with anyio.fail_after(120):
+                for _ in range(60):
+                    result = await client.call_tool("transcribe_file", {"path": str(inside)})
+                    if result.is_error:
+                        refused += 1
+                    else:
+                        jobs.append(TranscriptionOutput.model_validate(result.structured_content).job_id)
+        finally:
+            stop.set()
+            swapper.join()
+        with anyio.fail_after(120):
+            for job_id in jobs:
+                while True:
+                    out = TranscriptionOutput.model_validate(
+                        (await client.call_tool("get_transcript", {"job_id": job_id})).structured_content)
+                    if out.status == "completed":
+                        break
+    assert len(jobs) >= 10, f"only {len(jobs)} of 60 calls got past the swapping ({refused} refused)"
+    assert model.read_sha256 == [inside_sha] * len(jobs)

@@ -550,22 +550,13 @@ _SERVER_SCRIPT = PEAK_SRC + """
 import json, sys, time
 import anyio
 from mcp import Client
-from asr.audio.io import iter_audio_blocks
 from server.app import create_server
 from server.config import Settings
-from tests.test_server_support import FakeModel
-
-class StreamingFake(FakeModel):
-    # reads a path handed over for streaming block by block, as the real model does
-    def transcribe(self, audio, **kw):
-        if isinstance(audio, str):
-            n = sum(len(b) for b in iter_audio_blocks(audio, 60.0))
-            audio = type("A", (), {"duration_s": n / 16000})()
-        return super().transcribe(audio, **kw)
+from tests.test_server_support import FakeModel  # reads a file handed over for streaming block by block
 
 async def main(path, root, max_duration):
-    server = create_server(Settings(allowed_roots=[root], max_duration_s=max_duration),
-                           model_loader=lambda: StreamingFake())
+    server = create_server(Settings(allowed_roots=[root], max_duration_s=max_duration, call_budget_s=120),
+                           model_loader=lambda: FakeModel())
     async with Client(server, mode="legacy") as client:
         await client.call_tool("list_languages", {})
         base = peak()
@@ -599,6 +590,28 @@ def test_three_hours_through_mcp(tmp_path):
     # a minute over the limit: refused from the header, before decoding
     over = _serve_long(write_long_wav(tmp_path / "over.wav", THREE_HOURS + 60), THREE_HOURS)
     assert over["error"] and "limit" in over["text"], over
+
+
+@pytest.mark.parametrize("hours", [1, 3])
+def test_webm_without_a_duration_through_mcp(tmp_path, hours):
+    """WebM as browsers record it says no duration: the server does not decode it into memory but hands the opened
+    file to the model, which streams it; the peak RSS stays within the 3 h WAV's bound above (before: 3.1 GB peak
+    for 3 h). Past the duration limit it is refused while it is read."""
+    import soundfile as sf
+
+    from tests.test_server_support import TESTDATA, duration_less_webm
+
+    x, _ = sf.read(TESTDATA / "audio" / "en" / "jfk.wav", dtype="float32")  # 11 s; 66 s a round, 55 rounds an hour
+    path = duration_less_webm(tmp_path / f"{hours}h.webm", np.tile(x, 6), repeat=55 * hours)
+    got = _serve_long(path, THREE_HOURS)
+    print(f"{hours} h WebM through MCP: peak RSS {got['base']:.0f} -> {got['peak']:.0f} MiB in {got['seconds']:.1f} s")
+    assert not got["error"], got["text"]
+    assert got["out"]["status"] == "completed"
+    assert got["out"]["duration_s"] == pytest.approx(3631.0 * hours, abs=1.0)
+    assert got["peak"] - got["base"] < 150 or not HAVE_PROC, got  # MiB
+    if hours == 1:
+        over = _serve_long(path, 1800.0)
+        assert over["error"] and "1800 s limit" in over["text"] and "at least" in over["text"], over
 
 
 @pytest.mark.slow

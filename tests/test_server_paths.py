@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,41 @@ def test_tilde_expands_to_home(monkeypatch, tree):
     root, _, _ = tree
     monkeypatch.setenv("HOME", str(root))
     assert policy(root).check("~/a.wav").path == (root / "a.wav").resolve()
+
+
+@pytest.mark.parametrize("opener", ["openat2", "walk"])
+def test_swapping_the_file_for_a_symlink_never_reads_outside(tree, opener):
+    """A loop swaps a checked file for a symlink to a file outside the root and back, hundreds of times, while the
+    policy checks and opens it: every open either is refused or reads the file inside, never the one outside."""
+    root, outside, _ = tree
+    inside, secret = root / "a.wav", outside / "secret.wav"
+    write_wav(secret, 0.7, freq=880)  # other bytes than the file inside
+    inside_bytes = inside.read_bytes()
+    stash = root / "stash.wav"
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.replace(inside, stash)
+            inside.symlink_to(secret)
+            inside.unlink()
+            os.replace(stash, inside)
+
+    p = PathPolicy([root], max_bytes=2**20, opener=opener)
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    opened = refused = 0
+    try:
+        for _ in range(400):
+            try:
+                checked = p.check(str(inside))
+            except PathRefused:
+                refused += 1
+                continue
+            with checked.file as f, f.reader() as r:
+                assert r.read() == inside_bytes
+            opened += 1
+    finally:
+        stop.set()
+        swapper.join()
+    assert opened > 0  # the check ran against a moving target, not a refused-every-time one
