@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -57,6 +58,14 @@ def _hotwords(values: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader went away (`funasr-nano languages | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -65,15 +74,29 @@ def main(argv: list[str] | None = None) -> int:
             note = f"  ({lang.note})" if lang.note else ""
             print(f"{lang.code:5} {lang.name:24} {lang.prompt_name}{note}")
         return 0
-    try:
+    several = len(args.files) > 1 and not args.output_dir
+    if several and args.format in ("srt", "vtt"):
+        print(f"error: {args.format} output of several files needs -o DIR (one file each)", file=sys.stderr)
+        return 2
+    try:  # the language is checked before the model loads (against its variant, or both where not given)
+        variants = [args.variant] if args.variant else ["nano", "mlt"]
+        errors = []
+        for variant in variants:
+            try:
+                langs.resolve(args.language, variant)
+                break
+            except ASRError as exc:
+                errors.append(exc)
+        else:
+            raise errors[0]
         runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
         model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
                            encoder_dtype=args.encoder_dtype, runtime=runtime)
-        langs.resolve(args.language, model.variant)  # fail before decoding any file
+        langs.resolve(args.language, model.variant)
     except ASRError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    status = 0
+    status, results = 0, []
     for f in args.files:
         try:
             result = model.transcribe(f, language=args.language, hotwords=_hotwords(args.hotwords),
@@ -83,21 +106,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {f}: {exc}", file=sys.stderr)
             status = 1
             continue
-        out = render(result, args.format)
+        for warning in result.warnings:
+            print(f"warning: {f}: {warning}", file=sys.stderr)
         if args.output_dir:
             dest = Path(args.output_dir) / (Path(f).stem + "." + args.format)
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_suffix(dest.suffix + ".part")
-            tmp.write_text(out, encoding="utf-8")
+            tmp.write_text(render(result, args.format), encoding="utf-8")
             tmp.replace(dest)
+        elif several and args.format == "json":
+            results.append({"file": f, **json.loads(render(result, "json"))})
         else:
-            if len(args.files) > 1 and args.format == "txt":
+            if several:
                 sys.stdout.write(f"{f}: ")
-            sys.stdout.write(out)
+            sys.stdout.write(render(result, args.format))
         if args.verbose:
             t = result.timings
             logging.info("%s: %.2f s audio in %.2f s (RTF %.3f, %d tokens, %.1f tok/s)", f, t.audio_duration_s,
                          t.total_s, t.real_time_factor, t.generated_tokens, t.decode_tokens_per_s)
+    if several and args.format == "json":  # one JSON document: an array, each result with its file
+        sys.stdout.write(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
     return status
 
 

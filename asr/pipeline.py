@@ -87,6 +87,11 @@ class FunASRNano:
         return self.cfg.variant
 
     @property
+    def special_tokens(self) -> frozenset[str]:
+        """The tokenizer's special tokens, which hotwords may not contain."""
+        return self.tokenizer.special_tokens
+
+    @property
     def languages(self) -> list[Language]:
         return langs.languages(self.variant)
 
@@ -126,7 +131,8 @@ class FunASRNano:
 
     def prompt_ids(self, language: str | None = None, hotwords: list[str] | None = None, itn: bool = True) -> PromptIds:
         lang = langs.resolve(language, self.variant)
-        key = (lang.prompt_name if lang else None, tuple(clean_hotwords(hotwords)), bool(itn))
+        key = (lang.prompt_name if lang else None, tuple(clean_hotwords(hotwords, self.tokenizer.special_tokens)),
+               bool(itn))
         if key not in self._prompt_cache:
             self._prompt_cache[key] = self.tokenizer.prompt_ids(instruction(list(key[1]), key[0], key[2]))
         return self._prompt_cache[key]

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", ROOT.parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 DEFAULT_CLIPS = ["audio/en/jfk.wav", "audio/zh/example_zh.wav"]
 MODES = {  # name -> load_model arguments
     "fp32": {"dtype": "float32", "quantize": None, "encoder_dtype": "float32"},
@@ -98,8 +98,8 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from asr import _blas
     from asr import cuda_decode
     from asr import llm as llm_mod
-    from asr.audio import load_audio
-    from asr.checkpoint import MLX_CONFIG, converted_dir_for, resolve
+    from asr.audio.io import load_audio
+    from asr.loading.checkpoint import MLX_CONFIG, converted_dir_for, resolve
     from asr.llm import greedy_decode, greedy_decode_padded, teacher_forced_logits
 
     mode = MODES[a.mode]

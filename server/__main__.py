@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
-import anyio.to_thread
+
+from .wire import StdinPump
 
 
 @contextlib.contextmanager
@@ -100,7 +99,7 @@ async def _serve(server: Any) -> None:
     """Serve over stdio until the client closes stdin. SIGINT and SIGTERM end the input the same way, so a signal
     takes the one shutdown path: the SDK cancels the calls in flight (running and queued jobs are cancelled,
     downloads delete their temporary folders) and the lifespan stops the model thread."""
-    pump = _StdinPump()
+    pump = StdinPump()
     async with anyio.create_task_group() as tg:
 
         async def on_signal() -> None:
@@ -112,48 +111,6 @@ async def _serve(server: Any) -> None:
         tg.start_soon(on_signal)
         await server.run_stdio_async()
         tg.cancel_scope.cancel()
-
-
-class _StdinPump:
-    """fd 0 as a pipe that a thread fills from the client's stdin, so that `stop()` can end the input as if the
-    client had closed it.
-
-    The SDK reads stdin on a worker thread that a cancellation cannot interrupt: cancelled while the client stays
-    silent, the server would wait for the client's next line. Ending the input instead lets the SDK shut down as
-    it does when the client hangs up. Only the pump thread touches the pipe's write end (a write blocked on a full
-    pipe is abandoned through the control pipe, never by closing a descriptor under it).
-    """
-
-    def __init__(self) -> None:
-        self._wire = os.dup(0)
-        read_end, self._out = os.pipe()
-        os.dup2(read_end, 0)
-        os.close(read_end)
-        self._ctl_r, self._ctl_w = os.pipe()
-        threading.Thread(target=self._run, name="stdin-pump", daemon=True).start()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._ctl_w, b"x")
-
-    def _run(self) -> None:
-        try:
-            while True:
-                ready, _, _ = select.select([self._wire, self._ctl_r], [], [])
-                if self._ctl_r in ready:
-                    return
-                data = os.read(self._wire, 1 << 16)
-                if not data:
-                    return
-                while data:
-                    _, writable, _ = select.select([self._ctl_r], [self._out], [])
-                    if not writable:
-                        return
-                    data = data[os.write(self._out, data):]
-        except OSError:
-            return
-        finally:
-            os.close(self._out)  # end of input for the SDK
 
 
 def _end(code: int) -> None:

@@ -8,6 +8,7 @@ with the transcript - or, past the call budget, with a job handle that get_trans
 
 # No `from __future__ import annotations`: the SDK reads these signatures at registration.
 
+import inspect
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from asr.audio import io as audio_io
 from asr.audio.io import AudioFile
 from asr.errors import ASRError, AudioTooLargeError, EmptyAudioError
 from asr.languages import resolve as resolve_language
+from asr.model.prompt import clean_hotwords
 
 from . import __version__
 from .config import Settings
@@ -50,6 +52,7 @@ from .schemas import (
     Timings,
     TranscriptionOutput,
 )
+from .wire import REPLACEMENT
 from .worker import Engine, EngineUnavailable, Job, Model
 
 log = logging.getLogger(__name__)
@@ -116,17 +119,29 @@ def _public_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal keeps its brackets
+            host = f"[{host}]"
         if parts.port:
             host = f"{host}:{parts.port}"
-        return f"{parts.scheme}://{host}{parts.path}"
     except ValueError:
         return "(malformed URL)"
+    if not parts.scheme and not parts.netloc:  # no scheme: shown as given, up to its query
+        return parts.path
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else f"//{host}{parts.path}"
+
+
+def _valid_text(**fields: Any) -> None:
+    """Refuse arguments holding U+FFFD: the stdin wire puts it in place of a lone UTF-16 surrogate (server.wire), which
+    is no character at all, so the call is answered with the reason instead of acting on mangled text."""
+    for name, value in fields.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and REPLACEMENT in text:
+                raise ToolError(f"The {name} holds invalid text (a lone UTF-16 surrogate such as \\ud800, shown as "
+                                f"{REPLACEMENT!r}). Send it again as valid Unicode.")
 
 
 def _clean_hotwords(hotwords: list[str] | None) -> list[str] | None:
     """The library's hotword validation (asr.model.prompt.clean_hotwords) as a tool error; repeats are dropped."""
-    from asr.model.prompt import clean_hotwords
-
     try:
         return list(dict.fromkeys(clean_hotwords(hotwords))) or None
     except ASRError as exc:
@@ -273,12 +288,14 @@ def _check_engine(state: AppState) -> None:
 
 
 def _check_options(state: AppState, language: str, hotwords: list[str] | None) -> None:
+    """The options the loaded model can check before any audio is read (before the load, the job checks them)."""
     info = state.engine.info
     if info is not None:
         try:
             resolve_language(language, info.variant)
+            clean_hotwords(hotwords, info.special_tokens)
         except ASRError as exc:
-            raise ToolError(str(exc)) from None
+            raise ToolError(f"Invalid options: {exc}") from None
     if hotwords and len(hotwords) > MAX_HOTWORDS:
         raise ToolError(f"Too many hotwords ({len(hotwords)}); pass at most {MAX_HOTWORDS} of the rarest terms.")
 
@@ -477,8 +494,12 @@ def create_server(
 
     ClientRoots = Annotated[ListRootsResult | None, Resolve(client_roots)]
 
+    def tool(**options: Any) -> Callable[[Callable], Callable]:
+        """mcp.tool with the function's docstring as the description, its indentation removed."""
+        return lambda fn: mcp.tool(description=inspect.cleandoc(fn.__doc__ or ""), **options)(fn)
+
     # ---- transcription tools ----------------------------------------------------------------
-    @mcp.tool(
+    @tool(
         title="Transcribe an audio file",
         annotations=ToolAnnotations(title="Transcribe an audio file", read_only_hint=True, destructive_hint=False,
                                     idempotent_hint=True, open_world_hint=False),
@@ -501,6 +522,7 @@ def create_server(
         get_transcript with that job_id.
         """
         start = time.monotonic()
+        _valid_text(path=path, language=language, hotwords=hotwords)
         state = _state(ctx)
         _check_engine(state)
         hotwords = _clean_hotwords(hotwords)
@@ -522,7 +544,7 @@ def create_server(
 
     if settings.url_policy != "off":
 
-        @mcp.tool(
+        @tool(
             title="Transcribe audio from a URL",
             annotations=ToolAnnotations(title="Transcribe audio from a URL", read_only_hint=True,
                                         destructive_hint=False, idempotent_hint=True, open_world_hint=True),
@@ -544,6 +566,7 @@ def create_server(
             handle (status 'queued'/'running'): then call get_transcript with that job_id.
             """
             start = time.monotonic()
+            _valid_text(url=url, language=language, hotwords=hotwords)
             state = _state(ctx)
             _check_engine(state)
             hotwords = _clean_hotwords(hotwords)
@@ -575,7 +598,7 @@ def create_server(
             return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
                                  include_segments=include_segments)
 
-    @mcp.tool(
+    @tool(
         title="Get a transcript by job id",
         annotations=ToolAnnotations(title="Get a transcript by job id", read_only_hint=True, destructive_hint=False,
                                     idempotent_hint=True, open_world_hint=False),
@@ -593,6 +616,7 @@ def create_server(
         Returns the same result as transcribe_file; if the job is still not finished, the status and progress
         with the same job_id (call again). Finished results are kept for a limited time.
         """
+        _valid_text(job_id=job_id)
         state = _state(ctx)
         job = state.engine.get(job_id.strip())
         if job is None:
@@ -609,7 +633,7 @@ def create_server(
             await anyio.sleep(POLL_S)
         return _result(_output(job, state.engine, include_segments=include_segments))
 
-    @mcp.tool(
+    @tool(
         title="Cancel a transcription",
         annotations=ToolAnnotations(title="Cancel a transcription", read_only_hint=False, destructive_hint=True,
                                     idempotent_hint=True, open_world_hint=False),
@@ -620,6 +644,7 @@ def create_server(
         ctx: Context,
     ) -> Annotated[CallToolResult, CancelOutput]:
         """Stop a queued or running transcription and discard its partial work."""
+        _valid_text(job_id=job_id)
         state = _state(ctx)
         job = state.engine.cancel(job_id.strip())
         if job is None:
@@ -637,7 +662,7 @@ def create_server(
         return _tool_result(message, out)
 
     # ---- information tools -------------------------------------------------------------------
-    @mcp.tool(
+    @tool(
         title="List supported languages",
         annotations=ToolAnnotations(title="List supported languages", read_only_hint=True, destructive_hint=False,
                                     idempotent_hint=True, open_world_hint=False),
@@ -670,7 +695,7 @@ def create_server(
                             for lg in langs))
         return _tool_result(text, out)
 
-    @mcp.tool(
+    @tool(
         title="Server status",
         annotations=ToolAnnotations(title="Server status", read_only_hint=True, destructive_hint=False,
                                     idempotent_hint=True, open_world_hint=False),

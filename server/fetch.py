@@ -12,6 +12,7 @@ is always removed. Error messages name the problem, never the response body or s
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -105,6 +106,46 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
         return None
 
 
+class _Counting(httpcore2.AsyncNetworkStream):
+    """A connection that counts what it received (and keeps its first bytes), so that a response body longer than
+    its Content-Length, which HTTP/1.1 framing silently cuts, can be told apart from a whole one."""
+
+    def __init__(self, inner: httpcore2.AsyncNetworkStream):
+        self._inner = inner
+        self.received = 0
+        self.head = b""
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = await self._inner.read(max_bytes, timeout)
+        self.received += len(data)
+        if len(self.head) < 1 << 16:
+            self.head += data[: (1 << 16) - len(self.head)]
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore2.AsyncNetworkStream:
+        return _Counting(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str):
+        return self._inner.get_extra_info(info)
+
+    async def surplus(self, body: int) -> int:
+        """Bytes received beyond the response head and `body` bytes of body (reading for a moment what may still
+        be on its way)."""
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            return 0
+        with contextlib.suppress(Exception):
+            await self.read(1 << 16, timeout=0.05)
+        return self.received - (end + 4) - body
+
+
 class _PinnedBackend(httpcore2.AsyncNetworkBackend):
     """Connects to one pre-checked address whatever host name the request carries."""
 
@@ -115,7 +156,7 @@ class _PinnedBackend(httpcore2.AsyncNetworkBackend):
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None, socket_options: Iterable | None = None,
                           ) -> httpcore2.AsyncNetworkStream:
-        return await self._inner.connect_tcp(self._address, port, timeout, local_address, socket_options)
+        return _Counting(await self._inner.connect_tcp(self._address, port, timeout, local_address, socket_options))
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable | None = None) -> httpcore2.AsyncNetworkStream:
@@ -276,6 +317,14 @@ class Fetcher:
                 continue
             except httpcore2.TimeoutException:
                 raise FetchError(f"The server at {host!r} stopped responding. Try again later.") from None
+            except httpcore2.RemoteProtocolError as exc:
+                if "peer closed" in str(exc):  # a cut connection, not a malformed response
+                    raise FetchError(f"The connection to {host!r} failed while downloading: the server closed it "
+                                     f"before the whole file arrived ({exc}). Try again later.") from None
+                raise FetchError(
+                    f"The server at {host!r} sent an invalid HTTP response ({exc}). Check that the link works in a "
+                    "browser, or download the file and use transcribe_file."
+                ) from None
             except (httpcore2.ProtocolError, httpcore2.NetworkError, httpcore2.UnsupportedProtocol):
                 raise FetchError(
                     f"The connection to {host!r} failed while downloading (network or TLS error). Check that the "
@@ -326,6 +375,11 @@ class Fetcher:
                     await progress(size, total)
         if size == 0:
             raise FetchError("The server sent an empty file. Check the link.")
+        stream = response.extensions.get("network_stream")
+        if total is not None and isinstance(stream, _Counting) and await stream.surplus(size) > 0:
+            raise FetchError(f"The server sent more than the {total:,} bytes its Content-Length header declares, so "
+                             "the download cannot be trusted whole. Check the link, or download the file and use "
+                             "transcribe_file.")
         return target, size, content_type
 
     def _too_large(self, size: int | None) -> str:

@@ -203,7 +203,12 @@ class PathPolicy:
                 raise PathRefused(f"{raw!r} names a remote host; only local file paths are accepted here.")
             text = unquote(parts.path)
         if text.startswith("~"):
-            text = os.path.expanduser(text)
+            expanded = os.path.expanduser(text)
+            if expanded == text:  # ~name of a user this machine does not know
+                user = text[1:].split("/", 1)[0]
+                raise PathRefused(f"{raw!r} names the home folder of {user!r}, a user this computer does not have. "
+                                  "Pass an absolute path (starting with '/').")
+            text = expanded
         path = Path(text)
         if not path.is_absolute():
             raise PathRefused(

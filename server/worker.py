@@ -39,6 +39,7 @@ class Model(Protocol):
     dtype: str
     quantization: int | None
     runtime: Runtime  # what computes it (asr.decode.runner.Runtime)
+    special_tokens: frozenset[str]  # the tokenizer's, which hotwords may not contain
 
     @property
     def languages(self) -> list[Language]: ...
@@ -58,6 +59,7 @@ class ModelInfo:
     quantization: int | None
     languages: tuple[Language, ...]
     runtime: RuntimeInfo  # what computes it, chosen at load
+    special_tokens: frozenset[str] = frozenset()
 
     @property
     def compute(self) -> str:
@@ -250,6 +252,7 @@ class Engine:
             info = ModelInfo(
                 name=str(model.name), variant=str(model.variant), dtype=str(model.dtype),
                 quantization=model.quantization, languages=tuple(model.languages), runtime=model.runtime.info,
+                special_tokens=frozenset(model.special_tokens),
             )
             self.info = info
             if self._warmup:

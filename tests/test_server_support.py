@@ -41,6 +41,7 @@ class FakeModel:
         self.dtype = "bfloat16"
         self.quantization = None
         self.runtime = SimpleNamespace(info=RuntimeInfo(backend="mlx", device="cpu", audio="fake", llm="fake"))
+        self.special_tokens = frozenset({"<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>"})
         self.seconds_per_audio_s = seconds_per_audio_s
         self.step_s = step_s
         self.fail = fail

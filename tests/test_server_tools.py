@@ -387,6 +387,17 @@ async def test_client_roots_only_narrow(root, mode):
         assert refused.is_error and "narrowed by the client" in text_of(refused)
     async with Client(server, mode=mode) as client:  # no roots capability: configured roots only
         assert not (await client.call_tool("transcribe_file", {"path": str(beside)})).is_error
+
+    async def http_only(_context):  # roots declared, but no local folder among them
+        return ListRootsResult(roots=[Root(uri=FileUrl("file://fileserver/share/music"))])
+
+    async def nothing(_context):
+        return ListRootsResult(roots=[])
+
+    for callback in (http_only, nothing):  # fail closed: the client shares no local folder, so none may be read
+        async with Client(server, mode=mode, list_roots_callback=callback) as client:
+            refused = await client.call_tool("transcribe_file", {"path": str(inside)})
+            assert refused.is_error and "shares no local folder" in text_of(refused)
     ignoring, _ = make(root, allowed_roots=[root], client_roots="ignore")
     async with Client(ignoring, mode=mode, list_roots_callback=narrow_callback) as client:
         assert not (await client.call_tool("transcribe_file", {"path": str(beside)})).is_error

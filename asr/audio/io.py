@@ -323,7 +323,7 @@ class _SoundfileReader:
 
 
 class _PyAVReader:
-    def __init__(self, src: _Source):
+    def __init__(self, src: _Source, sndfile_error: str | None = None):
         import av  # lazy: FFmpeg is only needed for formats libsndfile lacks
 
         self.av, self.src = av, src
@@ -344,7 +344,9 @@ class _PyAVReader:
         rate, channels = cc.sample_rate or 0, cc.layout.nb_channels if cc.layout else 0
         if not (_MIN_RATE <= rate <= _MAX_RATE and channels >= 1):
             container.close()
-            raise _undecodable(src, f"the audio track has no usable header ({rate} Hz, {channels} channels)")
+            why = f" (libsndfile: {sndfile_error})" if sndfile_error else ""
+            counted = f"{channels} channels" if channels >= 1 else "a channel count it cannot use"
+            raise _undecodable(src, f"the audio track has no usable header ({rate} Hz, {counted}){why}")
         duration = None
         if stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
@@ -450,12 +452,14 @@ class _Decoding:
     def open(self, prime: bool = True) -> AudioInfo:
         """Pick a decoder. With `prime`, decode the first block too, so that data libsndfile
         recognises but cannot decode still falls through to FFmpeg."""
+        sndfile_error = None
         try:
             reader = _SoundfileReader(self.src, self.warnings)
         except AudioDecodeError:
             raise
         except Exception as e:  # noqa: BLE001 - libsndfile does not know this data: FFmpeg's turn
             log.debug("%s: libsndfile cannot open it (%s); trying FFmpeg", self.src.name, e)
+            sndfile_error = str(e).rpartition(": ")[2].rstrip(".") or None  # "Error opening <name>: <reason>"
         else:
             self.reader = reader
             if not prime:
@@ -472,7 +476,7 @@ class _Decoding:
             if self.reader is not None:
                 self._rest = blocks
                 return reader.info
-        self.reader = _PyAVReader(self.src)
+        self.reader = _PyAVReader(self.src, sndfile_error)
         self._rest = self.reader.blocks(self.warnings)
         return self.reader.info
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,10 @@ def chatml(instruction_text: str) -> str:
     )
 
 
-def clean_hotwords(hotwords: list[str] | str | None) -> list[str]:
-    """Validate hotwords: a list of short strings (a bare string is one hotword, not characters)."""
+def clean_hotwords(hotwords: list[str] | str | None, special_tokens: Iterable[str] = ()) -> list[str]:
+    """Validate hotwords: a list of short strings (a bare string is one hotword, not characters) holding none of the
+    tokenizer's special tokens (`special_tokens`, PromptTokenizer.special_tokens: <think>, <tool_call>, ... would be
+    encoded as control tokens, a prompt injection) and no <|...|> markup."""
     if hotwords is None:
         return []
     if isinstance(hotwords, str):
@@ -61,9 +64,10 @@ def clean_hotwords(hotwords: list[str] | str | None) -> list[str]:
         if not word:
             continue
         markup = _SPECIAL_MARKUP.search(word)  # would be encoded as ChatML control tokens: a prompt injection
-        if markup:
+        special = markup.group() if markup else next((t for t in special_tokens if t in word), None)
+        if special:
             raise InvalidOptionError(
-                f"hotword {word[:40]!r} contains the special-token markup {markup.group()!r}; "
+                f"hotword {word[:40]!r} contains {special!r}, a special token of the model's tokenizer; "
                 "hotwords must be plain words or names"
             )
         if len(word) > MAX_HOTWORD_CHARS:
@@ -92,6 +96,8 @@ class PromptTokenizer:
             raise ModelLoadError(f"cannot read the tokenizer {tokenizer_file}: {exc}; re-download the model") from exc
         self.im_end = self._special("<|im_end|>")
         self.endoftext = self._special("<|endoftext|>")
+        # every added token (<|im_start|>, <think>, <tool_call>, ...): encoded as one control token wherever it occurs
+        self.special_tokens = frozenset(t.content for t in self.tok.get_added_tokens_decoder().values())
 
     def _special(self, text: str) -> int:
         tid = self.tok.token_to_id(text)
