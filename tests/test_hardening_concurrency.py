@@ -6,7 +6,7 @@
   the rest completes, the queue drains, and a new call is served at once;
 - URL downloads never leave temporary files behind: completed, refused, oversized, endless, timed-out,
   undecodable and cancelled downloads alike;
-- the soak command (tools/soak.py) runs and reports flat memory on a short run (the 1,000-call soak is in
+- the soak command (benchmarks/soak.py) runs and reports flat memory on a short run (the 1,000-call soak is in
   docs/hardening.md).
 """
 
@@ -300,7 +300,7 @@ async def test_downloads_never_leave_temp_files(tmp_path, monkeypatch):
 # --- the soak command ---------------------------------------------------------------------------------------------
 def _soak(tmp_path: Path, *args: str) -> dict:
     report = tmp_path / "soak.json"
-    proc = subprocess.run([sys.executable, "-m", "tools.soak", "--model", "fake", "--quiet", "--work",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--model", "fake", "--quiet", "--work",
                            str(tmp_path / "work"), "--json", str(report), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

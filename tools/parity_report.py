@@ -19,10 +19,10 @@ import numpy as np
 import asr  # (preloads OpenBLAS before mlx is imported)
 import mlx.core as mx
 # isort: on
-from asr.frontend import fbank, lfr
-from asr.llm import teacher_forced_logits
+from asr.audio.features import fbank, lfr
+from asr.model.llm import teacher_forced_logits
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 OPTS = ("language", "hotwords", "itn")
 
 

@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import platform
 import re
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", Path(__file__).resolve().parents[1].parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 DEFAULT_CLIPS = [
     "audio/zh/example_zh.wav",
     "audio/zh/funasr_asr_example_zh.wav",

@@ -29,7 +29,7 @@ Regenerating the fixtures of tests/test_ctc.py (from the repo root):
     .venv/bin/python -m tools.reference_ctc fixture tests/fixtures/ctc_parity.json .cache/ctc/{plain,boost}_golden.json
     .venv-ref/bin/python tools/reference_ctc.py viterbi --out tests/fixtures/ctc_viterbi.json $TA
     .venv-ref/bin/python tools/reference_ctc.py tokenizer --out tests/fixtures/ctc_tokenizer.json \
-        --vocab ../shared/testdata/tokenizer/funasr_nano_ctc_candidate/multilingual_zh_ja_yue_char_del.tiktoken
+        --vocab tests/data/tokenizer/funasr_nano_ctc_candidate/multilingual_zh_ja_yue_char_del.tiktoken
 
 `checkpoint` = tools.checkpoint.write_checkpoint(size="tiny", ctc=True); with --blank-boost B, B is added to the
 blank's ctc_lo bias so that most frames are blank as in a trained model (a short CTC text that alignment can place;
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", Path(__file__).resolve().parents[1].parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 DEFAULT_CLIPS = [
     "audio/zh/example_zh.wav",
     "audio/zh/aishell1_BAC009S0724W0121.wav",

@@ -9,7 +9,7 @@ above the loaded model. Random weights never emit the end
 token, so every segment decodes exactly --max-new-tokens tokens (repetition guard off): equal work at every
 batch size.
 
-    python3 tools/gpu/probe_long.py --model /root/ck/full --clips a.wav b.wav [--minutes 10] [--batch 1 4 16 32]
+    python3 -m benchmarks.long_audio --model /root/ck/full --clips a.wav b.wav [--minutes 10] [--batch 1 4 16 32]
         [--cold]
 """
 
@@ -25,8 +25,8 @@ import mlx.core as mx
 import numpy as np
 import soundfile as sf
 
-from asr.audio import SAMPLE_RATE as SR
-from asr.audio import load_audio
+from asr.audio.io import SAMPLE_RATE as SR
+from asr.audio.io import load_audio
 
 
 def dense_speech(clips: list[str], minutes: float, seed: int = 0) -> np.ndarray:

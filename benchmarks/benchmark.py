@@ -1,8 +1,12 @@
 """Benchmark funasr-nano-mlx stage by stage, optionally side by side with the official funasr (PyTorch) code.
 
-    python examples/benchmark.py --model DIR [--modes fp32 bf16 q8 q4] [--clips A.wav ...] [--max-new-tokens 32]
+    python benchmarks/benchmark.py --model DIR [--modes fp32 bf16 q8 q4] [--clips A.wav ...] [--max-new-tokens 32]
+        [--backend auto|mlx|cpu|cuda] [--no-one-launch]
         [--official --official-python .venv-ref/bin/python --official-device cpu|cuda --official-dtypes fp32 bf16]
         [--batch 64] [--json out.json]
+
+--backend and --no-one-launch choose the runners (asr.RuntimeOptions), so a backend's fast paths are measured
+against the reference MLX backend with the same command.
 
 Each mode (LLM dtype / quantization / encoder dtype) and each official run goes in its own subprocess, so load
 time, peak memory and resident memory are per mode. Per clip and stage it reports the median of --repeats runs
@@ -95,21 +99,17 @@ def worker_ours(a: argparse.Namespace) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from asr import _blas
-    from asr import cuda_decode
-    from asr import llm as llm_mod
     from asr.audio.io import load_audio
+    from asr.backends.cpu import blas_load
+    from asr.decode.loop import greedy
     from asr.loading.checkpoint import MLX_CONFIG, converted_dir_for, resolve
-    from asr.llm import greedy_decode, greedy_decode_padded, teacher_forced_logits
+    from asr.model.llm import teacher_forced_logits
 
     mode = MODES[a.mode]
-    llm_mod.FAST_DECODE = a.decode != "stock"
-    llm_mod.NUMPY_ON_CPU = a.decode == "fast"
-    llm_mod.COMPILE_DECODE = False if a.decode == "fast-nocompile" else None
-    cuda_decode.ENABLED = a.decode in ("fast", "fast-nocompile")
-    cuda_decode.COMPILE = a.decode != "fast-nocompile"
-    res: dict = {"side": "ours", "mode": a.mode + ("" if a.decode == "fast" else f"/{a.decode}"), **mode,
-                 "device": str(mx.default_device()), "mlx": mx.__version__, "blas": _blas.loaded, "decode": a.decode,
+    runtime = asr.RuntimeOptions(backend=a.backend, cuda_one_launch=a.one_launch)
+    variant = "" if (a.backend, a.one_launch) == ("auto", True) else f"/{a.backend}" + ("" if a.one_launch else "-multi")
+    res: dict = {"side": "ours", "mode": a.mode + variant, **mode, "options": runtime.as_dict(),
+                 "device": str(mx.default_device()), "mlx": mx.__version__, "blas": blas_load.loaded,
                  "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "FUNASR_NANO_BLAS"))}}
     src = resolve(a.model)
     conv = converted_dir_for(src.path) if src.kind == "official" else src.path
@@ -118,15 +118,16 @@ def worker_ours(a: argparse.Namespace) -> dict:
     q_before = qfiles()
 
     t0 = time.perf_counter()
-    model = asr.load_model(a.model, **mode)
+    model = asr.load_model(a.model, **mode, runtime=runtime)
     res["load_s"] = time.perf_counter() - t0
+    res["runtime"] = model.runtime.info.model_dump()
     res["load_kind"] = ("first (conversion)" if not res["converted_before"] else
                         "first (quantization)" if mode["quantize"] and qfiles() != q_before else "cached")
     if a.load_twice:  # the second load is the cached one
         del model
         mx.clear_cache()
         t0 = time.perf_counter()
-        model = asr.load_model(a.model, **mode)
+        model = asr.load_model(a.model, **mode, runtime=runtime)
         res["load_cached_s"] = time.perf_counter() - t0
     res["weights_mb"] = mx.get_active_memory() / 2**20
     t0 = time.perf_counter()
@@ -141,9 +142,9 @@ def worker_ours(a: argparse.Namespace) -> dict:
     def run_clip(samples: np.ndarray) -> tuple[dict, list[int], mx.array]:  # what transcribe does for one pass
         t: dict = {"features_s": 0.0, "encoder_s": 0.0, "adaptor_s": 0.0}
         t_start = time.perf_counter()
-        emb, _, _, _ = model.batch_prompts([samples], ids, t)
-        out = greedy_decode(llm, emb, eos_ids=eos, max_new_tokens=a.max_new_tokens,
-                            repetition_guard=not a.ignore_eos)
+        emb, lengths, _, _ = model.batch_prompts([samples], ids, t)
+        out = greedy(model.runtime.llm, emb, lengths, eos_ids=eos, max_new_tokens=a.max_new_tokens,
+                     repetition_guard=not a.ignore_eos)[0]
         t.update(prefill_s=out.prefill_s, decode_s=out.decode_s, prompt_tokens=out.prompt_tokens,
                  new_tokens=len(out.tokens))
         t["total_s"] = time.perf_counter() - t_start
@@ -183,8 +184,8 @@ def worker_ours(a: argparse.Namespace) -> dict:
                 prompts, prompt_lengths, _, _ = model.batch_prompts([s.samples for s in segs], ids)
                 mx.eval(prompts)
                 t_front = time.perf_counter() - t0
-                outs = greedy_decode_padded(llm, prompts, prompt_lengths, eos_ids=eos, max_new_tokens=a.max_new_tokens,
-                                            repetition_guard=not a.ignore_eos)
+                outs = greedy(model.runtime.llm, prompts, prompt_lengths, eos_ids=eos,
+                              max_new_tokens=a.max_new_tokens, repetition_guard=not a.ignore_eos)
                 wall = time.perf_counter() - t0
                 return {"segments": n, "audio_s": sum(s.duration_s for s in segs), "wall_s": wall,
                         "frontend_encoder_adaptor_s": t_front, "prefill_s": outs[0].prefill_s,
@@ -460,11 +461,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode exactly --max-new-tokens (default: on for random-weight checkpoints)")
     ap.add_argument("--batch", type=int, nargs="*", default=[], help="batched throughput over N segments")
     ap.add_argument("--load-twice", action="store_true", help="also time a second (cached) load in each mode")
-    ap.add_argument("--decode", default="fast", choices=["fast", "mlx", "fast-nocompile", "stock"],
-                    help="LLM steps: the default (NumPy/BLAS on the CPU for fp32; on CUDA the fused batch-of-one "
-                         "step of asr/cuda_decode.py; else our fixed-shape MLX step, compiled on GPUs), our MLX-op "
-                         "step everywhere (no NumPy runner, no fused CUDA step), the default uncompiled, or mlx-lm's "
-                         "own model")
+    ap.add_argument("--backend", default="auto", choices=["auto", "mlx", "cpu", "cuda"],
+                    help="the runners (asr.RuntimeOptions.backend): mlx is the reference every other is measured against")
+    ap.add_argument("--one-launch", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA: the one-launch decode steps where the device runs them (--no-one-launch: the "
+                         "multi-kernel steps)")
     ap.add_argument("--official", action="store_true", help="also run the official funasr code (side by side)")
     ap.add_argument("--official-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     ap.add_argument("--official-device", default="cpu")
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             modes = sorted(a.modes, key=lambda m: m != "fp32")  # fp32 first: it is the agreement reference
             for mode in modes if rnd % 2 == 0 else modes[::-1]:
                 extra = ["--load-twice"] if a.load_twice and rnd == 0 else []
-                extra += ["--decode", a.decode]
+                extra += ["--backend", a.backend, "--one-launch" if a.one_launch else "--no-one-launch"]
                 if rnd == 0:  # agreement once, in the round that runs fp32 first
                     extra += ["--agreement-dir", str(tmp)]
                 r = _spawn(sys.executable, [*common, *extra, "--_worker", "ours", "--mode", mode],

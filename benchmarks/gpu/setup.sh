@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU machine, call 2: finish installing MLX CUDA + the official funasr's import-time deps into /root/site,
-# make the full-size random checkpoint (numpy only) and expose the test data where tools/ expects it.
-# carry: .whl/parts/mlxcuda.part01 .whl/small .work/testdata
+# and make the full-size random checkpoint (numpy only). The test clips travel with the tree (tests/data).
+# carry: .whl/parts/mlxcuda.part01 .whl/small
 set -eu
 S=/root/site
 if [ ! -d $S/mlx/lib ]; then
@@ -10,7 +10,6 @@ if [ ! -d $S/mlx/lib ]; then
     /root/stage/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl .whl/small/*.whl
   ln -sfn "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" $S/nvidia
 fi
-mkdir -p ../shared && ln -sfn "$PWD/.work/testdata" ../shared/testdata
 export PYTHONPATH=$S
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device()); a = mx.ones((4, 4)); print((a @ a).sum())'
 if [ -z "${NO_CHECKPOINT:-}" ] && [ ! -f /root/ck/full/model.pt ]; then

@@ -1,17 +1,17 @@
 """Peak memory and wall time of `transcribe` on long audio, one fresh process per file.
 
 Builds synthetic 16 kHz WAV files of the given lengths in minutes: one fixed minute of real speech clips from
-shared/testdata separated by silences of 0.4-6 s with faint noise, repeated (written minute by minute: the hour
+tests/data separated by silences of 0.4-6 s with faint noise, repeated (written minute by minute: the hour
 is never held in memory, and every length has the same speech density and segment mix). It writes the
 tiny random checkpoint (tools/checkpoint.py), then runs `FunASRNano.transcribe` on each file - and on the 69 s
 VoxPopuli clip, alone and looped for an hour (dense speech: every batch holds segments of up to 30 s) - in a
 fresh subprocess and reports the process's peak resident memory (VmHWM from
 /proc/self/status) after loading the model and after transcribing, with the wall times.
 
-    python -m tools.long_audio_rss [--minutes 1 60] [--looped-minutes 60] [--max-new-tokens 8] [--work DIR]
+    python -m benchmarks.long_audio_rss [--minutes 1 60] [--looped-minutes 60] [--max-new-tokens 8] [--work DIR]
                                    [--json OUT]
 
-Files up to asr.model.STREAM_ABOVE_S (600 s) are decoded in memory; longer ones take the two-pass block
+Files up to asr.pipeline.STREAM_ABOVE_S (600 s) with a trustworthy duration are decoded in memory; longer ones take the two-pass block
 streaming path, whose peak must not grow with duration.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = Path(os.environ.get("FUNASR_TESTDATA", ROOT.parent / "shared" / "testdata"))
+TESTDATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 VOXPOPULI = TESTDATA / "audio" / "long" / "voxpopuli_en_test_000.wav"
 SR = 16000
 
@@ -39,7 +39,7 @@ def speech_clips() -> list[Path]:
     """The 16 kHz WAV clips of the test data (every language folder; not the 48 kHz MP3 original)."""
     clips = sorted(p for p in (TESTDATA / "audio").glob("*/*.wav") if p.parent.name != "original")
     if not clips:
-        raise SystemExit(f"no test clips under {TESTDATA / 'audio'}; set FUNASR_TESTDATA")
+        raise SystemExit(f"no test clips under {TESTDATA / 'audio'}")
     return clips
 
 
@@ -128,7 +128,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(path: Path, checkpoint: Path, env: dict, max_new_tokens: int, dtype: str) -> dict:
-    cmd = [sys.executable, "-m", "tools.long_audio_rss", "--child", str(path), "--checkpoint", str(checkpoint),
+    cmd = [sys.executable, "-m", "benchmarks.long_audio_rss", "--child", str(path), "--checkpoint", str(checkpoint),
            "--max-new-tokens", str(max_new_tokens), "--dtype", dtype]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
