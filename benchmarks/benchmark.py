@@ -1,11 +1,11 @@
 """Benchmark funasr-nano-mlx stage by stage, optionally side by side with the official funasr (PyTorch) code.
 
     python benchmarks/benchmark.py --model DIR [--modes fp32 bf16 q8 q4] [--clips A.wav ...] [--max-new-tokens 32]
-        [--backend auto|mlx|cpu|cuda] [--no-one-launch]
+        [--backend auto|mlx|cpu|cuda] [--no-one-launch] [--no-encoder-kernels]
         [--official --official-python .venv-ref/bin/python --official-device cpu|cuda --official-dtypes fp32 bf16]
         [--batch 64] [--json out.json]
 
---backend and --no-one-launch choose the runners (asr.RuntimeOptions), so a backend's fast paths are measured
+--backend, --no-one-launch and --no-encoder-kernels choose the runners (asr.RuntimeOptions), so a backend's fast paths are measured
 against the reference MLX backend with the same command.
 
 Each mode (LLM dtype / quantization / encoder dtype) and each official run goes in its own subprocess, so load
@@ -106,8 +106,10 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from asr.model.llm import teacher_forced_logits
 
     mode = MODES[a.mode]
-    runtime = asr.RuntimeOptions(backend=a.backend, cuda_one_launch=a.one_launch)
-    variant = "" if (a.backend, a.one_launch) == ("auto", True) else f"/{a.backend}" + ("" if a.one_launch else "-multi")
+    runtime = asr.RuntimeOptions(backend=a.backend, cuda_one_launch=a.one_launch,
+                                 cuda_encoder_kernels=a.encoder_kernels)
+    variant = "" if (a.backend, a.one_launch, a.encoder_kernels) == ("auto", True, True) else (
+        f"/{a.backend}" + ("" if a.one_launch else "-multi") + ("" if a.encoder_kernels else "-mlxenc"))
     res: dict = {"side": "ours", "mode": a.mode + variant, **mode, "options": runtime.as_dict(),
                  "device": str(mx.default_device()), "mlx": mx.__version__, "blas": blas_load.loaded,
                  "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "FUNASR_NANO_BLAS"))}}
@@ -466,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one-launch", action=argparse.BooleanOptionalAction, default=True,
                     help="CUDA: the one-launch decode steps where the device runs them (--no-one-launch: the "
                          "multi-kernel steps)")
+    ap.add_argument("--encoder-kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA: the encoder's attention and FSMN kernels (--no-encoder-kernels: MLX's operations)")
     ap.add_argument("--official", action="store_true", help="also run the official funasr code (side by side)")
     ap.add_argument("--official-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     ap.add_argument("--official-device", default="cpu")
@@ -528,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
             modes = sorted(a.modes, key=lambda m: m != "fp32")  # fp32 first: it is the agreement reference
             for mode in modes if rnd % 2 == 0 else modes[::-1]:
                 extra = ["--load-twice"] if a.load_twice and rnd == 0 else []
-                extra += ["--backend", a.backend, "--one-launch" if a.one_launch else "--no-one-launch"]
+                extra += ["--backend", a.backend, "--one-launch" if a.one_launch else "--no-one-launch",
+                          "--encoder-kernels" if a.encoder_kernels else "--no-encoder-kernels"]
                 if rnd == 0:  # agreement once, in the round that runs fp32 first
                     extra += ["--agreement-dir", str(tmp)]
                 r = _spawn(sys.executable, [*common, *extra, "--_worker", "ours", "--mode", mode],
