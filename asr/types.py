@@ -70,6 +70,9 @@ class RuntimeInfo(BaseModel):
     audio: str = Field(description="what runs the encoder, the adaptor and the CTC decoder")
     llm: str = Field(description="what runs the LLM's prefill and decode steps")
     cpu_blas: str | None = Field(default=None, description="the BLAS library loaded for CPU products, if any")
+    fp32_products: Literal["ieee", "tf32"] = Field(
+        default="ieee", description="how float32 matrix products are computed: ieee, or tf32 (MLX's default on CUDA; "
+        "MLX_ENABLE_TF32=0 before start gives IEEE fp32, the official code's numbers)")
 
 
 FinishReason = Literal["stop", "length", "repetition", "empty"]

@@ -3,6 +3,8 @@ what they should (fp32, unquantized, outside the skipped children); the CUDA bac
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -52,3 +54,19 @@ def test_loaded_model_uses_it_on_cuda(tiny_checkpoint):
     assert type(model.net.encoder.encoders[0].self_attn.linear_q_k_v) is LinearNN
     assert type(model.net.adaptor.linear1) is LinearNN
     assert type(model.net.llm.model.layers[0].self_attn.q_proj) is nn.Linear
+
+
+def test_fp32_products_are_reported(monkeypatch, tiny_model):
+    """Whether float32 products run in TF32 (MLX's CUDA default) is part of what a result reports: parity with the
+    official fp32 numbers needs IEEE products (MLX_ENABLE_TF32=0)."""
+    from asr.backends.cuda.env import fp32_products
+
+    on_cuda = tiny_model.runtime.info.device == "gpu (cuda)"
+    expected = "tf32" if on_cuda and os.environ.get("MLX_ENABLE_TF32", "1") != "0" else "ieee"
+    assert tiny_model.runtime.info.fp32_products == expected
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")
+    assert fp32_products(on_cuda=True) == "tf32" and fp32_products(on_cuda=False) == "ieee"
+    monkeypatch.setenv("MLX_ENABLE_TF32", "0")
+    assert fp32_products(on_cuda=True) == "ieee"
+    monkeypatch.delenv("MLX_ENABLE_TF32")
+    assert fp32_products(on_cuda=True) == "tf32"

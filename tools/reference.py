@@ -247,10 +247,17 @@ def check_loaded_weights(model, init_param: str) -> dict:
             "module_tensors_not_in_checkpoint": len(not_loaded), "ctc_enabled": model.ctc_decoder is not None}
 
 
+def _version_of(module: str) -> str:
+    """A module's version, or "absent" (kaldi-native-fbank is only needed where torchaudio is missing)."""
+    try:
+        return getattr(__import__(module), "__version__", "?")
+    except ImportError:
+        return "absent"
+
+
 def versions() -> dict:
     import funasr
     import funasr.utils.fbank as fbank_module
-    import kaldi_native_fbank
     import librosa
     import soundfile
     import torch
@@ -260,7 +267,7 @@ def versions() -> dict:
         "python": platform.python_version(), "funasr": funasr.__version__, "torch": torch.__version__,
         "transformers": transformers.__version__, "numpy": np.__version__, "librosa": librosa.__version__,
         "soundfile": soundfile.__version__, "libsndfile": soundfile.__libsndfile_version__,
-        "kaldi_native_fbank": getattr(kaldi_native_fbank, "__version__", "?"),
+        "kaldi_native_fbank": _version_of("kaldi_native_fbank"),
         "fbank_backend": "torchaudio" if fbank_module._HAS_TORCHAUDIO else "kaldi-native-fbank",
         "torch_threads": torch.get_num_threads(),
     }

@@ -17,6 +17,7 @@ from ..options import RuntimeOptions
 from ..types import RuntimeInfo
 from .cpu import blas_load
 from .cpu import runners as cpu_runners
+from .cuda.env import fp32_products
 from .cuda.runners import CUDALLM, CUDAAudio
 from .mlx.runners import MLXLLM, MLXAudio
 
@@ -72,7 +73,7 @@ def build(backend: str, net: FunASRNanoNet, options: RuntimeOptions) -> Runtime:
     else:
         audio, llm = MLXAudio(net, options.inflight_bytes), MLXLLM(net.llm, options.inflight_bytes)
     info = RuntimeInfo(backend=backend, device=device(), audio=audio.description, llm=llm.description,
-                       cpu_blas=blas_load.loaded)
+                       cpu_blas=blas_load.loaded, fp32_products=fp32_products(device() == "gpu (cuda)"))
     return Runtime(audio=audio, llm=llm, info=info)
 
 

@@ -5,6 +5,11 @@ operations. Decoding runs ~450 small kernels a token, so this size decides how m
 Measured on lent H100s (docs/performance-history.md): MLX's default
 cost 31 ms a decode step on one machine and 100 cost 3.8-6.5 ms; on another, 100 beat both the default and 250.
 Only set when MLX's CUDA build is installed; Metal and the CPU are left alone.
+
+MLX's CUDA backend also computes float32 matrix products in TF32 (10-bit mantissa inputs) unless MLX_ENABLE_TF32=0
+is set before MLX loads: faster on tensor cores, but not the official code's fp32 numbers (PyTorch keeps fp32
+products in IEEE fp32 by default). It is reported in every result (RuntimeInfo.fp32_products), not changed here:
+the parity suite on a GPU sets MLX_ENABLE_TF32=0 (benchmarks/gpu/tests.sh).
 """
 
 from __future__ import annotations
@@ -25,3 +30,11 @@ def apply_defaults() -> None:
             continue
         os.environ["MLX_MAX_OPS_PER_BUFFER"] = CUDA_OPS_PER_BUFFER
         return
+
+
+def fp32_products(on_cuda: bool) -> str:
+    """How MLX computes float32 matrix products in this process: "tf32" on CUDA unless MLX_ENABLE_TF32=0 (MLX
+    reads it once, when it loads), else "ieee"."""
+    if on_cuda and os.environ.get("MLX_ENABLE_TF32", "1").strip() not in ("0", ""):
+        return "tf32"
+    return "ieee"
