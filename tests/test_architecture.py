@@ -167,3 +167,15 @@ def test_tests_do_not_patch_the_packages_globals():
                 if full in ours or full.split(".")[0] in PACKAGES and full.rpartition(".")[0] in ours:
                     offenders.append(f"{f.name}:{node.lineno} {target}")
     assert offenders == []
+
+
+def test_every_data_file_of_the_package_is_installed():
+    """Files the package reads at run time that are not Python (VAD weights, CUDA kernel sources) are listed in
+    pyproject's package-data, so a wheel install has them too, not only a checkout."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["asr"]
+    data = {p.relative_to(ROOT / "asr") for p in (ROOT / "asr").rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc", ".nbi", ".nbc") and "__pycache__" not in p.parts}
+    covered = {p for p in data if any(p.match(g) for g in globs)}
+    assert data and covered == data, sorted(map(str, data - covered))
