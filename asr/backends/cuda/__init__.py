@@ -1,1 +1,1 @@
-"""The CUDA backend: custom kernels (sources in kernels/) for the encoder's attention and FSMN and for the decode steps."""
+"""The CUDA backend: custom kernels (sources in sources/) for the encoder's attention and FSMN and for the decode steps."""

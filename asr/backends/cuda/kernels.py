@@ -1,4 +1,4 @@
-"""The CUDA backend's kernels: their sources (the .cu / .cuh files in kernels/), compiled through MLX's
+"""The CUDA backend's kernels: their sources (the .cu / .cuh files in sources/), compiled through MLX's
 `mx.fast.cuda_kernel`, launches prepared once, and what the device can run.
 
 Every kernel body is compiled with common.cuh (warp and block reductions, the weight-row loads, RoPE and the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-SOURCES = Path(__file__).resolve().parent / "kernels"
+SOURCES = Path(__file__).resolve().parent / "sources"
 # MLX's CUDA allocator puts arrays of 8 bytes or less in a pool of managed memory that the host may read (token
 # outputs are), where a kernel reads them over PCIe. The position and padding arrays the kernels read every layer are
 # kept at 4 int32 (16 bytes, device memory); the kernels read the first entries only.
@@ -26,7 +26,7 @@ SMALL_ARRAY = 4
 
 @functools.cache
 def source(name: str) -> str:
-    """The text of kernels/`name`."""
+    """The text of sources/`name`."""
     return (SOURCES / name).read_text(encoding="utf-8")
 
 
