@@ -413,9 +413,10 @@ def create_server(
     audio_api: AudioAPI | None = None,
     resolver: Resolver | None = None,
     network: Callable[[str], Any] | None = None,
+    download_dir: str | None = None,
     divert_stdout: bool = False,
 ) -> MCPServer:
-    """Build the MCP server. `model_loader`, `audio_api`, `resolver` and `network` (server.fetch.Fetcher's) are
+    """Build the MCP server. X
     seams for tests.
 
     `divert_stdout` (for stdio serving) points `sys.stdout` at stderr while the server runs, so that
@@ -434,7 +435,7 @@ def create_server(
         engine.start()  # loads in the background: the handshake is not held up
         fetcher = Fetcher(policy=settings.url_policy, allow_hosts=settings.url_allow_hosts,
                           max_bytes=settings.max_download_bytes, timeout_s=settings.download_timeout_s,
-                          resolver=resolver, network=network)
+                          resolver=resolver, network=network, tmp_dir=download_dir)
         state = AppState(settings=settings, engine=engine, paths=paths_policy, fetcher=fetcher,
                          audio=audio_api or AudioAPI.default(), decode_limiter=anyio.CapacityLimiter(2))
         saved_stdout = sys.stdout

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -254,10 +253,9 @@ def _slow(body: bytes, delay_s: float):
     return route
 
 
-async def test_downloads_never_leave_temp_files(tmp_path, monkeypatch):
-    private = tmp_path / "tmp"
+async def test_downloads_never_leave_temp_files(tmp_path):
+    private = tmp_path / "tmp"  # where the fetcher makes its folders
     private.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(private))  # where the fetcher makes its folders
     wav = wav_bytes(1.0)
     routes = {"/ok.wav": send_body(wav), "/big.wav": send_body(b"\0" * (3 << 20)), "/endless.wav": endless(),
               "/slow.wav": _slow(wav, 0.05), "/text.wav": send_body(b"not audio " * 500, "audio/wav"),
@@ -267,7 +265,7 @@ async def test_downloads_never_leave_temp_files(tmp_path, monkeypatch):
     with http_server(routes) as (port, _seen):
         server = create_server(Settings(allowed_roots=[tmp_path], url_policy="allowlist",
                                         url_allow_hosts=["127.0.0.1"], max_download_mb=1, download_timeout_s=1.0,
-                                        queue_size=64), model_loader=loader)
+                                        queue_size=64), model_loader=loader, download_dir=str(private))
         base = f"http://127.0.0.1:{port}"
         paths = ["/ok.wav", "/big.wav", "/endless.wav", "/slow.wav", "/text.wav", "/page.html", "/empty.wav",
                  "/loop.wav", "/missing.wav"]
