@@ -72,8 +72,9 @@ def build(backend: str, net: FunASRNanoNet, options: RuntimeOptions) -> Runtime:
         audio, llm = cpu_runners.audio_runner(net, options), cpu_runners.llm_runner(net, options)
     else:
         audio, llm = MLXAudio(net, options.inflight_bytes), MLXLLM(net.llm, options.inflight_bytes)
-    info = RuntimeInfo(backend=backend, device=device(), audio=audio.description, llm=llm.description,
-                       cpu_blas=blas_load.loaded, fp32_products=fp32_products(device() == "gpu (cuda)"))
+    where = device()
+    info = RuntimeInfo(backend=backend, device=where, audio=audio.description, llm=llm.description,
+                       cpu_blas=blas_load.loaded, fp32_products=fp32_products(where == "gpu (cuda)"))
     return Runtime(audio=audio, llm=llm, info=info)
 
 
