@@ -143,9 +143,10 @@ def test_no_switches_read_from_the_environment():
     assert readers <= allowed, readers - allowed
 
 
-def test_tests_do_not_patch_the_packages_globals():
-    """Runners, kernels, BLAS libraries and devices are chosen through options and constructor arguments, so no
-    test replaces a module global of asr or server (monkeypatch.setattr on one of their modules)."""
+def test_tests_do_not_patch_module_globals():
+    """Runners, kernels, BLAS libraries, devices and download folders are chosen through options and constructor
+    arguments, so no test replaces a module global or a class attribute, ours or a library's (monkeypatch.setattr
+    on an imported module or class, or on a dotted "module.name" string)."""
     ours = set(modules())
     offenders = []
     for f in sorted((ROOT / "tests").glob("*.py")):
@@ -159,12 +160,17 @@ def test_tests_do_not_patch_the_packages_globals():
                 for a in node.names:
                     aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
-                    and node.args and isinstance(node.args[0], ast.Name | ast.Attribute)):
-                target = ast.unparse(node.args[0])
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "setattr" and node.args):
+                continue
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str) and "." in first.value:
+                offenders.append(f"{f.name}:{node.lineno} {first.value!r}")  # monkeypatch.setattr("mod.name", v)
+            elif isinstance(first, ast.Name | ast.Attribute):
+                target = ast.unparse(first)
                 head, _, rest = target.partition(".")
                 full = aliases.get(head, head) + ("." + rest if rest else "")
-                if full in ours or full.split(".")[0] in PACKAGES and full.rpartition(".")[0] in ours:
+                if head in aliases or full in ours or full.split(".")[0] in PACKAGES:
                     offenders.append(f"{f.name}:{node.lineno} {target}")
     assert offenders == []
 

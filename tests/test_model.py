@@ -119,11 +119,9 @@ def test_missing_tensor_is_named(tmp_path, model_cache):
         asr.load_model(str(d))
 
 
-def test_hub_offline_without_cache_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_hub_offline_without_cache_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
-        asr.load_model("FunAudioLLM/Fun-ASR-Nano-2512")
+        asr.load_model("FunAudioLLM/Fun-ASR-Nano-2512", download_root=tmp_path / "hub", local_files_only=True)
 
 
 def test_bad_load_options(tiny_checkpoint):
@@ -370,21 +368,15 @@ def test_timestamps_only_with_a_ctc_head(tmp_path, tiny_model, testdata):
     assert [ts for s in r.segments for ts in s.timestamps] == r.timestamps
 
 
-def test_hub_id_resolves_from_the_hf_cache_offline(monkeypatch, tmp_path, tiny_checkpoint):
+def test_hub_id_resolves_from_the_hf_cache_offline(tmp_path, tiny_checkpoint):
     """A repo id is loaded through huggingface_hub's cache (here pre-filled, offline) and named by its id."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--FunAudioLLM--Fun-ASR-MLT-Nano-2512"
     shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    m = asr.load_model("FunAudioLLM/Fun-ASR-MLT-Nano-2512", dtype="float32")
+    m = asr.load_model("FunAudioLLM/Fun-ASR-MLT-Nano-2512", dtype="float32", download_root=tmp_path / "hf" / "hub",
+                       local_files_only=True)
     assert m.name == "FunAudioLLM/Fun-ASR-MLT-Nano-2512" and m.variant == "mlt"  # variant from the repo name
 
 

@@ -49,8 +49,10 @@ class Source:
     name: str  # what the user asked for (path or repo id)
 
 
-def resolve(path_or_repo: str | os.PathLike | None) -> Source:
-    """Turn a path or hub id into a local directory, downloading when needed."""
+def resolve(path_or_repo: str | os.PathLike | None, *, download_root: str | os.PathLike | None = None,
+            local_files_only: bool = False) -> Source:
+    """Turn a path or hub id into a local directory, downloading when needed. A hub id is looked up in (and
+    downloaded to) `download_root`, default huggingface_hub's cache; `local_files_only` never touches the network."""
     spec = str(path_or_repo) if path_or_repo is not None else os.environ.get("FUNASR_NANO_MODEL", DEFAULT_REPO)
     p = Path(spec).expanduser()
     if p.exists():
@@ -58,7 +60,7 @@ def resolve(path_or_repo: str | os.PathLike | None) -> Source:
             raise ModelLoadError(f"model path {p} is a file; pass the model directory that holds config.yaml and model.pt")
         return Source(kind=_dir_kind(p), path=p.resolve(), name=spec)
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return Source(kind="official", path=_download(spec), name=spec)
+        return Source(kind="official", path=_download(spec, download_root, local_files_only), name=spec)
     raise ModelLoadError(
         f"model {spec!r} not found: pass an existing model directory or a Hugging Face repo id such as {DEFAULT_REPO!r}"
     )
@@ -76,18 +78,20 @@ def _dir_kind(p: Path) -> str:
     return "official"
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, cache_dir: str | os.PathLike | None, local_files_only: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise ModelLoadError("huggingface_hub is needed to download models; pip install huggingface_hub") from exc
     try:
-        path = snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+        path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=local_files_only,
+                                 cache_dir=None if cache_dir is None else str(Path(cache_dir).expanduser()))
     except LocalEntryNotFoundError as exc:
         raise ModelLoadError(
-            f"model {repo_id!r} is not in the local Hugging Face cache and downloading is off or impossible "
-            "(HF_HUB_OFFLINE=1 or no network). Download it once with network access, or pass a local directory"
+            f"model {repo_id!r} is not in the local Hugging Face cache{'' if cache_dir is None else f' ({cache_dir})'} "
+            "and downloading is off or impossible (local_files_only, HF_HUB_OFFLINE=1 or no network). Download it "
+            "once with network access, or pass a local directory"
         ) from exc
     except Exception as exc:
         raise ModelLoadError(f"could not download {repo_id!r} from Hugging Face: {type(exc).__name__}: {exc}") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def load_model(
     encoder_dtype: str = "float32",
     warmup: bool = False,
     runtime: RuntimeOptions | None = None,
+    download_root: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> FunASRNano:
     """Load a model from an official directory, a Hugging Face repo id, or a converted directory.
 
@@ -70,6 +73,8 @@ def load_model(
     quantize: 4 or 8 to quantize the LLM's linear layers and embeddings (cached after the first time).
     runtime: what computes the model (asr.options.RuntimeOptions; default: RuntimeOptions.from_env()), decided
     here once and reported as `model.runtime.info` and in every result.
+    download_root: where a hub id is looked up and downloaded (default: huggingface_hub's cache, HF_HOME).
+    local_files_only: never download; a hub id must already be in the cache.
     """
     options = RuntimeOptions.from_env() if runtime is None else runtime
     if not isinstance(options, RuntimeOptions):
@@ -83,7 +88,7 @@ def load_model(
         raise InvalidOptionError("encoder_dtype float16 is not supported: the audio path overflows fp16; use bfloat16")
     for message in select.check():
         log.warning(message)
-    src = ckpt.resolve(path_or_repo)
+    src = ckpt.resolve(path_or_repo, download_root=download_root, local_files_only=local_files_only)
     if src.kind == "official":
         conv = ckpt.converted_dir_for(src.path)
         if not (conv / ckpt.MLX_CONFIG).is_file():
