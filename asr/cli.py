@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(CUDA kernels), or auto")
     t.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
 
+    sub.add_parser("serve", add_help=False, help="serve the model over HTTP: OpenAI-compatible transcription API, "
+                   "health, metrics and MCP (see `funasr-nano serve --help`)")
     lg = sub.add_parser("languages", help="list supported languages")
     lg.add_argument("--variant", choices=("nano", "mlt"), default="nano")
     return p

@@ -222,6 +222,7 @@ class FunASRNano:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
         max_duration_s: float | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> TranscriptionResult:
         """Transcribe a path, an opened `asr.audio.AudioFile`, bytes, a numpy array (+ sample_rate; default 16 kHz)
         or `asr.audio.Audio`. A path is opened once and every pass reads that descriptor.
@@ -236,6 +237,8 @@ class FunASRNano:
         copy); otherwise `result.timestamps` is None and `timestamps_note` says why.
         max_duration_s: refuse audio longer than this (AudioTooLargeError), from the header where it says, else
         while decoding, so that neither memory nor time grows past it.
+        on_segment: called with each segment, in time order, as soon as its batch is decoded (for streaming front
+        ends); the result holds the same segments.
         """
         t_start = time.perf_counter()
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -254,12 +257,11 @@ class FunASRNano:
                 audio = stack.enter_context(AudioFile.open(audio))
             pieces, duration, decode_warnings = self._decode_audio(
                 audio, sample_rate, vad, max_segment_s, max_duration_s, batch_size, ids, max_new_tokens,
-                repetition_guard, timestamps, progress, cancel, t)
+                repetition_guard, timestamps, progress, cancel, t, on_segment)
         warnings += decode_warnings
 
         # 4. result
-        segments = [Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens,
-                            timestamps=p.ctc.timestamps if p.ctc else None) for p in pieces]
+        segments = [_segment(p) for p in pieces]
         if timestamps and self.timestamps_available:
             all_ts, note = [ts for s in segments for ts in (s.timestamps or [])], ""
         else:
@@ -291,7 +293,8 @@ class FunASRNano:
         )
 
     def _decode_audio(self, audio, sample_rate, vad, max_segment_s, max_duration_s, batch_size, ids, max_new_tokens,
-                      repetition_guard, timestamps, progress, cancel, t) -> tuple[list[_Piece], float, list[str]]:
+                      repetition_guard, timestamps, progress, cancel, t,
+                      on_segment=None) -> tuple[list[_Piece], float, list[str]]:
         """Steps 1-3 of transcribe: the audio (in memory, or a file streamed twice in blocks so that memory does not
         grow with its length), the segment plan, and every segment decoded, batch by batch in time order."""
         warnings: list[str] = []
@@ -346,6 +349,8 @@ class FunASRNano:
                                timestamps=timestamps and self.timestamps_available)
             for p in batch:
                 p.samples = np.zeros(0, np.float32)  # release audio as we go
+                if on_segment is not None:
+                    on_segment(_segment(p))
             pieces += batch
             if progress:
                 progress(min(batch[-1].end, duration), duration, f"{len(pieces)}/{len(plan)} segment(s) transcribed")
@@ -402,6 +407,11 @@ class FunASRNano:
         for n in sorted({1, 2, *self.runtime.llm.warm_batches(batch_size)}):
             pieces = [_Piece(float(i), i + clips[i % 2].shape[0] / SAMPLE_RATE, clips[i % 2]) for i in range(n)]
             self._decode_batch(pieces, ids, 2, False, None, _stage_times())
+
+
+def _segment(p: _Piece) -> Segment:
+    return Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens,
+                   timestamps=p.ctc.timestamps if p.ctc else None)
 
 
 def _stage_times() -> dict:

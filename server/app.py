@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
-import numpy as np
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context, ListRoots, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
@@ -30,15 +29,15 @@ from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from asr.audio import io as audio_io
 from asr.audio.io import AudioFile
-from asr.errors import ASRError, AudioTooLargeError, EmptyAudioError
+from asr.errors import ASRError
 from asr.languages import resolve as resolve_language
 from asr.model.prompt import clean_hotwords
 
 from . import __version__
 from .config import Settings
 from .fetch import Fetcher, FetchError, Resolver
+from .intake import AudioAPI, decode, default_loader, model_input
 from .paths import PathPolicy, PathRefused, roots_from_uris
 from .schemas import (
     CancelOutput,
@@ -57,39 +56,11 @@ from .worker import Engine, EngineUnavailable, Job, Model
 
 log = logging.getLogger(__name__)
 
-SILENCE_PEAK = 10 ** (-60 / 20)  # -60 dBFS: below this the clip holds nothing to transcribe
-STREAM_ABOVE_S = 600.0  # = asr.pipeline.STREAM_ABOVE_S (not imported: that would load MLX at server import)
 MAX_HOTWORDS = 100
 POLL_S = 0.05
 HEARTBEAT_S = 2.0
 MODERN_PROTOCOL = "2026-07-28"
 STOP_WAIT_S = 1.0  # at shutdown, how long the model thread may take to notice a cancel (the process then ends anyway)  # from this revision on, roots are asked via an input-required round trip
-
-
-# ---- wiring ---------------------------------------------------------------------------------------
-class AudioAPI:
-    """The two audio functions the server needs (asr.audio.io's; a fake in unit tests)."""
-
-    def __init__(self, probe: Callable[..., Any], load_audio: Callable[..., Any]):
-        self.probe = probe
-        self.load_audio = load_audio
-
-    @classmethod
-    def default(cls) -> "AudioAPI":
-        return cls(audio_io.probe, audio_io.load_audio)
-
-
-def default_loader(settings: Settings) -> Callable[[], Model]:
-    def load() -> Model:
-        import dataclasses
-
-        import asr  # first: preloads OpenBLAS before MLX
-
-        runtime = dataclasses.replace(asr.RuntimeOptions.from_env(), backend=settings.backend)
-        return asr.load_model(settings.model, dtype=settings.dtype, quantize=settings.quantize,
-                              variant=settings.variant, encoder_dtype=settings.encoder_dtype, runtime=runtime)
-
-    return load
 
 
 @dataclass
@@ -300,71 +271,11 @@ def _check_options(state: AppState, language: str, hotwords: list[str] | None) -
         raise ToolError(f"Too many hotwords ({len(hotwords)}); pass at most {MAX_HOTWORDS} of the rarest terms.")
 
 
-@dataclass(frozen=True)
-class LongAudio:
-    """A file the model streams in blocks from its one opened descriptor (bounded memory) instead of the server
-    holding every sample: long per its header, or of unknown length (WebM as browsers record it says none). The
-    duration limit is then enforced while the model decodes it; its VAD decides whether it holds speech."""
-
-    file: AudioFile
-    duration_s: float  # per the header; 0.0 where unknown until read
-    warnings: tuple[str, ...] = ()
-
-
-def _model_input(audio: Any) -> Any:
-    """What the model's `transcribe` gets: the opened file of a long one, else the decoded `Audio`."""
-    return audio.file if isinstance(audio, LongAudio) else audio
-
-
-def _decode(state: AppState, file: AudioFile) -> Any:
-    """Probe, check the duration cap, decode to 16 kHz mono in memory, and refuse silence (runs in a thread).
-
-    Memory is bounded for every input: what is longer than STREAM_ABOVE_S per its header, or says no length at all,
-    is not decoded here but handed to the model as a `LongAudio`, which reads it twice in blocks (see
-    asr.pipeline.FunASRNano.transcribe) with the duration limit enforced as it reads; and what is decoded here is
-    cut at STREAM_ABOVE_S even where its header understated its length (then it is streamed too). Silence in a
-    streamed file comes back as an empty transcript with the model's "no speech detected" warning.
-    """
-    s = state.settings
-    info = state.audio.probe(file)
-    duration = getattr(info, "duration_s", None)
-    if duration is not None and duration > s.max_duration_s:
-        raise AudioTooLargeError(
-            f"the audio lasts {_fmt_duration(duration)}, over this server's {_fmt_duration(s.max_duration_s)} limit "
-            "(--max-duration-s); split it into shorter parts"
-        )
-    if duration is None or duration > STREAM_ABOVE_S:
-        return LongAudio(file=file, duration_s=float(duration or 0.0))
-    try:
-        audio = state.audio.load_audio(file, max_bytes=s.max_file_bytes,
-                                       max_duration_s=min(s.max_duration_s, STREAM_ABOVE_S))
-    except AudioTooLargeError:
-        if s.max_duration_s <= STREAM_ABOVE_S:
-            raise
-        return LongAudio(file=file, duration_s=0.0)  # the header understated the length
-    file.close()  # decoded: the samples are all the job needs
-    samples = np.asarray(audio.samples)
-    if samples.size == 0 or audio.duration_s <= 0:
-        raise EmptyAudioError("the file contains no audio samples; pass a recording with sound in it")
-    if float(np.max(np.abs(samples))) < SILENCE_PEAK:
-        raise EmptyAudioError("the audio is silent (peak below -60 dBFS), so there is no speech to transcribe; "
-                              "check that the right file or audio track was passed")
-    return audio
-
-
-def _fmt_duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 async def _decode_async(state: AppState, file: AudioFile, source: str) -> Any:
     """_decode on a worker thread; the file is closed if the call fails or is cancelled (a job that gets it closes
     it when it ends)."""
     try:
-        return await anyio.to_thread.run_sync(lambda: _decode(state, file), abandon_on_cancel=True,
+        return await anyio.to_thread.run_sync(lambda: decode(state.settings, state.audio, file), abandon_on_cancel=True,
                                               limiter=state.decode_limiter)
     except ASRError as exc:
         file.close()
@@ -415,24 +326,30 @@ def create_server(
     network: Callable[[str], Any] | None = None,
     download_dir: str | None = None,
     divert_stdout: bool = False,
+    engine: Engine | None = None,
 ) -> MCPServer:
-    """Build the MCP server. X
-    seams for tests.
+    """Build the MCP server. `model_loader`, `audio_api`, `resolver`, `network` and `download_dir` are seams for
+    tests and embedding; `engine` serves from an engine that another front end owns, starts and stops (the HTTP
+    app's, for MCP over Streamable HTTP) instead of the server's own.
 
     `divert_stdout` (for stdio serving) points `sys.stdout` at stderr while the server runs, so that
     text printed into Python's stdout buffer cannot reach the wire, not even when flushed at exit.
     """
     settings = settings or Settings()
     loader = model_loader or default_loader(settings)
+    shared_engine = engine
     paths_policy = PathPolicy(settings.allowed_roots, max_bytes=settings.max_file_bytes,
                               allow_hidden=settings.allow_hidden)
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
-        engine = Engine(loader, queue_size=settings.queue_size, warmup=settings.warmup, batch_size=settings.batch_size,
-                        result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept,
-                        max_duration_s=settings.max_duration_s)
-        engine.start()  # loads in the background: the handshake is not held up
+        own = shared_engine is None  # else the HTTP app's engine, which that app starts and stops
+        engine = shared_engine or Engine(
+            loader, queue_size=settings.queue_size, warmup=settings.warmup, batch_size=settings.batch_size,
+            result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept,
+            max_duration_s=settings.max_duration_s)
+        if own:
+            engine.start()  # loads in the background: the handshake is not held up
         fetcher = Fetcher(policy=settings.url_policy, allow_hosts=settings.url_allow_hosts,
                           max_bytes=settings.max_download_bytes, timeout_s=settings.download_timeout_s,
                           resolver=resolver, network=network, tmp_dir=download_dir)
@@ -445,8 +362,9 @@ def create_server(
         try:
             yield state
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: engine.stop(timeout=STOP_WAIT_S))
+            if own:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(lambda: engine.stop(timeout=STOP_WAIT_S))
             if divert_stdout:
                 sys.stdout = saved_stdout
 
@@ -536,7 +454,7 @@ def create_server(
             raise ToolError(str(exc)) from None
         decode_start = time.monotonic()
         audio = await _decode_async(state, checked.file, path)
-        job = Job(source=path, audio=_model_input(audio), duration_s=float(audio.duration_s), language=language,
+        job = Job(source=path, audio=model_input(audio), duration_s=float(audio.duration_s), language=language,
                   hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
                   warnings=list(getattr(audio, "warnings", None) or []))
         await _submit(state, job)
@@ -592,7 +510,7 @@ def create_server(
             decode_start = time.monotonic()
             audio = await _decode_async(state, file, source)
             decode_s = time.monotonic() - decode_start
-            job = Job(source=source, audio=_model_input(audio), duration_s=float(audio.duration_s), language=language,
+            job = Job(source=source, audio=model_input(audio), duration_s=float(audio.duration_s), language=language,
                       hotwords=hotwords, itn=itn, download_s=dl.seconds, audio_decode_s=decode_s,
                       warnings=list(getattr(audio, "warnings", None) or []))
             await _submit(state, job)

@@ -125,8 +125,97 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def env_name(field: str) -> str:
-    return ENV_PREFIX + field.upper()
+HTTP_ENV_PREFIX = "FUNASR_NANO_HTTP_"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class HttpSettings(BaseModel):
+    """What `funasr-nano serve` adds to `Settings`: where it listens and who may call it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = Field(default=None, min_length=16, repr=False)
+    auth: bool = True  # False (--no-auth): no API key needed even off loopback
+    cors_origins: tuple[str, ...] = ()
+    max_upload_mb: float = Field(default=200.0, gt=0)
+    mcp: bool = True
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        return tuple(o.strip().rstrip("/") for o in value or () if o.strip())  # type: ignore[union-attr]
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def check(self) -> None:
+        """Binding beyond this machine needs an API key unless auth is explicitly switched off."""
+        if not self.loopback and self.api_key is None and self.auth:
+            raise ConfigError(
+                f"--host {self.host} makes the API reachable from other machines: set an API key (--api-key or "
+                f"{HTTP_ENV_PREFIX}API_KEY, 16+ characters) or pass --no-auth to serve without one")
+
+
+_HTTP_OPTIONS: list[tuple[str, str, str, str]] = [
+    ("host", "--host", "address to listen on (default 127.0.0.1: this machine only; any other needs --api-key "
+     "or --no-auth)", "str"),
+    ("port", "--port", "TCP port (default 8000)", "str"),
+    ("api_key", "--api-key", "require 'Authorization: Bearer KEY' on every request (16+ characters; prefer the "
+     "environment variable, which other users cannot see in the process list)", "str"),
+    ("auth", "--auth", "--no-auth serves without an API key even on a non-loopback address (default: a key is "
+     "required there)", "bool"),
+    ("cors_origins", "--cors-origin", "browser origin allowed to call the API (CORS); repeat for several "
+     "(default: none). Env: comma-separated", "hosts"),
+    ("max_upload_mb", "--max-upload-mb", "largest upload accepted, in MiB (default 200)", "str"),
+    ("mcp", "--mcp", "also serve MCP over Streamable HTTP at /mcp (default on)", "bool"),
+]
+
+
+def env_name(field: str, prefix: str = ENV_PREFIX) -> str:
+    return prefix + field.upper()
+
+
+def _add_options(ap: argparse.ArgumentParser, options: list[tuple[str, str, str, str]], prefix: str) -> None:
+    for field, flag, help_text, kind in options:
+        env_help = f"{help_text} [{env_name(field, prefix)}]"
+        if kind == "bool":
+            ap.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=env_help)
+        elif kind in ("paths", "hosts"):
+            ap.add_argument(flag, dest=field, action="append", default=None, metavar="VALUE", help=env_help)
+        else:
+            ap.add_argument(flag, dest=field, default=None, metavar="VALUE", help=env_help)
+
+
+def build_http_parser(prog: str = "funasr-nano serve") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Local speech-to-text (Fun-ASR-Nano on MLX) over HTTP: an OpenAI-compatible "
+        "/v1/audio/transcriptions, /v1/models, /health, /metrics and MCP over Streamable HTTP at /mcp. Listening "
+        f"options are also read from {HTTP_ENV_PREFIX}..., the model and limit options from {ENV_PREFIX}... "
+        "(shared with the stdio MCP server).",
+    )
+    _add_options(ap, _HTTP_OPTIONS, HTTP_ENV_PREFIX)
+    _add_options(ap, _OPTIONS, ENV_PREFIX)
+    return ap
+
+
+def load_http_settings(argv: Sequence[str] | None = None,
+                       env: Mapping[str, str] | None = None) -> tuple[Settings, HttpSettings]:
+    """(Settings, HttpSettings) for `funasr-nano serve`: flags over environment variables over defaults."""
+    env = os.environ if env is None else env
+    args = build_http_parser().parse_args(list(argv or []))
+    http = _build(HttpSettings, _collect(args, _HTTP_OPTIONS, env, HTTP_ENV_PREFIX), _HTTP_OPTIONS, HTTP_ENV_PREFIX)
+    http.check()
+    return _build(Settings, _collect(args, _OPTIONS, env, ENV_PREFIX), _OPTIONS, ENV_PREFIX), http
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,14 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Local speech-to-text (Fun-ASR-Nano on MLX) as an MCP server over stdio. "
         f"Every flag can also be set through the environment variable named in brackets ({ENV_PREFIX}...).",
     )
-    for field, flag, help_text, kind in _OPTIONS:
-        env_help = f"{help_text} [{env_name(field)}]"
-        if kind == "bool":
-            ap.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=env_help)
-        elif kind in ("paths", "hosts"):
-            ap.add_argument(flag, dest=field, action="append", default=None, metavar="VALUE", help=env_help)
-        else:
-            ap.add_argument(flag, dest=field, default=None, metavar="VALUE", help=env_help)
+    _add_options(ap, _OPTIONS, ENV_PREFIX)
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     return ap
 
@@ -181,30 +263,37 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
     """Settings from flags (`argv`, default: none) over environment variables (`env`, default: os.environ)."""
     env = os.environ if env is None else env
     args = build_parser().parse_args(list(argv or []))
+    return _build(Settings, _collect(args, _OPTIONS, env, ENV_PREFIX), _OPTIONS, ENV_PREFIX)
+
+
+def _collect(args: argparse.Namespace, options: list[tuple[str, str, str, str]], env: Mapping[str, str],
+             prefix: str) -> dict[str, object]:
     values: dict[str, object] = {}
-    for field, _flag, _help, kind in _OPTIONS:
+    for field, _flag, _help, kind in options:
         value = getattr(args, field)
-        source = "flag"
-        if value is None and env.get(env_name(field)) is not None:
-            source = env_name(field)
+        if value is None and env.get(env_name(field, prefix)) is not None:
             try:
-                value = _parse_env(kind, env[env_name(field)])
+                value = _parse_env(kind, env[env_name(field, prefix)])
             except ValueError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
+                raise ConfigError(f"{env_name(field, prefix)}: {exc}") from None
         value = _normalise(kind, value)
         if value is not None:
             values[field] = value
+    return values
+
+
+def _build(cls, values: dict[str, object], options: list[tuple[str, str, str, str]], prefix: str):
     try:
-        return Settings(**values)
+        return cls(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{_where(str(err['loc'][0]) if err['loc'] else '')}: {err['msg']}" for err in exc.errors()
+            f"{_where(str(err['loc'][0]) if err['loc'] else '', options, prefix)}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(problems) from None
 
 
-def _where(field: str) -> str:
-    for name, flag, _help, _kind in _OPTIONS:
+def _where(field: str, options: list[tuple[str, str, str, str]] = _OPTIONS, prefix: str = ENV_PREFIX) -> str:
+    for name, flag, _help, _kind in options:
         if name == field:
-            return f"{flag} / {env_name(name)}"
+            return f"{flag} / {env_name(name, prefix)}"
     return field

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 from asr.audio.io import AudioFile
 from asr.errors import ASRError, TranscriptionCancelled
 from asr.languages import resolve
-from asr.types import BATCH_SIZE_DEFAULT, Language, RuntimeInfo, TranscriptionResult
+from asr.types import BATCH_SIZE_DEFAULT, Language, RuntimeInfo, Segment, TranscriptionResult
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,12 @@ class ModelInfo:
 
 
 class EngineUnavailable(Exception):
-    """The engine cannot take the job (model failed to load, queue full, shutting down)."""
+    """The engine cannot take the job: `reason` is "failed" (the model failed to load), "busy" (the queue is full)
+    or "stopping" (shutting down)."""
+
+    def __init__(self, message: str, reason: Literal["failed", "busy", "stopping"]):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(eq=False)
@@ -95,9 +100,11 @@ class Job:
     done_s: float = 0.0
     message: str = "queued"
     result: TranscriptionResult | None = None
+    segments: list[Segment] = field(default_factory=list)  # decoded so far, in time order (for streaming)
     error: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
+    listeners: list[Callable[[], None]] = field(default_factory=list)  # called once it ends (must not block)
 
     @property
     def is_finished(self) -> bool:
@@ -172,13 +179,13 @@ class Engine:
     def submit(self, job: Job) -> Job:
         with self._cond:
             if self.state == "failed":
-                raise EngineUnavailable(self.failure_message())
+                raise EngineUnavailable(self.failure_message(), "failed")
             if self._stopping:
-                raise EngineUnavailable("The server is shutting down; try again after it restarts.")
+                raise EngineUnavailable("The server is shutting down; try again after it restarts.", "stopping")
             if len(self._pending) >= self.queue_size:
                 raise EngineUnavailable(
                     f"The server is busy: {len(self._pending)} transcriptions are already waiting (--queue-size "
-                    f"{self.queue_size}). Wait for some to finish (see server_status), then call again."
+                    f"{self.queue_size}). Wait for some to finish (see server_status), then call again.", "busy"
                 )
             self._prune()
             job.submitted = time.monotonic()
@@ -297,6 +304,7 @@ class Engine:
             result = self._model.transcribe(
                 job.audio, language=lang.code if lang else None, hotwords=job.hotwords or None, itn=job.itn,
                 batch_size=self.batch_size, progress=progress, cancel=job.cancel, max_duration_s=self.max_duration_s,
+                on_segment=job.segments.append,
             )
         except TranscriptionCancelled:
             with self._cond:
@@ -328,6 +336,11 @@ class Engine:
         job.audio = None  # release the samples, or the file
         job.message = state
         job.done.set()
+        for listener in job.listeners:
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - a listener (e.g. of a closed event loop) must not break the engine
+                log.debug("job %s: a listener failed", job.id, exc_info=True)
         if state != "completed":
             log.info("job %s %s%s", job.id, state, f": {error}" if error and state == "failed" else "")
 

@@ -228,8 +228,9 @@ def anyio_backend():
 
 
 def mcp_server(tiny_checkpoint, roots: list[Path]):
-    from server.app import AudioAPI, create_server
+    from server.app import create_server
     from server.config import Settings
+    from server.intake import AudioAPI
 
     recorder: list[Recorder] = []
     loads: list[str] = []
@@ -309,6 +310,6 @@ async def test_mcp_long_silence_is_a_clear_empty_result(tiny_checkpoint, long_si
 
 
 def test_server_streams_above_the_models_threshold():
-    from server import app
+    from server import intake
 
-    assert app.STREAM_ABOVE_S == STREAM_ABOVE_S
+    assert intake.STREAM_ABOVE_S == STREAM_ABOVE_S

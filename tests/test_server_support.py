@@ -64,7 +64,7 @@ class FakeModel:
         self.warm_batch_size = batch_size
 
     def transcribe(self, audio, *, language=None, hotwords=None, itn=True, max_new_tokens=512, batch_size=16,
-                   progress=None, cancel=None, max_duration_s=None) -> TranscriptionResult:
+                   progress=None, cancel=None, max_duration_s=None, on_segment=None) -> TranscriptionResult:
         self.threads.add(threading.current_thread().name)
         self.calls.append({"language": language, "hotwords": hotwords, "itn": itn})
         self.inputs.append((audio, max_duration_s))
@@ -100,6 +100,8 @@ class FakeModel:
             text += " with " + " ".join(hotwords)
         total = time.perf_counter() - t0
         detected = detect_from_text(text, self.variant)
+        if on_segment is not None:
+            on_segment(Segment(start=0.0, end=duration, text=text, token_ids=[1, 2, 3]))
         return TranscriptionResult(
             text=text,
             language=lang.code if lang else detected,
