@@ -260,7 +260,13 @@ class FunASRNano:
                 repetition_guard, timestamps, progress, cancel, t, on_segment)
         warnings += decode_warnings
 
-        # 4. result
+        return self._result(pieces, duration, warnings, lang, max_new_tokens, timestamps, t,
+                            time.perf_counter() - t_start)
+
+    def _result(self, pieces: list[_Piece], duration: float, warnings: list[str], lang: Language | None,
+                max_new_tokens: int, timestamps: bool, t: dict, total: float) -> TranscriptionResult:
+        """Step 4 of transcribe: the decoded pieces of one audio as its result."""
+        warnings = list(warnings)
         segments = [_segment(p) for p in pieces]
         if timestamps and self.timestamps_available:
             all_ts, note = [ts for s in segments for ts in (s.timestamps or [])], ""
@@ -278,7 +284,6 @@ class FunASRNano:
         if any(p.finish_reason == "repetition" for p in pieces):
             warnings.append("a repetition loop was detected and cut (repetition_guard)")
         code, source, method = _language_of(lang, text, self.variant)
-        total = time.perf_counter() - t_start
         tokens = [tok for p in pieces for tok in p.tokens]
         timings = Timings(
             **t, total_s=total, audio_duration_s=duration, generated_tokens=len(tokens),
@@ -291,6 +296,87 @@ class FunASRNano:
             token_ids=tokens, finish_reason=finish, timestamps=all_ts, timestamps_note=note, timings=timings,
             runtime=self.runtime.info, warnings=warnings,
         )
+
+    def transcribe_many(
+        self,
+        audios: list,
+        *,
+        language: str | None = None,
+        hotwords: list[str] | None = None,
+        itn: bool = True,
+        max_new_tokens: int = 512,
+        max_segment_s: float = 30.0,
+        batch_size: int = BATCH_SIZE_DEFAULT,
+        repetition_guard: bool = True,
+        timestamps: bool = True,
+        cancel: threading.Event | None = None,
+        on_segment: Callable[[int, Segment], None] | None = None,
+    ) -> list[TranscriptionResult]:
+        """Transcribe several audios with the same options, their segments decoded together in batches of
+        `batch_size` (short clips fill a batch together: a decode step reads every weight once, whatever the batch).
+
+        Each item is what `transcribe` takes, decoded in memory (`asr.audio.Audio`, an array at 16 kHz, bytes, a path
+        or an AudioFile of up to STREAM_ABOVE_S). Each result holds exactly what `transcribe` gives for that audio
+        alone with vad=None - the same segments and, batch for batch, the same tokens (a batch row is computed as
+        if alone: padding is masked) - but its stage times are the shared pass's, split by each audio's share of the
+        segments' duration, and its total_s is the whole call's. `on_segment(i, segment)` is called as soon as audio
+        i's segment and every earlier one of audio i are decoded (so in time order per audio).
+        """
+        t_start = time.perf_counter()
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_SIZE_MAX:
+            raise InvalidOptionError(f"batch_size must be an integer in 1..{BATCH_SIZE_MAX}; got {batch_size!r}")
+        if not 5.0 <= max_segment_s <= 60.0:
+            raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
+        lang = langs.resolve(language, self.variant)
+        ids = self.prompt_ids(language, hotwords, itn)
+        t = _stage_times()
+        owned: list[tuple[int, _Piece]] = []
+        durations, warnings = [], []
+        for i, audio in enumerate(audios):
+            with contextlib.ExitStack() as stack:
+                if isinstance(audio, (str, os.PathLike)):
+                    audio = stack.enter_context(AudioFile.open(audio))
+                a = audio if isinstance(audio, Audio) else load_audio(audio, max_duration_s=STREAM_ABOVE_S)
+            t["audio_decode_s"] += a.decode_s
+            durations.append(a.duration_s)
+            warnings.append(list(getattr(a, "warnings", []) or []))
+            plan = self._plan(self.vad.probabilities(a.samples, robust=True), a.duration_s, a.samples.shape[0],
+                              False, max_segment_s)
+            if not plan:
+                warnings[i].append("no speech detected")
+            owned += [(i, p) for batch in self._pieces(plan, None, a.samples, len(plan) or 1) for p in batch]
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
+        # longest first: rows of a batch then have similar lengths (less padding); each audio keeps its own order
+        order = sorted(range(len(owned)), key=lambda k: -owned[k][1].samples.shape[0])
+        done = [False] * len(owned)
+        per_audio = [[k for k, (j, _) in enumerate(owned) if j == i] for i in range(len(audios))]
+        emitted = [0] * len(audios)
+        for k in range(0, len(order), batch_size):
+            batch = order[k: k + batch_size]
+            self._decode_batch([owned[j][1] for j in batch], ids, max_new_tokens, repetition_guard, cancel, t,
+                               timestamps=timestamps and self.timestamps_available)
+            for j in batch:
+                owned[j][1].samples = np.zeros(0, np.float32)
+                done[j] = True
+            if on_segment is not None:
+                for i, ks in enumerate(per_audio):
+                    while emitted[i] < len(ks) and done[ks[emitted[i]]]:
+                        on_segment(i, _segment(owned[ks[emitted[i]]][1]))
+                        emitted[i] += 1
+        total = time.perf_counter() - t_start
+        seconds = [sum(p.end - p.start for j, p in owned if j == i) for i in range(len(audios))]
+        whole = sum(seconds) or 1.0
+        results = []
+        for i in range(len(audios)):
+            share = seconds[i] / whole
+            ti = {k: (v * share if k != "audio_decode_s" else v / len(audios)) for k, v in t.items()}
+            ti["prompt_tokens"] = int(round(t["prompt_tokens"] * share))
+            results.append(self._result([p for j, p in owned if j == i], durations[i], warnings[i], lang,
+                                        max_new_tokens, timestamps, ti, total))
+        return results
 
     def _decode_audio(self, audio, sample_rate, vad, max_segment_s, max_duration_s, batch_size, ids, max_new_tokens,
                       repetition_guard, timestamps, progress, cancel, t,

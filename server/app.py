@@ -347,7 +347,7 @@ def create_server(
         engine = shared_engine or Engine(
             loader, queue_size=settings.queue_size, warmup=settings.warmup, batch_size=settings.batch_size,
             result_ttl_s=settings.result_ttl_s, max_jobs_kept=settings.max_jobs_kept,
-            max_duration_s=settings.max_duration_s)
+            max_duration_s=settings.max_duration_s, max_new_tokens=settings.max_new_tokens)
         if own:
             engine.start()  # loads in the background: the handshake is not held up
         fetcher = Fetcher(policy=settings.url_policy, allow_hosts=settings.url_allow_hosts,

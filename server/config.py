@@ -36,6 +36,7 @@ class Settings(BaseModel):
     backend: Literal["auto", "mlx", "cpu", "cuda"] = "auto"
     warmup: bool = True
     batch_size: int = Field(default=BATCH_SIZE_DEFAULT, ge=1, le=BATCH_SIZE_MAX)
+    max_new_tokens: int = Field(default=512, ge=1, le=4096)
     # local files
     allowed_roots: tuple[Path, ...] = Field(default_factory=lambda: (Path.home(),))
     allow_hidden: bool = False
@@ -99,6 +100,8 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
     ("warmup", "--warmup", "run one warm-up transcription after loading (default on)", "bool"),
     ("batch_size", "--batch-size", f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (default "
      f"{BATCH_SIZE_DEFAULT}; fewer hold less memory, more can be faster on a GPU)", "str"),
+    ("max_new_tokens", "--max-new-tokens", "cap on the tokens generated per segment, 1-4096 (default 512; a "
+     "segment of at most 30 s rarely needs 200)", "str"),
     ("allowed_roots", "--allowed-root", "folder transcribe_file may read; repeat for several (default: your home "
      "folder). Env: paths separated by the OS path separator", "paths"),
     ("allow_hidden", "--allow-hidden", "also allow files under hidden folders such as ~/.ssh (default off)", "bool"),

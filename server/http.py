@@ -154,7 +154,8 @@ def create_app(
     http.check()
     engine = Engine(model_loader or default_loader(settings), queue_size=settings.queue_size,
                     warmup=settings.warmup, batch_size=settings.batch_size, result_ttl_s=settings.result_ttl_s,
-                    max_jobs_kept=settings.max_jobs_kept, max_duration_s=settings.max_duration_s)
+                    max_jobs_kept=settings.max_jobs_kept, max_duration_s=settings.max_duration_s,
+                    max_new_tokens=settings.max_new_tokens)
     state = HttpState(settings=settings, http=http, engine=engine, audio=audio_api or AudioAPI.default(),
                       metrics=Metrics(engine), decode_limiter=anyio.CapacityLimiter(2))
 

@@ -46,6 +46,8 @@ class Model(Protocol):
 
     def transcribe(self, audio: Any, **kwargs: Any) -> TranscriptionResult: ...
 
+    def transcribe_many(self, audios: list[Any], **kwargs: Any) -> list[TranscriptionResult]: ...
+
     def warmup(self, batch_size: int = BATCH_SIZE_DEFAULT) -> None: ...
 
 
@@ -129,8 +131,10 @@ class Engine:
         result_ttl_s: float = 3600.0,
         max_jobs_kept: int = 64,
         max_duration_s: float | None = None,
+        max_new_tokens: int = 512,
     ):
         self._loader = loader
+        self.max_new_tokens = max_new_tokens
         self._warmup = warmup
         self.batch_size = batch_size
         self.queue_size = queue_size
@@ -243,12 +247,29 @@ class Engine:
                 if self._stopping:
                     return
                 job = self._pending.popleft()
+                batch = [job, *self._companions(job)]
                 self._running = job
             try:
-                self._execute(job)
+                if len(batch) == 1:
+                    self._execute(job)
+                else:
+                    self._execute_many(batch)
             finally:
                 with self._cond:
                     self._running = None
+
+    def _companions(self, job: Job) -> list[Job]:
+        """Queued jobs that can be decoded in one pass with `job` (caller holds the lock): decoded in memory
+        (not a streamed file), with the same language, hotwords and ITN; at most batch_size jobs in all. They leave
+        the queue now."""
+        if isinstance(job.audio, AudioFile) or job.cancel.is_set():
+            return []
+        key = (job.language, tuple(job.hotwords or ()), job.itn)
+        out = [j for j in self._pending if not isinstance(j.audio, AudioFile) and not j.cancel.is_set()
+               and (j.language, tuple(j.hotwords or ()), j.itn) == key][: self.batch_size - 1]
+        for j in out:
+            self._pending.remove(j)
+        return out
 
     def _load(self) -> bool:
         self.state = "loading"
@@ -304,7 +325,7 @@ class Engine:
             result = self._model.transcribe(
                 job.audio, language=lang.code if lang else None, hotwords=job.hotwords or None, itn=job.itn,
                 batch_size=self.batch_size, progress=progress, cancel=job.cancel, max_duration_s=self.max_duration_s,
-                on_segment=job.segments.append,
+                on_segment=job.segments.append, max_new_tokens=self.max_new_tokens,
             )
         except TranscriptionCancelled:
             with self._cond:
@@ -325,6 +346,53 @@ class Engine:
             t = result.timings
             log.info("job %s: %.1f s audio in %.2f s (RTF %.3f, %d tokens, waited %.2f s)", job.id,
                      job.duration_s, t.total_s, t.real_time_factor, t.generated_tokens, job.queue_wait_s)
+
+    def _execute_many(self, jobs: list[Job]) -> None:
+        """Several queued jobs with the same options in one pass: their segments decode together in batches
+        (requests that waited together share each decode step). Each ends as it would alone."""
+        assert self._model is not None and self.info is not None
+        now = time.monotonic()
+        for job in jobs:
+            job.started = now
+            job.load_wait_s = max(0.0, min(self.ready_at or now, now) - job.submitted)
+            job.state = "running"
+            job.message = f"transcribing together with {len(jobs) - 1} other request(s)"
+        first = jobs[0]
+        try:
+            lang = resolve(first.language, self.info.variant)
+            results = self._model.transcribe_many(
+                [j.audio for j in jobs], language=lang.code if lang else None, hotwords=first.hotwords or None,
+                itn=first.itn, batch_size=self.batch_size, cancel=_AllCancelled(jobs), max_new_tokens=self.max_new_tokens,
+                on_segment=lambda i, segment: jobs[i].segments.append(segment),
+            )
+        except TranscriptionCancelled:
+            with self._cond:
+                for job in jobs:
+                    self._finish(job, "cancelled", error="cancelled while transcribing")
+            return
+        except ASRError as exc:
+            with self._cond:
+                for job in jobs:
+                    self._finish(job, "failed", error=str(exc))
+            return
+        except Exception:
+            log.exception("jobs %s: unexpected error while transcribing", ", ".join(j.id for j in jobs))
+            with self._cond:
+                for job in jobs:
+                    self._finish(job, "failed", error="internal error while transcribing (details are in the server log)")
+            return
+        with self._cond:
+            for job, result in zip(jobs, results, strict=True):
+                if job.cancel.is_set():
+                    self._finish(job, "cancelled", error="cancelled while transcribing")
+                    continue
+                job.result = result
+                job.duration_s = job.duration_s or result.timings.audio_duration_s
+                job.done_s = job.duration_s
+                self._finish(job, "completed")
+        t = results[0].timings
+        log.info("jobs %s: %d requests, %.1f s audio in one pass of %.2f s", ",".join(j.id for j in jobs), len(jobs),
+                 sum(j.duration_s for j in jobs), t.total_s)
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Record the outcome (caller holds the lock)."""
@@ -355,3 +423,13 @@ class Engine:
         excess = len(finished) - self.max_jobs_kept
         for job in finished[:max(0, excess)]:
             del self._jobs[job.id]
+
+
+class _AllCancelled:
+    """A cancel flag for jobs decoded together: set once every one of them is cancelled."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def is_set(self) -> bool:
+        return all(j.cancel.is_set() for j in self.jobs)

@@ -34,18 +34,19 @@ KEY = "test-key-0123456789abcdef"
 MAX_NEW_TOKENS = 6
 
 
-class _Short:
-    """The real model with a small default max_new_tokens (random weights never say EOS): a model-level seam."""
+class _Counting:
+    """The real model, counting how many requests each transcribe_many call decoded together."""
 
     def __init__(self, model):
         self.model = model
+        self.batches: list[int] = []  # sizes of the transcribe_many calls: requests decoded together
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def transcribe(self, audio, **kwargs):
-        kwargs.setdefault("max_new_tokens", MAX_NEW_TOKENS)
-        return self.model.transcribe(audio, **kwargs)
+    def transcribe_many(self, audios, **kwargs):
+        self.batches.append(len(audios))
+        return self.model.transcribe_many(audios, **kwargs)
 
 
 @contextlib.contextmanager
@@ -79,11 +80,22 @@ def live(settings: Settings | None = None, http: HttpSettings | None = None,
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_checkpoint):
-    loader = lambda: _Short(asr.load_model(str(tiny_checkpoint), dtype="float32"))  # noqa: E731
-    with live(Settings(warmup=False, queue_size=64, allowed_roots=(str(TESTDATA),)), loader=loader) as (base, app):
+def tiny_served(tiny_checkpoint):
+    models: list[_Counting] = []
+
+    def loader():
+        models.append(_Counting(asr.load_model(str(tiny_checkpoint), dtype="float32")))
+        return models[0]
+
+    settings = Settings(warmup=False, queue_size=64, allowed_roots=(str(TESTDATA),), max_new_tokens=MAX_NEW_TOKENS)
+    with live(settings, loader=loader) as (base, app):
         assert app.state.engine.state == "ready", app.state.engine.error
-        yield base
+        yield base, models[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_served):
+    return tiny_served[0]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +175,10 @@ def test_models_health_and_metrics(tiny_server):
         assert name in text, name
 
 
-def test_32_concurrent_uploads_are_all_answered(tiny_server, expected):
+def test_32_concurrent_uploads_are_all_answered_and_decoded_together(tiny_served, expected):
+    """Requests that wait together are decoded as one batch, each answered with what it gets alone."""
+    tiny_server, model = tiny_served
+    model.batches.clear()
     clips = [JFK, ZH] * 16
 
     def one(path: Path) -> str:
@@ -173,6 +188,7 @@ def test_32_concurrent_uploads_are_all_answered(tiny_server, expected):
     with ThreadPoolExecutor(32) as pool:
         texts = list(pool.map(one, clips))
     assert texts == [expected[p].text for p in clips]
+    assert model.batches and max(model.batches) > 1, model.batches  # some were decoded together
 
 
 # ---- errors: OpenAI-shaped JSON with the right status ---------------------------------------------------

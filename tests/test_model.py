@@ -410,3 +410,23 @@ def test_batched_features_and_prompts_match_one_by_one(tiny_model, testdata):
         assert plens[i] == alone.shape[0]
         got = np.array(prompts[i])
         assert np.array_equal(got[prompts.shape[1] - plens[i]:], alone) and not got[: prompts.shape[1] - plens[i]].any()
+
+
+def test_transcribe_many_gives_each_audio_what_it_gets_alone(tiny_model, testdata):
+    """Segments of several audios decoded together (longest first, batches across audios): each result has the
+    tokens and segments of that audio transcribed alone; on_segment reports each audio's segments in time order."""
+    clips = sorted(str(p) for p in (testdata / "audio").glob("*/*.wav"))
+    alone = [tiny_model.transcribe(c, max_new_tokens=6) for c in clips]
+    seen: list[tuple[int, float]] = []
+    many = tiny_model.transcribe_many(clips, max_new_tokens=6, batch_size=5,
+                                      on_segment=lambda i, s: seen.append((i, s.start)))
+    assert len(many) == len(clips)
+    for a, b in zip(alone, many, strict=True):
+        assert b.token_ids == a.token_ids and b.text == a.text
+        assert [(s.start, s.end, s.token_ids) for s in b.segments] == [(s.start, s.end, s.token_ids) for s in a.segments]
+        assert b.timings.audio_duration_s == a.timings.audio_duration_s
+    assert sorted(seen) == sorted((i, s.start) for i, r in enumerate(alone) for s in r.segments)
+    for i in range(len(clips)):
+        starts = [s for j, s in seen if j == i]
+        assert starts == sorted(starts)
+    assert len({i for i, _ in seen[:5]}) > 1  # a batch held segments of several audios

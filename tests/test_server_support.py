@@ -48,6 +48,7 @@ class FakeModel:
         self.threads: set[str] = set()
         self.calls: list[dict] = []
         self.batch_sizes: list[int] = []
+        self.many_calls: list[int] = []  # how many audios each transcribe_many call got
         self.cancelled = threading.Event()
         self.read_sha256: list[str] = []  # of each file handed to transcribe as an opened AudioFile
         self.inputs: list[tuple] = []  # (audio, max_duration_s) of each call
@@ -116,6 +117,12 @@ class FakeModel:
                             decode_tokens_per_s=750.0, real_time_factor=total / duration if duration else 0.0),
             warnings=[],
         )
+
+
+    def transcribe_many(self, audios, *, on_segment=None, **kwargs) -> list[TranscriptionResult]:
+        self.many_calls.append(len(audios))
+        return [self.transcribe(a, on_segment=None if on_segment is None else (lambda s, i=i: on_segment(i, s)),
+                                **kwargs) for i, a in enumerate(audios)]
 
 
 def fake_loader(model: FakeModel | None = None, delay_s: float = 0.0,
