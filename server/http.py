@@ -358,10 +358,11 @@ class _Transcriptions:
             file = await self._open(req.file, req.source)
         finally:
             await form.close()
+        received = time.monotonic()
         audio = await self._decode(file, req.source)
         job = Job(source=req.source, audio=model_input(audio), duration_s=float(audio.duration_s),
-                  language=req.language, hotwords=req.hotwords, itn=True,
-                  warnings=list(getattr(audio, "warnings", None) or []))
+                  language=req.language, hotwords=req.hotwords, itn=True, download_s=received - started,
+                  audio_decode_s=time.monotonic() - received, warnings=list(getattr(audio, "warnings", None) or []))
         try:
             state.engine.submit(job)
         except EngineUnavailable as exc:
@@ -583,7 +584,8 @@ def _render(fmt: str, result: TranscriptionResult, job: Job, state: HttpState) -
         "language_source": result.language_source,
         "finish_reason": result.finish_reason,
         "warnings": warnings,
-        "timings": {"processing_s": round(result.timings.total_s, 4), "queue_wait_s": round(job.queue_wait_s, 4),
+        "timings": {"upload_s": round(job.download_s or 0.0, 4), "audio_decode_s": round(job.audio_decode_s, 4),
+                    "queue_wait_s": round(job.queue_wait_s, 4), "processing_s": round(result.timings.total_s, 4),
                     "real_time_factor": round(result.timings.real_time_factor, 4)},
         "runtime": result.runtime.model_dump() if result.runtime is not None else None,
     }
