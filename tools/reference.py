@@ -331,7 +331,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clips", nargs="*", default=None, help=f"audio files (default: {len(DEFAULT_CLIPS)} clips)")
     ap.add_argument("--no-options", action="store_true", help="skip the language / itn / hotwords cases")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torchaudio", choices=["block", "allow"], default="block",
+                    help="block (default): hide an installed torchaudio, so the official loader takes the path of "
+                    "the pinned reference environment (soundfile/ffmpeg + librosa soxr_hq resampling, "
+                    "kaldi-native-fbank), whatever else the machine has; torchaudio resamples differently")
     args = ap.parse_args(argv)
+    if args.torchaudio == "block":
+        sys.modules["torchaudio"] = None  # `import torchaudio` now raises ImportError, as where it is absent
 
     import torch
     from funasr import AutoModel
