@@ -8,6 +8,7 @@ with the transcript - or, past the call budget, with a job handle that get_trans
 
 # No `from __future__ import annotations`: the SDK reads these signatures at registration.
 
+import base64
 import inspect
 import logging
 import os
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -24,28 +26,33 @@ import anyio
 import anyio.to_thread
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context, ListRoots, Resolve
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPDeprecationWarning
-from mcp.types import CallToolResult, ListRootsResult, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, Icon, ListRootsResult, ResourceLink, TextContent, ToolAnnotations
+from mcp.types.version import SUPPORTED_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
 from asr.audio.io import AudioFile
 from asr.errors import ASRError
 from asr.languages import resolve as resolve_language
 from asr.model.prompt import clean_hotwords
+from asr.writers import render
 
 from . import __version__
 from .config import Settings
 from .fetch import Fetcher, FetchError, Resolver
 from .intake import AudioAPI, decode, default_loader, model_input
-from .paths import PathPolicy, PathRefused, roots_from_uris
+from .outputs import estimate_tokens, safe_stem, write_transcripts
+from .paths import CheckedDir, PathPolicy, PathRefused, roots_from_uris
 from .schemas import (
     CancelOutput,
     JobSummary,
     LanguagesOutput,
     Limits,
     ModelInfo,
+    Page,
     Progress,
+    Protocol,
     Segment,
     StatusOutput,
     Timings,
@@ -159,7 +166,11 @@ def _raise_for_failure(job: Job) -> None:
         raise ToolError(f"The transcription of {job.source} was cancelled ({job.error}). Call the tool again to retry.")
 
 
-def _output(job: Job, engine: Engine, *, include_segments: bool) -> TranscriptionOutput:
+def _output(job: Job, engine: Engine, *, include_segments: bool, budget: int = 8000, offset: int | None = None,
+            limit: int | None = None) -> TranscriptionOutput:
+    """The job as a tool result. A finished transcript of more than about `budget` tokens, or any explicit page
+    (offset/limit), is cut at segment boundaries: `text` then holds the page (the first ~budget/4 tokens when no page
+    was asked for), `page` says which segments, and the whole stays readable through transcript_uri."""
     model = _model_info(engine)
     if not job.is_finished:
         done, message = _job_status(job, engine)
@@ -190,16 +201,44 @@ def _output(job: Job, engine: Engine, *, include_segments: bool) -> Transcriptio
         prompt_tokens=t.prompt_tokens, generated_tokens=t.generated_tokens,
         prefill_tokens_per_s=round(t.prefill_tokens_per_s, 2), decode_tokens_per_s=round(t.decode_tokens_per_s, 2),
     )
+    segs = result.segments
+    text, page, shown = result.text, None, segs
+    if offset is not None or limit is not None or estimate_tokens(result.text) > budget:
+        start = offset or 0
+        if start > len(segs) or (start == len(segs) and segs):
+            raise ToolError(f"offset {start} is past the end: the transcript of job {job.id} has {len(segs)} "
+                            f"segment(s) (offsets 0 to {max(0, len(segs) - 1)}).")
+        allowance = budget if (offset is not None or limit is not None) else max(200, budget // 4)
+        end, used = start, 0.0
+        while end < len(segs) and (limit is None or end - start < limit):
+            cost = estimate_tokens(segs[end].text) + 1
+            if end > start and used + cost > allowance:
+                break
+            used += cost
+            end += 1
+        shown = segs[start:end]
+        text = " ".join(s.text.strip() for s in shown if s.text.strip()) if len(segs) > 1 else result.text
+        if start > 0 or end < len(segs):
+            page = Page(offset=start, count=end - start, total=len(segs), next_offset=end if end < len(segs) else None)
     segments = None
     if include_segments:
-        segments = [Segment(start=round(s.start, 3), end=round(s.end, 3), text=s.text) for s in result.segments]
+        segments = [Segment(start=round(s.start, 3), end=round(s.end, 3), text=s.text,
+                            speaker=getattr(s, "speaker", None)) for s in shown]
+    uri = f"transcript://{job.id}/txt"
+    next_step = None
+    if page is not None and page.next_offset is not None:
+        next_step = (f"This is part of a long transcript (segments {page.offset}-{page.offset + page.count - 1} of "
+                     f"{page.total}, about {estimate_tokens(result.text):,.0f} tokens in all). Call get_transcript "
+                     f"with job_id={job.id!r} and offset={page.next_offset} for the next part, or read the resource "
+                     f"{uri} (also /srt, /vtt, /json).")
     return TranscriptionOutput(
-        status="completed", job_id=job.id, source=job.source, text=result.text, language=result.language,
+        status="completed", job_id=job.id, source=job.source, text=text, language=result.language,
         language_name=names.get(result.language or ""), language_source=result.language_source,
         language_method=result.language_method, duration_s=round(job.duration_s, 3),
         finish_reason=result.finish_reason, timings=timings, model=model,
         warnings=[*job.warnings, *(w for w in result.warnings if w not in job.warnings)],
-        segments=segments,
+        segments=segments, text_complete=page is None, page=page, segment_count=len(segs), transcript_uri=uri,
+        files=list(job.files), next_step=next_step,
     )
 
 
@@ -222,7 +261,12 @@ def _render(out: TranscriptionOutput) -> str:
     lines = [header, out.text if out.text else "(no speech recognised)"]
     if out.segments:
         lines.append("Segments:")
-        lines += [f"[{s.start:.2f}-{s.end:.2f}] {s.text}" for s in out.segments]
+        lines += [f"[{s.start:.2f}-{s.end:.2f}]{f' {s.speaker}:' if s.speaker else ''} {s.text}" for s in out.segments]
+    if out.page is not None:
+        lines.append(out.next_step or f"[End of the transcript: segments {out.page.offset}-"
+                     f"{out.page.offset + out.page.count - 1} of {out.page.total}.]")
+    if out.files:
+        lines.append("Written: " + ", ".join(out.files))
     lines += [f"Warning: {w}" for w in out.warnings]
     return "\n".join(lines)
 
@@ -232,8 +276,17 @@ def _tool_result(text: str, out: BaseModel) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=out.model_dump(mode="json"))
 
 
+RENDITIONS = {"txt": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt", "json": "application/json"}
+
+
 def _result(out: TranscriptionOutput) -> CallToolResult:
-    return _tool_result(_render(out), out)
+    result = _tool_result(_render(out), out)
+    if out.status == "completed" and not out.text_complete:  # the whole, one read away
+        result.content += [ResourceLink(type="resource_link", uri=f"transcript://{out.job_id}/{fmt}",
+                                        name=f"transcript-{out.job_id}.{fmt}", mime_type=mime,
+                                        title=f"Whole transcript of {out.source} ({fmt})")
+                           for fmt, mime in RENDITIONS.items()]
+    return result
 
 
 async def _follow(ctx: Context, state: AppState, job: Job, *, deadline: float, include_segments: bool) -> CallToolResult:
@@ -250,7 +303,8 @@ async def _follow(ctx: Context, state: AppState, job: Job, *, deadline: float, i
             state.engine.cancel(job.id)
             log.info("job %s cancelled with its call", job.id)
         raise
-    return _result(_output(job, state.engine, include_segments=include_segments))
+    return _result(_output(job, state.engine, include_segments=include_segments,
+                           budget=state.settings.max_inline_tokens))
 
 
 def _check_engine(state: AppState) -> None:
@@ -297,6 +351,66 @@ async def _submit(state: AppState, job: Job) -> Job:
         raise ToolError(str(exc)) from None
 
 
+ICON = Icon(src="data:image/svg+xml;base64," + base64.b64encode(
+    (Path(__file__).parent / "assets" / "icon.svg").read_bytes()).decode(), mime_type="image/svg+xml", sizes=["any"])
+PROTOCOL_REVISIONS = list(SUPPORTED_PROTOCOL_VERSIONS)
+TRANSPORTS = ["stdio (funasr-nano-mcp)", "Streamable HTTP at /mcp (funasr-nano serve)"]
+
+
+class _Outputs:
+    """Where a job's transcript files go: an opened folder, written by the model thread once the transcript is
+    there (before the job is marked completed, so the result lists the files) and closed when the job ends."""
+
+    def __init__(self, folder: CheckedDir, stem: str, formats: tuple[str, ...]):
+        self.folder, self.stem, self.formats = folder, stem, formats
+        self._closed = False
+
+    def write(self, job: Job) -> None:
+        try:
+            if job.result is not None:
+                paths = write_transcripts(self.folder.fd, self.folder.path, self.stem, job.result, self.formats)
+                job.files += [str(p) for p in paths]
+        except OSError as exc:
+            raise RuntimeError(f"the transcript could not be saved in {self.folder.path}: {exc.strerror or exc}; "
+                               "it is in this result only") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.folder.fd)
+
+    def attach(self, job: Job) -> None:
+        job.finalizers.append(self.write)
+        job.listeners.append(self.close)
+
+
+async def _outputs(state: AppState, output_dir: str | None, audio_path: Path | None, stem: str,
+                   narrowed: list[Path] | None) -> _Outputs | None:
+    """The folder to save a transcript into: the call's output_dir (inside the allowed folders; '.' = beside the
+    audio), else the server's --output-dir, else none."""
+    s = state.settings
+    if output_dir is None or not output_dir.strip():
+        if s.output_dir is None:
+            return None
+        policy = PathPolicy([s.output_dir], max_bytes=s.max_file_bytes, allow_hidden=True)
+        raw, narrowed = str(s.output_dir), None
+    else:
+        policy = state.paths
+        raw = output_dir.strip()
+        if raw == ".":
+            if audio_path is None:
+                raise ToolError("output_dir '.' means the audio file's own folder, which a URL does not have; pass an "
+                                "absolute folder path inside the allowed folders.")
+            raw = str(audio_path.parent)
+    try:
+        folder = await anyio.to_thread.run_sync(lambda: policy.check_dir(raw, narrowed))
+    except PathRefused as exc:
+        raise ToolError(str(exc)) from None
+    return _Outputs(folder, stem, s.output_formats)
+
+
 # ---- the server ---------------------------------------------------------------------------------
 LanguageArg = Annotated[str, Field(
     description="Spoken language: 'auto' (default, detect) or a code/name from list_languages, e.g. 'en', "
@@ -311,6 +425,12 @@ HotwordsArg = Annotated[list[Annotated[str, Field(min_length=1, max_length=100)]
 ItnArg = Annotated[bool, Field(
     description="Inverse text normalisation: true (default) writes numbers, dates and punctuation in written "
     "form ('fifty' -> '50'); false keeps the spoken form.",
+)]
+OutputDirArg = Annotated[str | None, Field(
+    description="Optional: also save the transcript as files (.txt, .srt, .vtt, .json) into this folder, which must "
+    "be inside the allowed folders; '.' means the audio file's own folder. Existing files are never overwritten "
+    "(a ' (2)' name is used instead); the paths are returned in `files`.",
+    max_length=4096,
 )]
 SegmentsArg = Annotated[bool, Field(
     description="Also return time-stamped segments (start/end seconds). Default false: the plain transcript.",
@@ -368,6 +488,7 @@ def create_server(
             if divert_stdout:
                 sys.stdout = saved_stdout
 
+    mcp_extensions: list[str] = []  # identifiers of the extensions passed to MCPServer below
     roots_text = ", ".join(str(r) for r in paths_policy.roots)
     url_text = {
         "public": "transcribe_url fetches http(s) links from public internet hosts",
@@ -378,6 +499,10 @@ def create_server(
     mcp = MCPServer(
         name="funasr-nano",
         title="Fun-ASR-Nano speech-to-text (local)",
+        description="Private speech-to-text on this computer: Fun-ASR-Nano (zh/en/ja and Chinese dialects; the MLT "
+        "model: 31 languages) on MLX. Transcribes local audio/video files and links; long results in pages and "
+        "as transcript:// resources; optional .txt/.srt/.vtt/.json files.",
+        icons=[ICON],
         version=__version__,
         instructions=(
             "Private, on-device speech-to-text (Fun-ASR-Nano on MLX); audio never leaves this computer. "
@@ -420,8 +545,9 @@ def create_server(
     # ---- transcription tools ----------------------------------------------------------------
     @tool(
         title="Transcribe an audio file",
-        annotations=ToolAnnotations(title="Transcribe an audio file", read_only_hint=True, destructive_hint=False,
-                                    idempotent_hint=True, open_world_hint=False),
+        # not read-only: with output_dir it saves transcript files (new ones only: never destructive)
+        annotations=ToolAnnotations(title="Transcribe an audio file", read_only_hint=False, destructive_hint=False,
+                                    idempotent_hint=False, open_world_hint=False),
     )
     async def transcribe_file(
         path: Annotated[str, Field(
@@ -433,6 +559,7 @@ def create_server(
         hotwords: HotwordsArg = None,
         itn: ItnArg = True,
         include_segments: SegmentsArg = False,
+        output_dir: OutputDirArg = None,
     ) -> Annotated[CallToolResult, TranscriptionOutput]:
         """Transcribe speech in a local audio or video file to text, privately on this computer.
 
@@ -441,7 +568,7 @@ def create_server(
         get_transcript with that job_id.
         """
         start = time.monotonic()
-        _valid_text(path=path, language=language, hotwords=hotwords)
+        _valid_text(path=path, language=language, hotwords=hotwords, output_dir=output_dir)
         state = _state(ctx)
         _check_engine(state)
         hotwords = _clean_hotwords(hotwords)
@@ -452,12 +579,24 @@ def create_server(
             checked = await anyio.to_thread.run_sync(lambda: state.paths.check(path, narrowed))
         except PathRefused as exc:
             raise ToolError(str(exc)) from None
-        decode_start = time.monotonic()
-        audio = await _decode_async(state, checked.file, path)
-        job = Job(source=path, audio=model_input(audio), duration_s=float(audio.duration_s), language=language,
-                  hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
-                  warnings=list(getattr(audio, "warnings", None) or []))
-        await _submit(state, job)
+        try:
+            outputs = await _outputs(state, output_dir, checked.path, safe_stem(checked.path.name), narrowed)
+        except BaseException:
+            checked.file.close()
+            raise
+        try:
+            decode_start = time.monotonic()
+            audio = await _decode_async(state, checked.file, path)
+            job = Job(source=path, audio=model_input(audio), duration_s=float(audio.duration_s), language=language,
+                      hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
+                      warnings=list(getattr(audio, "warnings", None) or []))
+            if outputs is not None:
+                outputs.attach(job)
+            await _submit(state, job)
+        except BaseException:
+            if outputs is not None:
+                outputs.close()
+            raise
         return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
                              include_segments=include_segments)
 
@@ -465,8 +604,8 @@ def create_server(
 
         @tool(
             title="Transcribe audio from a URL",
-            annotations=ToolAnnotations(title="Transcribe audio from a URL", read_only_hint=True,
-                                        destructive_hint=False, idempotent_hint=True, open_world_hint=True),
+            annotations=ToolAnnotations(title="Transcribe audio from a URL", read_only_hint=False,
+                                        destructive_hint=False, idempotent_hint=False, open_world_hint=True),
         )
         async def transcribe_url(
             url: Annotated[str, Field(
@@ -478,6 +617,7 @@ def create_server(
             hotwords: HotwordsArg = None,
             itn: ItnArg = True,
             include_segments: SegmentsArg = False,
+            output_dir: OutputDirArg = None,
         ) -> Annotated[CallToolResult, TranscriptionOutput]:
             """Download an audio or video file from a public http(s) link and transcribe its speech on this computer.
 
@@ -485,12 +625,13 @@ def create_server(
             handle (status 'queued'/'running'): then call get_transcript with that job_id.
             """
             start = time.monotonic()
-            _valid_text(url=url, language=language, hotwords=hotwords)
+            _valid_text(url=url, language=language, hotwords=hotwords, output_dir=output_dir)
             state = _state(ctx)
             _check_engine(state)
             hotwords = _clean_hotwords(hotwords)
             _check_options(state, language, hotwords)
             source = _public_url(url)
+            outputs = await _outputs(state, output_dir, None, safe_stem(urlsplit(source).path), None)
             reporter = _Reporter(ctx)
 
             async def on_bytes(done: int, total: int | None) -> None:
@@ -506,14 +647,27 @@ def create_server(
                     file = AudioFile(os.open(dl.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)),
                                      f"the download from {source}", path=dl.path.name)
             except FetchError as exc:
+                if outputs is not None:
+                    outputs.close()
                 raise ToolError(f"Cannot fetch {source}: {exc}") from None
-            decode_start = time.monotonic()
-            audio = await _decode_async(state, file, source)
-            decode_s = time.monotonic() - decode_start
-            job = Job(source=source, audio=model_input(audio), duration_s=float(audio.duration_s), language=language,
-                      hotwords=hotwords, itn=itn, download_s=dl.seconds, audio_decode_s=decode_s,
-                      warnings=list(getattr(audio, "warnings", None) or []))
-            await _submit(state, job)
+            except BaseException:
+                if outputs is not None:
+                    outputs.close()
+                raise
+            try:
+                decode_start = time.monotonic()
+                audio = await _decode_async(state, file, source)
+                decode_s = time.monotonic() - decode_start
+                job = Job(source=source, audio=model_input(audio), duration_s=float(audio.duration_s),
+                          language=language, hotwords=hotwords, itn=itn, download_s=dl.seconds,
+                          audio_decode_s=decode_s, warnings=list(getattr(audio, "warnings", None) or []))
+                if outputs is not None:
+                    outputs.attach(job)
+                await _submit(state, job)
+            except BaseException:
+                if outputs is not None:
+                    outputs.close()
+                raise
             return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
                                  include_segments=include_segments)
 
@@ -529,6 +683,12 @@ def create_server(
         wait: Annotated[bool, Field(description="wait (with progress, up to about 45 s) for an unfinished job; "
                                     "false returns its status at once")] = True,
         include_segments: SegmentsArg = False,
+        offset: Annotated[int | None, Field(
+            description="read a long transcript in pages: the first segment to return (a result's "
+            "page.next_offset); the page holds up to `limit` segments and about --max-inline-tokens tokens",
+            ge=0)] = None,
+        limit: Annotated[int | None, Field(description="at most this many segments in the page", ge=1,
+                                           le=100_000)] = None,
     ) -> Annotated[CallToolResult, TranscriptionOutput]:
         """Fetch the transcript of a transcription that was still running, waiting for it if needed.
 
@@ -550,7 +710,26 @@ def create_server(
             done, message = _job_status(job, state.engine)
             await reporter.send(done, job.duration_s or None, message)
             await anyio.sleep(POLL_S)
-        return _result(_output(job, state.engine, include_segments=include_segments))
+        return _result(_output(job, state.engine, include_segments=include_segments,
+                               budget=state.settings.max_inline_tokens, offset=offset, limit=limit))
+
+    @mcp.resource("transcript://{job_id}/{fmt}", name="transcript", title="Whole transcript of a job",
+                  description="The whole transcript of a finished transcription: fmt is txt, srt, vtt or json. Kept "
+                  f"for {settings.result_ttl_s / 60:.0f} min after the job ends, and lost when the server restarts.",
+                  mime_type="text/plain")
+    async def transcript_resource(job_id: str, fmt: str, ctx: Context) -> str:
+        if fmt not in RENDITIONS:
+            raise ResourceNotFoundError(f"no rendition {fmt!r}: use txt, srt, vtt or json "
+                                        f"(transcript://{job_id}/txt)")
+        job = _state(ctx).engine.get(job_id)
+        if job is None:
+            raise ResourceNotFoundError(f"no transcription job {job_id!r}: finished results are kept for "
+                                        f"{settings.result_ttl_s / 60:.0f} min and are lost when the server restarts")
+        if not job.is_finished:
+            raise ResourceError(f"job {job_id} is still {job.state}; call get_transcript to wait for it")
+        if job.result is None:
+            raise ResourceError(f"job {job_id} ended {job.state} without a transcript: {job.error}")
+        return render(job.result, fmt)
 
     @tool(
         title="Cancel a transcription",
@@ -640,6 +819,8 @@ def create_server(
                           max_download_mb=settings.max_download_mb, download_timeout_s=settings.download_timeout_s,
                           call_budget_s=settings.call_budget_s, queue_size=settings.queue_size,
                           result_ttl_s=settings.result_ttl_s, batch_size=settings.batch_size),
+            protocol=Protocol(revisions=PROTOCOL_REVISIONS, negotiated=ctx.protocol_version,
+                              extensions=sorted(mcp_extensions), transports=TRANSPORTS),
         )
         m = out.model
         model = f"{m.name} ({m.variant}, {m.dtype})" if m else "no model yet"

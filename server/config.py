@@ -43,6 +43,10 @@ class Settings(BaseModel):
     client_roots: Literal["narrow", "ignore"] = "narrow"
     max_file_mb: float = Field(default=1024.0, gt=0)
     max_duration_s: float = Field(default=3 * 3600.0, gt=0)
+    # results
+    max_inline_tokens: int = Field(default=8000, ge=500, le=200_000)
+    output_dir: Path | None = None
+    output_formats: tuple[Literal["txt", "srt", "vtt", "json"], ...] = ("txt", "srt", "vtt", "json")
     # URLs
     url_policy: UrlPolicy = "public"
     url_allow_hosts: tuple[str, ...] = ()
@@ -69,6 +73,26 @@ class Settings(BaseModel):
         if not out:
             raise ValueError("at least one allowed root is required")
         return tuple(out)
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir(cls, value: object) -> object:
+        if value is None or value == "":
+            return None
+        path = Path(os.path.expanduser(str(value)))
+        if not path.is_absolute():
+            raise ValueError(f"output folder {str(value)!r} must be an absolute path")
+        return path
+
+    @field_validator("output_formats", mode="before")
+    @classmethod
+    def _formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        out = [f.strip().lower().lstrip(".") for item in value or () for f in str(item).split(",") if f.strip()]  # type: ignore[union-attr]
+        if not out:
+            raise ValueError("at least one output format is required (txt, srt, vtt, json)")
+        return tuple(dict.fromkeys(out))
 
     @field_validator("url_allow_hosts", mode="before")
     @classmethod
@@ -109,6 +133,13 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
      "allowed folders; 'ignore': use only the configured folders", "str"),
     ("max_file_mb", "--max-file-mb", "largest local file accepted, in MiB (default 1024)", "str"),
     ("max_duration_s", "--max-duration-s", "longest audio accepted, in seconds (default 10800)", "str"),
+    ("max_inline_tokens", "--max-inline-tokens", "a transcript longer than about this many tokens is not put "
+     "inline whole: the result carries its beginning and a transcript:// link, and get_transcript reads it in "
+     "pages (default 8000)", "str"),
+    ("output_dir", "--output-dir", "also write every transcript as files into this folder (default: only when a "
+     "call asks, with output_dir)", "str"),
+    ("output_formats", "--output-format", "file formats written: txt, srt, vtt, json (default all); repeat for "
+     "several. Env: comma-separated", "hosts"),
     ("url_policy", "--url-policy", "transcribe_url policy: 'public' (default: public addresses only, plus hosts "
      "from --url-allow-host), 'allowlist' (only those hosts), 'any' (also private addresses), 'off' (no URL tool)",
      "str"),

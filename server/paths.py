@@ -47,6 +47,12 @@ class CheckedFile:
     file: AudioFile  # the one open of it; the caller closes it
 
 
+@dataclass(frozen=True)
+class CheckedDir:
+    path: Path  # fully resolved
+    fd: int  # the one open of it (O_DIRECTORY); the caller closes it
+
+
 _FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
@@ -190,6 +196,39 @@ class PathPolicy:
         if not parts:
             raise PathRefused(f"{raw!r} is a folder. Pass the path of an audio file inside it.")
         return self._open_checked(raw, root, real, parts)
+
+    def check_dir(self, raw: str, client_roots: Sequence[Path] | None = None) -> CheckedDir:
+        """Open the folder behind `raw` (inside the allowed roots, no symlink followed below its root) for writing
+        into it through its descriptor, or raise PathRefused."""
+        path = self._parse(raw)
+        outside = PathRefused(
+            f"No transcript may be written to {raw!r}: it does not exist or is outside the folders this server may "
+            f"use ({self.describe_roots(client_roots)}). Pass an existing folder inside one of them."
+        )
+        try:
+            real = Path(os.path.realpath(path))
+        except (OSError, RuntimeError, ValueError):
+            raise outside from None
+        root = self._root_of(real, client_roots)
+        if root is None or any(real == p or real.is_relative_to(p) for p in _PSEUDO_FS):
+            raise outside
+        parts = real.relative_to(root).parts
+        if not self.allow_hidden and any(part.startswith(".") for part in parts):
+            raise PathRefused(f"{raw!r} is a hidden folder or inside one, which this server does not use by default; "
+                              "pick a normal folder, or start the server with --allow-hidden.")
+        try:
+            fd = os.open(root, _DIR_FLAGS) if not parts else open_beneath(root, parts, self.opener)
+        except FileNotFoundError:
+            raise PathRefused(f"The folder {raw!r} does not exist; create it first or pass an existing one.") from None
+        except PermissionError:
+            raise PathRefused(f"The server has no permission to open the folder {raw!r}.") from None
+        except OSError as exc:
+            raise PathRefused(f"The folder {raw!r} cannot be opened ({os.strerror(exc.errno or 0)}); symlinks are "
+                              "not followed. Pass the folder's own path.") from None
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PathRefused(f"{raw!r} is a file, not a folder. Pass the folder to write the transcript files into.")
+        return CheckedDir(path=real, fd=fd)
 
     def _parse(self, raw: str) -> Path:
         if not isinstance(raw, str) or not raw.strip():

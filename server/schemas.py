@@ -42,6 +42,16 @@ class Segment(BaseModel):
     start: float = Field(description="seconds from the start of the audio")
     end: float = Field(description="seconds from the start of the audio")
     text: str
+    speaker: str | None = Field(default=None, description="speaker label, when speakers were identified")
+
+
+class Page(BaseModel):
+    """Which segments a partial transcript holds."""
+
+    offset: int = Field(description="index of the first segment in this page")
+    count: int = Field(description="segments in this page")
+    total: int = Field(description="segments in the whole transcript")
+    next_offset: int | None = Field(description="offset of the next page for get_transcript, or null at the end")
 
 
 class Progress(BaseModel):
@@ -75,7 +85,15 @@ class TranscriptionOutput(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     segments: list[Segment] | None = Field(default=None, description="time-stamped segments (when requested)")
     progress: Progress | None = Field(default=None, description="progress while queued or running")
-    next_step: str | None = Field(default=None, description="what to do next when the transcript is not ready")
+    next_step: str | None = Field(default=None, description="what to do next when the transcript is not ready "
+                                  "or not whole")
+    text_complete: bool = Field(default=True, description="false when `text` holds one page of a long transcript "
+                                "(see page, transcript_uri and next_step)")
+    page: Page | None = Field(default=None, description="the segments `text` covers, when it is not the whole")
+    segment_count: int | None = Field(default=None, description="segments in the whole transcript")
+    transcript_uri: str | None = Field(default=None, description="the whole transcript as an MCP resource: "
+                                       "transcript://{job_id}/txt (also /srt, /vtt, /json)")
+    files: list[str] = Field(default_factory=list, description="transcript files written (output_dir)")
 
 
 class LanguagesOutput(BaseModel):
@@ -105,6 +123,13 @@ class Limits(BaseModel):
     batch_size: int = Field(default=BATCH_SIZE_DEFAULT, description="segments of long audio decoded together")
 
 
+class Protocol(BaseModel):
+    revisions: list[str] = Field(description="MCP protocol revisions this server speaks")
+    negotiated: str | None = Field(default=None, description="the revision of this session")
+    extensions: list[str] = Field(description="MCP extensions this server offers")
+    transports: list[str] = Field(description="how this server can be reached")
+
+
 class StatusOutput(BaseModel):
     server_version: str
     model_state: Literal["starting", "loading", "warming", "ready", "failed", "stopped"]
@@ -119,6 +144,7 @@ class StatusOutput(BaseModel):
     allowed_roots: list[str]
     url_policy: Literal["public", "allowlist", "any", "off"]
     limits: Limits
+    protocol: Protocol | None = None
 
 
 class CancelOutput(BaseModel):

@@ -107,6 +107,10 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     listeners: list[Callable[[], None]] = field(default_factory=list)  # called once it ends (must not block)
+    # run on the model thread with the result, before the job is marked completed (e.g. writing files); an
+    # exception becomes a warning of the result, never a lost transcript
+    finalizers: list[Callable[[Job], None]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     @property
     def is_finished(self) -> bool:
@@ -341,6 +345,7 @@ class Engine:
             job.result = result
             job.duration_s = job.duration_s or result.timings.audio_duration_s
             job.done_s = job.duration_s
+            _finalize(job)
             with self._cond:
                 self._finish(job, "completed")
             t = result.timings
@@ -381,15 +386,18 @@ class Engine:
                 for job in jobs:
                     self._finish(job, "failed", error="internal error while transcribing (details are in the server log)")
             return
-        with self._cond:
-            for job, result in zip(jobs, results, strict=True):
-                if job.cancel.is_set():
-                    self._finish(job, "cancelled", error="cancelled while transcribing")
-                    continue
+        for job, result in zip(jobs, results, strict=True):
+            if not job.cancel.is_set():
                 job.result = result
                 job.duration_s = job.duration_s or result.timings.audio_duration_s
                 job.done_s = job.duration_s
-                self._finish(job, "completed")
+                _finalize(job)
+        with self._cond:
+            for job in jobs:
+                if job.cancel.is_set():
+                    self._finish(job, "cancelled", error="cancelled while transcribing")
+                else:
+                    self._finish(job, "completed")
         t = results[0].timings
         log.info("jobs %s: %d requests, %.1f s audio in one pass of %.2f s", ",".join(j.id for j in jobs), len(jobs),
                  sum(j.duration_s for j in jobs), t.total_s)
@@ -423,6 +431,15 @@ class Engine:
         excess = len(finished) - self.max_jobs_kept
         for job in finished[:max(0, excess)]:
             del self._jobs[job.id]
+
+
+def _finalize(job: Job) -> None:
+    for finalizer in job.finalizers:
+        try:
+            finalizer(job)
+        except Exception as exc:  # noqa: BLE001 - the transcript stands; the failure is reported with it
+            log.warning("job %s: %s", job.id, exc)
+            job.warnings.append(str(exc))
 
 
 class _AllCancelled:
