@@ -58,6 +58,7 @@ from .schemas import (
     Timings,
     TranscriptionOutput,
 )
+from .viewer import VIEWER_URI, viewer_apps
 from .wire import REPLACEMENT
 from .worker import Engine, EngineUnavailable, Job, Model
 
@@ -354,6 +355,9 @@ async def _submit(state: AppState, job: Job) -> Job:
 ICON = Icon(src="data:image/svg+xml;base64," + base64.b64encode(
     (Path(__file__).parent / "assets" / "icon.svg").read_bytes()).decode(), mime_type="image/svg+xml", sizes=["any"])
 PROTOCOL_REVISIONS = list(SUPPORTED_PROTOCOL_VERSIONS)
+# the viewer renders these tools' results (`ui/resourceUri`: the older key some hosts still read); its polling
+# calls get_transcript, so every tool stays visible to both the model and the app
+VIEWER_META = {"ui": {"resourceUri": VIEWER_URI}, "ui/resourceUri": VIEWER_URI}
 TRANSPORTS = ["stdio (funasr-nano-mcp)", "Streamable HTTP at /mcp (funasr-nano serve)"]
 
 
@@ -488,7 +492,8 @@ def create_server(
             if divert_stdout:
                 sys.stdout = saved_stdout
 
-    mcp_extensions: list[str] = []  # identifiers of the extensions passed to MCPServer below
+    extensions = [viewer_apps()]  # the transcript viewer (MCP Apps); hosts without Apps get the text result
+    mcp_extensions = [e.identifier for e in extensions]
     roots_text = ", ".join(str(r) for r in paths_policy.roots)
     url_text = {
         "public": "transcribe_url fetches http(s) links from public internet hosts",
@@ -504,6 +509,7 @@ def create_server(
         "as transcript:// resources; optional .txt/.srt/.vtt/.json files.",
         icons=[ICON],
         version=__version__,
+        extensions=extensions,
         instructions=(
             "Private, on-device speech-to-text (Fun-ASR-Nano on MLX); audio never leaves this computer. "
             f"transcribe_file reads audio/video files by absolute path inside: {roots_text}. {url_text}. "
@@ -545,6 +551,7 @@ def create_server(
     # ---- transcription tools ----------------------------------------------------------------
     @tool(
         title="Transcribe an audio file",
+        meta=VIEWER_META,
         # not read-only: with output_dir it saves transcript files (new ones only: never destructive)
         annotations=ToolAnnotations(title="Transcribe an audio file", read_only_hint=False, destructive_hint=False,
                                     idempotent_hint=False, open_world_hint=False),
@@ -604,6 +611,7 @@ def create_server(
 
         @tool(
             title="Transcribe audio from a URL",
+            meta=VIEWER_META,
             annotations=ToolAnnotations(title="Transcribe audio from a URL", read_only_hint=False,
                                         destructive_hint=False, idempotent_hint=False, open_world_hint=True),
         )
@@ -673,6 +681,7 @@ def create_server(
 
     @tool(
         title="Get a transcript by job id",
+        meta=VIEWER_META,
         annotations=ToolAnnotations(title="Get a transcript by job id", read_only_hint=True, destructive_hint=False,
                                     idempotent_hint=True, open_world_hint=False),
     )

@@ -180,8 +180,12 @@ def test_every_data_file_of_the_package_is_installed():
     pyproject's package-data, so a wheel install has them too, not only a checkout."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["asr"]
-    data = {p.relative_to(ROOT / "asr") for p in (ROOT / "asr").rglob("*")
-            if p.is_file() and p.suffix not in (".py", ".pyc", ".nbi", ".nbc") and "__pycache__" not in p.parts}
-    covered = {p for p in data if any(p.match(g) for g in globs)}
-    assert data and covered == data, sorted(map(str, data - covered))
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for pkg in PACKAGES:
+        globs = package_data.get(pkg, [])
+        data = {p.relative_to(ROOT / pkg) for p in (ROOT / pkg).rglob("*")
+                if p.is_file() and p.suffix not in (".py", ".pyc", ".nbi", ".nbc") and "__pycache__" not in p.parts
+                and "node_modules" not in p.parts and "src" not in p.parts
+                and p.name not in ("package.json", "package-lock.json")}
+        covered = {p for p in data if any(p.match(g) for g in globs)}
+        assert covered == data, (pkg, sorted(map(str, data - covered)))

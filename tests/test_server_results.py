@@ -17,6 +17,7 @@ from server.app import create_server
 from server.config import Settings
 from server.outputs import estimate_tokens, safe_stem, write_transcripts
 from server.schemas import StatusOutput, TranscriptionOutput
+from server.viewer import VIEWER_URI
 from tests.test_server_support import FakeModel, fake_loader, write_wav
 
 pytestmark = pytest.mark.anyio
@@ -189,6 +190,7 @@ async def test_the_server_declares_what_it_is(tmp_path, mode):
         status = StatusOutput.model_validate((await client.call_tool("server_status", {})).structured_content)
         templates = (await client.list_resource_templates()).resource_templates
         tools = {t.name: t for t in (await client.list_tools()).tools}
+        viewer = (await client.read_resource(VIEWER_URI)).contents[0]
     if mode == "legacy" or info is not None:  # the 2026-era server stamp is optional; the handshake always has it
         assert info.description and "speech-to-text" in info.description
         assert info.icons and info.icons[0].src.startswith("data:image/svg+xml;base64,")
@@ -197,4 +199,9 @@ async def test_the_server_declares_what_it_is(tmp_path, mode):
     assert any("stdio" in t for t in status.protocol.transports)
     assert [t.uri_template for t in templates] == ["transcript://{job_id}/{fmt}"]
     assert all(t.title for t in tools.values())
+    # the transcript viewer (MCP Apps) renders the transcription tools' results
+    for name in ("transcribe_file", "transcribe_url", "get_transcript"):
+        assert tools[name].meta["ui"]["resourceUri"] == VIEWER_URI
+    assert viewer.mime_type == "text/html;profile=mcp-app" and "<html" in viewer.text.lower()
+    assert "io.modelcontextprotocol/ui" in status.protocol.extensions
     await anyio.sleep(0)

@@ -4,7 +4,9 @@
 #   bash tools/test.sh [pytest args...]
 #
 # 1. .venv: the package with its dev extras (MLX CPU backend on Linux, Metal on macOS).
-# 2. On Debian/Ubuntu as root: libopenblas0-pthread, which asr/backends/cpu/blas_load.py loads for MLX's CPU matmuls.
+# 2. On Debian/Ubuntu as root, in the background while the rest installs: libopenblas0-pthread, which
+#    asr/backends/cpu/blas_load.py loads for MLX's CPU matmuls, and chromium for the transcript viewer's browser test
+#    (tests/test_viewer.py; Playwright's own browser download is never used).
 # 3. .venv-ref: the OFFICIAL funasr 1.4.16 + torch 2.13.0 CPU (tools/setup_reference_env.sh), then golden outputs
 #    of the official code on a tiny random checkpoint (tools/make_goldens.sh) for the parity tests.
 #    torch comes from a local wheel folder when there is one, else from the package registry. If either step fails
@@ -16,11 +18,15 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 say() { printf '[test.sh] %s\n' "$*"; }
 
-if [[ "$(uname -s)" == Linux && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null \
-   && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
-  say "installing libopenblas0-pthread (fast BLAS for MLX on CPU)"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread; } >/dev/null \
-    || say "could not install OpenBLAS; MLX keeps its slow bundled BLAS"
+apt_pid=""
+apt_pkgs=()
+ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1 || apt_pkgs+=(libopenblas0-pthread)
+command -v chromium >/dev/null || apt_pkgs+=(chromium)
+if [[ "$(uname -s)" == Linux && "$(id -u)" == 0 && ${#apt_pkgs[@]} -gt 0 ]] && command -v apt-get >/dev/null; then
+  say "installing ${apt_pkgs[*]} with apt-get (in the background)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}"; } \
+    >"${TMPDIR:-/tmp}/funasr-test-apt.log" 2>&1 &
+  apt_pid=$!
 fi
 
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
@@ -43,6 +49,12 @@ if [[ -n "$golden_problem" ]]; then
     say "ERROR: $golden_problem"; exit 1
   fi
   say "WARNING: $golden_problem; the parity tests compare with the committed token fixture only"
+fi
+
+if [[ -n "$apt_pid" ]]; then
+  if wait "$apt_pid"; then say "installed ${apt_pkgs[*]}"
+  else say "could not install ${apt_pkgs[*]} (see ${TMPDIR:-/tmp}/funasr-test-apt.log): without OpenBLAS MLX keeps its slow bundled BLAS; without chromium the viewer's browser tests skip"
+  fi
 fi
 
 say "running pytest"
