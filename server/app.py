@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -58,6 +58,7 @@ from .schemas import (
     Timings,
     TranscriptionOutput,
 )
+from .tasks import SUBMIT_ONLY, Tasks, TasksExtension
 from .viewer import VIEWER_URI, viewer_apps
 from .wire import REPLACEMENT
 from .worker import Engine, EngineUnavailable, Job, Model
@@ -79,6 +80,7 @@ class AppState:
     fetcher: Fetcher
     audio: AudioAPI
     decode_limiter: anyio.CapacityLimiter
+    tasks: dict = field(default_factory=dict)  # task id -> server.tasks.TaskRecord
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -291,7 +293,10 @@ def _result(out: TranscriptionOutput) -> CallToolResult:
 
 
 async def _follow(ctx: Context, state: AppState, job: Job, *, deadline: float, include_segments: bool) -> CallToolResult:
-    """Wait for `job` until `deadline` with progress; cancel it if the call is cancelled."""
+    """Wait for `job` until `deadline` with progress; cancel it if the call is cancelled. A call being turned into
+    a task (server.tasks) answers at once: the task follows the job."""
+    if SUBMIT_ONLY.get():
+        deadline = 0.0
     reporter = _Reporter(ctx)
     try:
         while not job.done.is_set() and time.monotonic() < deadline:
@@ -306,6 +311,16 @@ async def _follow(ctx: Context, state: AppState, job: Job, *, deadline: float, i
         raise
     return _result(_output(job, state.engine, include_segments=include_segments,
                            budget=state.settings.max_inline_tokens))
+
+
+def _task_result(state: AppState, job: Job, include_segments: bool) -> dict:
+    """A finished job as the CallToolResult a task hands back (a failure is a tool error, as from the tool)."""
+    try:
+        result = _result(_output(job, state.engine, include_segments=include_segments,
+                                 budget=state.settings.max_inline_tokens))
+    except ToolError as exc:
+        result = CallToolResult(content=[TextContent(type="text", text=str(exc))], is_error=True)
+    return result.model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
 def _check_engine(state: AppState) -> None:
@@ -492,7 +507,8 @@ def create_server(
             if divert_stdout:
                 sys.stdout = saved_stdout
 
-    extensions = [viewer_apps()]  # the transcript viewer (MCP Apps); hosts without Apps get the text result
+    # the transcript viewer (MCP Apps; hosts without Apps get the text result) and tasks for long transcriptions
+    extensions = [viewer_apps(), TasksExtension()]
     mcp_extensions = [e.identifier for e in extensions]
     roots_text = ", ".join(str(r) for r in paths_policy.roots)
     url_text = {
@@ -510,6 +526,8 @@ def create_server(
         icons=[ICON],
         version=__version__,
         extensions=extensions,
+        middleware=[Tasks(render=_task_result, progress=lambda state, job: _job_status(job, state.engine)[1],
+                          ttl_ms=int(settings.result_ttl_s * 1000))],
         instructions=(
             "Private, on-device speech-to-text (Fun-ASR-Nano on MLX); audio never leaves this computer. "
             f"transcribe_file reads audio/video files by absolute path inside: {roots_text}. {url_text}. "
