@@ -11,12 +11,35 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import languages as langs
-from .errors import ASRError
+from .errors import ASRError, InvalidOptionError
 from .loading.checkpoint import DEFAULT_REPO
 from .loading.load import load_model
 from .options import BACKENDS, RuntimeOptions
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX
 from .writers import FORMATS, render
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """The model and decoding options `transcribe` and `batch` share."""
+    p.add_argument("-m", "--model", default=os.environ.get("FUNASR_NANO_MODEL", DEFAULT_REPO),
+                   help="model directory (official or converted) or Hugging Face repo id")
+    p.add_argument("-l", "--language", default="auto", help="language code/name, or 'auto' (see `languages`)")
+    p.add_argument("--hotwords", "--hotword", action="append", default=[],
+                   help="a word to favour (repeatable, or comma-separated)")
+    p.add_argument("--no-itn", action="store_true", help="ask for verbatim text without inverse text normalisation")
+    p.add_argument("--dtype", default="auto", help="LLM dtype: auto (bfloat16; float32 on a CPU without numba), bfloat16, "
+                   "float32, float16")
+    p.add_argument("--encoder-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and with MKL on CPUs)")
+    p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE_DEFAULT,
+                   help=f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (fewer hold less memory)")
+    p.add_argument("--variant", choices=("nano", "mlt"), help="override the detected model variant")
+    p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("FUNASR_NANO_BACKEND", "auto"),
+                   help="what computes: mlx (MLX's operations; Apple Silicon), cpu (NumPy + BLAS runners), cuda "
+                   "(CUDA kernels), or auto")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,33 +49,73 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("transcribe", help="transcribe audio files", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("files", nargs="+", help="audio/video files (wav, flac, mp3, ogg, m4a, mp4, webm, opus, ...)")
-    t.add_argument("-m", "--model", default=os.environ.get("FUNASR_NANO_MODEL", DEFAULT_REPO),
-                   help="model directory (official or converted) or Hugging Face repo id")
-    t.add_argument("-l", "--language", default="auto", help="language code/name, or 'auto' (see `languages`)")
-    t.add_argument("--hotwords", "--hotword", action="append", default=[],
-                   help="a word to favour (repeatable, or comma-separated)")
-    t.add_argument("--no-itn", action="store_true", help="ask for verbatim text without inverse text normalisation")
+    _model_options(t)
     t.add_argument("-f", "--format", choices=FORMATS, default="txt", help="output format")
     t.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
-    t.add_argument("--dtype", default="auto", help="LLM dtype: auto (bfloat16; float32 on a CPU without numba), bfloat16, "
-                   "float32, float16")
-    t.add_argument("--encoder-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="audio encoder dtype: float32 (default) or bfloat16 (faster on GPUs and with MKL on CPUs)")
-    t.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the LLM to 4 or 8 bits")
-    t.add_argument("--max-new-tokens", type=int, default=512, help="cap on generated tokens per segment")
-    t.add_argument("--batch-size", type=int, default=BATCH_SIZE_DEFAULT,
-                   help=f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (fewer hold less memory)")
-    t.add_argument("--variant", choices=("nano", "mlt"), help="override the detected model variant")
-    t.add_argument("--backend", choices=BACKENDS, default=os.environ.get("FUNASR_NANO_BACKEND", "auto"),
-                   help="what computes: mlx (MLX's operations; Apple Silicon), cpu (NumPy + BLAS runners), cuda "
-                   "(CUDA kernels), or auto")
-    t.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
 
+    b = sub.add_parser("batch", help="transcribe folders or a manifest into an output folder, resumably",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("inputs", nargs="*", help="audio/video files and folders (walked for audio/video files)")
+    b.add_argument("-o", "--output-dir", required=True, help="where the transcripts go (mirroring the folders), "
+                   "with .funasr-nano-batch.jsonl (what is done, for resuming) and failures.jsonl")
+    b.add_argument("--manifest", help="a JSONL (one {\"path\", \"language\", \"hotwords\"} object a line) or CSV "
+                   "(columns path, language, hotwords) list of inputs; relative paths are from its folder")
+    b.add_argument("-f", "--format", nargs="+", choices=FORMATS, default=["txt"], help="output formats")
+    b.add_argument("--workers", type=int, default=2, help="threads decoding audio ahead of the model")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(b)
     sub.add_parser("serve", add_help=False, help="serve the model over HTTP: OpenAI-compatible transcription API, "
                    "health, metrics and MCP (see `funasr-nano serve --help`)")
     lg = sub.add_parser("languages", help="list supported languages")
     lg.add_argument("--variant", choices=("nano", "mlt"), default="nano")
     return p
+
+
+def _load(args: argparse.Namespace):
+    """The model, after checking the language (against its variant, or both where not given) before loading."""
+    variants = [args.variant] if args.variant else ["nano", "mlt"]
+    errors = []
+    for variant in variants:
+        try:
+            langs.resolve(args.language, variant)
+            break
+        except ASRError as exc:
+            errors.append(exc)
+    else:
+        raise errors[0]
+    runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
+    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
+                       encoder_dtype=args.encoder_dtype, runtime=runtime)
+    langs.resolve(args.language, model.variant)
+    return model
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """`funasr-nano batch`: exit status 0 when every input is done, 1 when some failed (see failures.jsonl),
+    2 when nothing could start (bad options, no inputs, the model)."""
+    from .batch import FAILURES_FILE, BatchOptions, discover, run_batch
+
+    try:
+        items = discover(args.inputs, args.manifest)
+        if not items:
+            raise InvalidOptionError("no audio or video files found in the inputs; pass files, folders or --manifest")
+        options = BatchOptions(formats=tuple(dict.fromkeys(args.format)), language=args.language,
+                               hotwords=tuple(_hotwords(args.hotwords)), itn=not args.no_itn,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, workers=args.workers,
+                               progress=not args.no_progress and sys.stderr.isatty())
+        model = _load(args)
+    except ASRError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_batch(model, items, args.output_dir, options)
+    except KeyboardInterrupt:
+        print("interrupted: what finished is recorded; run the same command again to go on", file=sys.stderr)
+        return 130
+    print(summary.line(), file=sys.stderr)
+    if summary.failed:
+        print(f"{summary.failed} failure(s) recorded in {Path(args.output_dir) / FAILURES_FILE}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def _hotwords(values: list[str]) -> list[str]:
@@ -76,25 +139,14 @@ def _main(argv: list[str] | None) -> int:
             note = f"  ({lang.note})" if lang.note else ""
             print(f"{lang.code:5} {lang.name:24} {lang.prompt_name}{note}")
         return 0
+    if args.command == "batch":
+        return _batch(args)
     several = len(args.files) > 1 and not args.output_dir
     if several and args.format in ("srt", "vtt"):
         print(f"error: {args.format} output of several files needs -o DIR (one file each)", file=sys.stderr)
         return 2
-    try:  # the language is checked before the model loads (against its variant, or both where not given)
-        variants = [args.variant] if args.variant else ["nano", "mlt"]
-        errors = []
-        for variant in variants:
-            try:
-                langs.resolve(args.language, variant)
-                break
-            except ASRError as exc:
-                errors.append(exc)
-        else:
-            raise errors[0]
-        runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
-        model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
-                           encoder_dtype=args.encoder_dtype, runtime=runtime)
-        langs.resolve(args.language, model.variant)
+    try:
+        model = _load(args)
     except ASRError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

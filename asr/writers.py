@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+from pathlib import Path
 
 from .types import TranscriptionResult
 
@@ -45,3 +48,20 @@ def render(result: TranscriptionResult, fmt: str) -> str:
         return {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt}[fmt](result)
     except KeyError:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}") from None
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename: a reader (or a run killed
+    midway) sees the old file or the whole new one, never part of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
