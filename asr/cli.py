@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-f", "--format", nargs="+", choices=FORMATS, default=["txt"], help="output formats")
     b.add_argument("--workers", type=int, default=2, help="threads decoding audio ahead of the model")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: a local Ray cluster, or the one at ADDRESS (e.g. auto, ray://host:10001); "
+                   "the inputs and the output folder must be on storage every node sees (pip install "
+                   "'funasr-nano-mlx[ray]')")
+    b.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (Ray actors)")
+    b.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica")
+    b.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPU slots per replica")
     _model_options(b)
     sub.add_parser("serve", add_help=False, help="serve the model over HTTP: OpenAI-compatible transcription API, "
                    "health, metrics and MCP (see `funasr-nano serve --help`)")
@@ -73,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace):
     """The model, after checking the language (against its variant, or both where not given) before loading."""
+    _load_checks(args)
+    runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
+    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
+                       encoder_dtype=args.encoder_dtype, runtime=runtime)
+    langs.resolve(args.language, model.variant)
+    return model
+
+
+def _load_checks(args: argparse.Namespace) -> None:
     variants = [args.variant] if args.variant else ["nano", "mlt"]
     errors = []
     for variant in variants:
@@ -83,11 +99,6 @@ def _load(args: argparse.Namespace):
             errors.append(exc)
     else:
         raise errors[0]
-    runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
-    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
-                       encoder_dtype=args.encoder_dtype, runtime=runtime)
-    langs.resolve(args.language, model.variant)
-    return model
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -103,12 +114,25 @@ def _batch(args: argparse.Namespace) -> int:
                                hotwords=tuple(_hotwords(args.hotwords)), itn=not args.no_itn,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, workers=args.workers,
                                progress=not args.no_progress and sys.stderr.isatty())
-        model = _load(args)
+        if args.ray is not None:
+            _load_checks(args)
+        else:
+            model = _load(args)
     except ASRError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = run_batch(model, items, args.output_dir, options)
+        if args.ray is not None:
+            from .batch_ray import run_batch_ray
+
+            model_kwargs = dict(path_or_repo=args.model, dtype=args.dtype, quantize=args.quantize,
+                                variant=args.variant, encoder_dtype=args.encoder_dtype,
+                                runtime=replace(RuntimeOptions.from_env(), backend=args.backend))
+            summary = run_batch_ray(items, args.output_dir, options, model_kwargs=model_kwargs,
+                                    address=args.ray or None, replicas=args.replicas,
+                                    gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
+        else:
+            summary = run_batch(model, items, args.output_dir, options)
     except KeyboardInterrupt:
         print("interrupted: what finished is recorded; run the same command again to go on", file=sys.stderr)
         return 130

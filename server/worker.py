@@ -153,7 +153,7 @@ class Engine:
         self._model: Model | None = None
         self._cond = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []  # on the model thread now (several when decoded together)
         self._jobs: dict[str, Job] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="funasr-mlx-worker", daemon=True)
@@ -169,8 +169,8 @@ class Engine:
             for job in list(self._pending):
                 self._finish(job, "cancelled", error="the server is shutting down")
             self._pending.clear()
-            if self._running is not None:
-                self._running.cancel.set()
+            for job in self._running:
+                job.cancel.set()
             self._cond.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -228,11 +228,11 @@ class Engine:
         with self._cond:
             if job not in self._pending:
                 return 0
-            return list(self._pending).index(job) + (1 if self._running is not None else 0)
+            return list(self._pending).index(job) + (1 if self._running else 0)
 
     def counts(self) -> tuple[int, int]:
         with self._cond:
-            return len(self._pending), 1 if self._running is not None else 0
+            return len(self._pending), len(self._running)
 
     def failure_message(self) -> str:
         return (
@@ -252,7 +252,7 @@ class Engine:
                     return
                 job = self._pending.popleft()
                 batch = [job, *self._companions(job)]
-                self._running = job
+                self._running = batch
             try:
                 if len(batch) == 1:
                     self._execute(job)
@@ -260,7 +260,7 @@ class Engine:
                     self._execute_many(batch)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running = []
 
     def _companions(self, job: Job) -> list[Job]:
         """Queued jobs that can be decoded in one pass with `job` (caller holds the lock): decoded in memory

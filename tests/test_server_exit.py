@@ -45,10 +45,11 @@ def start(tmp_path, tiny_checkpoint, testdata):
             status = server_status(server)
             assert status["model_state"] != "failed", status
             time.sleep(0.1)
-        if state == "busy":  # one job decoding, two queued behind it
-            for i in range(3):
+        if state == "busy":  # one job decoding, two queued behind it (different languages: never decoded together)
+            for i, language in enumerate(("en", "zh", "ja")):
                 server.message({"jsonrpc": "2.0", "id": f"t{i}", "method": "tools/call", "params": {
-                    "name": "transcribe_file", "arguments": {"path": str(testdata / "audio" / LONG_CLIP)}}})
+                    "name": "transcribe_file", "arguments": {"path": str(testdata / "audio" / LONG_CLIP),
+                                                             "language": language}}})
             deadline = time.monotonic() + 30
             while (status["running"], status["queued"]) != (1, 2):
                 assert time.monotonic() < deadline, status
