@@ -6,6 +6,11 @@ batches) and with batch size 1 (each file alone, as `funasr-nano transcribe` doe
 each and their ratio; --rounds alternates the two more times.
 
     python -m benchmarks.batch --model DIR [--copies 2] [--batch-size 16] [--max-new-tokens 32] [--rounds 1]
+                               [--ray-replicas 1 2]
+
+With --ray-replicas, the same folder also goes through `funasr-nano batch --ray`'s code on a local Ray cluster
+(ray.init on this machine, one CPU slot per replica), once per replica count: wall time includes starting the
+cluster and loading the model in every replica.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--ray-replicas", type=int, nargs="*", default=[],
+                    help="also run on a local Ray cluster with each of these replica counts (one CPU slot each)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -62,6 +69,18 @@ def main() -> None:
             row["speedup"] = round(row["one_at_a_time"]["wall_s"] / row["together"]["wall_s"], 2)
             out["rounds"].append(row)
             print(json.dumps(row), flush=True)
+        if a.ray_replicas:
+            from asr.batch_ray import run_batch_ray
+
+            out["ray"] = []
+            for n in a.ray_replicas:
+                s = run_batch_ray(items, work / f"out-ray-{n}", BatchOptions(
+                    formats=("txt",), batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, progress=False),
+                    model_kwargs={"path_or_repo": a.model, "dtype": a.dtype}, replicas=n, cpus_per_replica=1)
+                assert s.failed == 0, s.failures
+                row = {"replicas": n, "wall_s": round(s.wall_s, 2), "rtfx": round(s.rtfx, 2)}
+                out["ray"].append(row)
+                print(json.dumps(row), flush=True)
         if a.json:
             a.json.write_text(json.dumps(out, indent=1))
     finally:
