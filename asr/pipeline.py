@@ -241,12 +241,7 @@ class FunASRNano:
         ends); the result holds the same segments.
         """
         t_start = time.perf_counter()
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_SIZE_MAX:
-            raise InvalidOptionError(f"batch_size must be an integer in 1..{BATCH_SIZE_MAX}; got {batch_size!r}")
-        if not 5.0 <= max_segment_s <= 60.0:
-            raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
+        _check_options(max_new_tokens, batch_size, max_segment_s)
         lang = langs.resolve(language, self.variant)
         ids = self.prompt_ids(language, hotwords, itn)
         t = _stage_times()
@@ -323,12 +318,7 @@ class FunASRNano:
         i's segment and every earlier one of audio i are decoded (so in time order per audio).
         """
         t_start = time.perf_counter()
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_SIZE_MAX:
-            raise InvalidOptionError(f"batch_size must be an integer in 1..{BATCH_SIZE_MAX}; got {batch_size!r}")
-        if not 5.0 <= max_segment_s <= 60.0:
-            raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
+        _check_options(max_new_tokens, batch_size, max_segment_s)
         lang = langs.resolve(language, self.variant)
         ids = self.prompt_ids(language, hotwords, itn)
         t = _stage_times()
@@ -493,6 +483,15 @@ class FunASRNano:
         for n in sorted({1, 2, *self.runtime.llm.warm_batches(batch_size)}):
             pieces = [_Piece(float(i), i + clips[i % 2].shape[0] / SAMPLE_RATE, clips[i % 2]) for i in range(n)]
             self._decode_batch(pieces, ids, 2, False, None, _stage_times())
+
+
+def _check_options(max_new_tokens: int, batch_size: int, max_segment_s: float) -> None:
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= BATCH_SIZE_MAX:
+        raise InvalidOptionError(f"batch_size must be an integer in 1..{BATCH_SIZE_MAX}; got {batch_size!r}")
+    if not 5.0 <= max_segment_s <= 60.0:
+        raise InvalidOptionError(f"max_segment_s must be between 5 and 60 seconds; got {max_segment_s!r}")
 
 
 def _segment(p: _Piece) -> Segment:

@@ -9,13 +9,14 @@ with the transcript - or, past the call budget, with a job handle that get_trans
 # No `from __future__ import annotations`: the SDK reads these signatures at registration.
 
 import base64
+import contextlib
 import inspect
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,7 +359,20 @@ async def _decode_async(state: AppState, file: AudioFile, source: str) -> Any:
         raise
 
 
-async def _submit(state: AppState, job: Job) -> Job:
+@contextlib.contextmanager
+def _closed_on_failure(outputs: "_Outputs | None") -> Iterator[None]:
+    """The output folder is released when the call fails before its job takes it over."""
+    try:
+        yield
+    except BaseException:
+        if outputs is not None:
+            outputs.close()
+        raise
+
+
+async def _submit(state: AppState, job: Job, outputs: "_Outputs | None" = None) -> Job:
+    if outputs is not None:
+        outputs.attach(job)
     try:
         return state.engine.submit(job)
     except EngineUnavailable as exc:
@@ -609,19 +623,13 @@ def create_server(
         except BaseException:
             checked.file.close()
             raise
-        try:
+        with _closed_on_failure(outputs):
             decode_start = time.monotonic()
             audio = await _decode_async(state, checked.file, path)
             job = Job(source=path, audio=model_input(audio), duration_s=float(audio.duration_s), language=language,
                       hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
                       warnings=list(getattr(audio, "warnings", None) or []))
-            if outputs is not None:
-                outputs.attach(job)
-            await _submit(state, job)
-        except BaseException:
-            if outputs is not None:
-                outputs.close()
-            raise
+            await _submit(state, job, outputs)
         return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
                              include_segments=include_segments)
 
@@ -664,36 +672,24 @@ def create_server(
                 of = f" of {total / 2**20:.1f}" if total else ""
                 await reporter.send(0.0, None, f"downloading: {done / 2**20:.1f}{of} MiB")
 
-            try:
-                async with state.fetcher.download(url, progress=on_bytes) as dl:
-                    log.info("downloaded %d bytes from %s in %.2f s", dl.size_bytes, urlsplit(source).hostname,
-                             dl.seconds)
-                    # opened before the download's folder is deleted: the job reads this descriptor, and messages
-                    # name the URL, never the private temporary path
-                    file = AudioFile(os.open(dl.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)),
-                                     f"the download from {source}", path=dl.path.name)
-            except FetchError as exc:
-                if outputs is not None:
-                    outputs.close()
-                raise ToolError(f"Cannot fetch {source}: {exc}") from None
-            except BaseException:
-                if outputs is not None:
-                    outputs.close()
-                raise
-            try:
+            with _closed_on_failure(outputs):
+                try:
+                    async with state.fetcher.download(url, progress=on_bytes) as dl:
+                        log.info("downloaded %d bytes from %s in %.2f s", dl.size_bytes, urlsplit(source).hostname,
+                                 dl.seconds)
+                        # opened before the download's folder is deleted: the job reads this descriptor, and
+                        # messages name the URL, never the private temporary path
+                        file = AudioFile(os.open(dl.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)),
+                                         f"the download from {source}", path=dl.path.name)
+                except FetchError as exc:
+                    raise ToolError(f"Cannot fetch {source}: {exc}") from None
                 decode_start = time.monotonic()
                 audio = await _decode_async(state, file, source)
                 decode_s = time.monotonic() - decode_start
                 job = Job(source=source, audio=model_input(audio), duration_s=float(audio.duration_s),
                           language=language, hotwords=hotwords, itn=itn, download_s=dl.seconds,
                           audio_decode_s=decode_s, warnings=list(getattr(audio, "warnings", None) or []))
-                if outputs is not None:
-                    outputs.attach(job)
-                await _submit(state, job)
-            except BaseException:
-                if outputs is not None:
-                    outputs.close()
-                raise
+                await _submit(state, job, outputs)
             return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
                                  include_segments=include_segments)
 
