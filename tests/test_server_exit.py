@@ -93,10 +93,9 @@ def test_stdin_closed_while_loading(start, repeat):
     ended_cleanly(make("loading"), private_tmp, "stdin")
 
 
-@pytest.mark.parametrize("repeat", range(2))
 @pytest.mark.parametrize("how", ["stdin", "SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("state", ["loading", "idle", "busy", "downloading"])
-def test_every_state_ends_cleanly(start, state, how, repeat):
+def test_every_state_ends_cleanly(start, state, how):
     make, private_tmp = start
     if state == "downloading":
         with http_server({"/slow.wav": endless(b"\0" * 4096, delay_s=0.05)}) as (port, _):

@@ -1,0 +1,331 @@
+"""Load CAM++ (`iic/speech_campplus_sv_zh-cn_16k-common` and checkpoints of the same class) for MLX.
+
+Accepted by `load_campplus()`:
+  (a) an official directory as distributed on ModelScope: config.yaml (`model: CAMPPlus` + model_conf),
+      configuration.json (ModelScope metadata; file_path_metas.init_param / model.pretrained_model name the weights;
+      in the older layout without config.yaml its model.model_config gives fbank_dim / emb_size) and
+      campplus_cn_common.bin, a `torch.save` zip of the bare state dict;
+  (b) the weights file itself (its directory's config files are read when present, else the class defaults, which
+      are the released zh-cn model's);
+  (c) a Hugging Face repo id (downloaded through huggingface_hub and its cache; `local_files_only` never downloads);
+  (d) a directory converted by this module (campplus_config.json + campplus.safetensors).
+The .bin is read without torch by the restricted reader (asr/loading/torch_zip.py: no pickled code runs), checked
+strictly by name and shape, and converted once into the model cache (FUNASR_NANO_CACHE or
+~/.cache/funasr-nano-mlx, asr.loading.checkpoint.cache_root) under converted/campplus-<dir>-<fingerprint>/; the
+next load reads the safetensors directly. Ref: funasr/auto/auto_model.py::build_model and
+funasr/train_utils/load_pretrained_model.py for what the official code builds from the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import yaml
+from mlx.utils import tree_flatten
+
+from ..errors import CheckpointError, ModelLoadError
+from ..loading.checkpoint import atomic_dir, cache_root
+from ..loading.torch_zip import load_state_dict
+from .campplus import CAMPPlus, CAMPPlusConfig, features
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # of the converted layout; part of the cache fingerprint
+CONVERTED_CONFIG = "campplus_config.json"
+CONVERTED_WEIGHTS = "campplus.safetensors"
+DEFAULT_WEIGHTS = "campplus_cn_common.bin"
+OFFICIAL_ID = "iic/speech_campplus_sv_zh-cn_16k-common"
+_HUB_PATTERNS = ["*.json", "*.yaml", "*.bin", "*.safetensors"]
+
+
+@dataclass
+class SpeakerModel:
+    """A loaded CAM++: `embed(audio)` -> np.ndarray [embedding_size]."""
+
+    net: CAMPPlus
+    config: CAMPPlusConfig
+    name: str  # what the caller asked for
+    model_dir: Path  # the converted directory the weights were read from
+    converted: bool  # True when this load converted the official checkpoint (False: read from the cache)
+
+    def features(self, samples_16k: np.ndarray) -> mx.array:
+        return features(samples_16k, self.config.feat_dim)
+
+    def embed_features(self, feats: mx.array) -> mx.array:
+        return self.net.embed(feats)
+
+    def embed(self, audio) -> np.ndarray:
+        """Embedding of one utterance: 16 kHz mono float samples in [-1, 1], or an audio file (decoded and resampled
+        by asr.audio.io.load_audio)."""
+        if isinstance(audio, (str, os.PathLike)):
+            from ..audio.io import load_audio
+
+            audio = load_audio(audio).samples
+        emb = self.net.embed(self.features(audio))
+        return np.array(emb, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class OfficialDir:
+    path: Path
+    weights: Path
+    config: CAMPPlusConfig
+    described_by: str  # "config.yaml", "configuration.json" or "defaults"
+
+
+# --- finding the files ---------------------------------------------------------------------------------------------
+def _resolve(spec: str, download_root, local_files_only: bool) -> tuple[Path, Path | None]:
+    """(directory, explicit weights file or None)."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_file():
+            return p.parent.resolve(), p.resolve()
+        return p.resolve(), None
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _download(spec, download_root, local_files_only), None
+    raise ModelLoadError(
+        f"CAM++ model {spec!r} not found: pass an existing model directory (e.g. ModelScope's {OFFICIAL_ID} as "
+        "downloaded: config.yaml, configuration.json, campplus_cn_common.bin), its .bin file, or a Hugging Face "
+        "repo id (owner/name)"
+    )
+
+
+def _download(repo_id: str, cache_dir, local_files_only: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise ModelLoadError("huggingface_hub is needed to download models; pip install huggingface_hub") from exc
+    try:
+        path = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only,
+                                 cache_dir=None if cache_dir is None else str(Path(cache_dir).expanduser()))
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"CAM++ model {repo_id!r} is not in the local Hugging Face cache"
+            f"{'' if cache_dir is None else f' ({cache_dir})'} and downloading is off or impossible "
+            "(local_files_only, HF_HUB_OFFLINE=1 or no network). Download it once with network access, or pass a "
+            "local directory"
+        ) from exc
+    except Exception as exc:
+        raise ModelLoadError(f"could not download {repo_id!r} from Hugging Face: {type(exc).__name__}: {exc}") from exc
+    return Path(path)
+
+
+def _inside(base: Path, rel: str, what: str) -> Path:
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base.resolve()):
+        raise CheckpointError(f"{what} points outside the model directory ({rel!r}); refusing to follow it")
+    return target
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot parse {path}: {exc}; re-download the model") from exc
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path} is not a JSON object; re-download the model")
+    return doc
+
+
+def _config_error(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: unsupported CAM++ configuration: {exc}")
+
+
+def read_official_dir(model_dir: Path, weights: Path | None = None) -> OfficialDir:
+    """The config (config.yaml's model_conf, else configuration.json's model_config, else the class defaults) and
+    the weights file of an official directory."""
+    meta_path, yaml_path = model_dir / "configuration.json", model_dir / "config.yaml"
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    model_meta = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    if yaml_path.is_file():
+        try:
+            cfg = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise CheckpointError(f"cannot parse {yaml_path}: {exc}; re-download the model") from exc
+        if not isinstance(cfg, dict) or cfg.get("model") != "CAMPPlus":
+            found = cfg.get("model") if isinstance(cfg, dict) else None
+            raise CheckpointError(f"{yaml_path} does not describe a CAM++ model (model: {found!r}, expected "
+                                  "'CAMPPlus'); pass a CAM++ directory such as " + OFFICIAL_ID)
+        conf = cfg.get("model_conf") or {}
+        if not isinstance(conf, dict):
+            raise CheckpointError(f"{yaml_path}: model_conf is not a mapping")
+        try:
+            config, source = CAMPPlusConfig.from_official(conf), "config.yaml"
+        except (TypeError, ValueError) as exc:
+            raise _config_error(yaml_path, exc) from exc
+    elif model_meta:
+        mtype = str(model_meta.get("type", ""))
+        if "cam++" not in mtype.lower():
+            raise CheckpointError(f"{meta_path} describes a {mtype!r} model, not CAM++ (type 'cam++-sv')")
+        mc = model_meta.get("model_config") or {}
+        if not isinstance(mc, dict):
+            raise CheckpointError(f"{meta_path}: model.model_config is not an object")
+        try:
+            if int(mc.get("sample_rate", 16000)) != 16000:
+                raise ValueError(f"sample_rate {mc.get('sample_rate')} (only 16000 is supported)")
+            config = CAMPPlusConfig(feat_dim=int(mc.get("fbank_dim", 80)), embedding_size=int(mc.get("emb_size", 192)))
+        except (TypeError, ValueError) as exc:
+            raise _config_error(meta_path, exc) from exc
+        source = "configuration.json"
+    else:
+        config, source = CAMPPlusConfig(), "defaults"
+
+    if weights is None:
+        metas = meta.get("file_path_metas") if isinstance(meta.get("file_path_metas"), dict) else {}
+        named = metas.get("init_param") or model_meta.get("pretrained_model")
+        if isinstance(named, str) and named:
+            weights = _inside(model_dir, named, f"{meta_path.name} (init_param / pretrained_model)")
+        elif (model_dir / DEFAULT_WEIGHTS).is_file():
+            weights = model_dir / DEFAULT_WEIGHTS
+        else:
+            bins = sorted(model_dir.glob("*.bin"))
+            if len(bins) != 1:
+                what = "no .bin file" if not bins else f"{len(bins)} .bin files and none named in configuration.json"
+                raise ModelLoadError(
+                    f"{model_dir} is not a CAM++ model directory: {what}. Download the whole model (e.g. "
+                    f"`modelscope download --model {OFFICIAL_ID}`: config.yaml, configuration.json, "
+                    f"{DEFAULT_WEIGHTS}) or pass the weights file itself"
+                )
+            weights = bins[0]
+    if not weights.is_file():
+        raise ModelLoadError(f"the CAM++ weights {weights} are missing (named by {model_dir / 'configuration.json'}); "
+                             f"re-download the model ({OFFICIAL_ID})")
+    if source == "defaults":
+        log.warning("%s has no config.yaml or configuration.json: using the CAM++ defaults %s", model_dir, config)
+    return OfficialDir(path=model_dir, weights=weights, config=config, described_by=source)
+
+
+# --- conversion ----------------------------------------------------------------------------------------------------
+def fingerprint(src: OfficialDir) -> str:
+    st = src.weights.stat()
+    h = hashlib.sha1(f"{src.weights.resolve()}:{st.st_size}:{st.st_mtime_ns}:{FORMAT_VERSION}".encode())
+    h.update(json.dumps(src.config.to_json(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def converted_dir_for(src: OfficialDir) -> Path:
+    return cache_root() / "converted" / f"campplus-{src.path.name}-{fingerprint(src)}"
+
+
+def expected_shapes(config: CAMPPlusConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tree_flatten(CAMPPlus(config).parameters())}
+
+
+def official_key_to_mlx(key: str) -> str | None:
+    """The MLX module uses the official names; BatchNorm's step counter is training state (dropped), and a
+    DataParallel `module.` prefix is stripped as FunASR's loader does (scope_map)."""
+    if key.endswith(".num_batches_tracked"):
+        return None
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def to_mlx_layout(arr: np.ndarray) -> np.ndarray:
+    """torch Conv1d [O, I, k] -> [O, k, I]; Conv2d [O, I, kh, kw] -> [O, kh, kw, I]; vectors unchanged."""
+    if arr.ndim == 3:
+        return arr.transpose(0, 2, 1)
+    if arr.ndim == 4:
+        return arr.transpose(0, 2, 3, 1)
+    return arr
+
+
+def strict_check(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str,
+                 described_by: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where} is incomplete: {len(missing)} CAM++ tensors missing, e.g. {missing[:4]}; the "
+                              "file is truncated or not a CAM++ checkpoint (re-download it)")
+    if unexpected:
+        raise CheckpointError(f"{where} has {len(unexpected)} tensors CAM++ does not have, e.g. {unexpected[:4]}; is "
+                              "it another model?")
+    for k, shape in expected.items():
+        if found[k] != shape:
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {list(found[k])}, the configuration "
+                                  f"({described_by}) expects {list(shape)}; the config does not match the weights")
+
+
+def convert(src: OfficialDir, out_dir: Path) -> Path:
+    """Official weights -> MLX safetensors + config, atomically (nothing half-written on failure)."""
+    t0 = time.perf_counter()
+    state = load_state_dict(src.weights, key="state_dict")  # a bare state dict (the release) or {"state_dict": ...}
+    expected = expected_shapes(src.config)
+    weights: dict[str, mx.array] = {}
+    found: dict[str, tuple[int, ...]] = {}
+    for key, tensor in state.items():
+        name = official_key_to_mlx(key)
+        if name is None:
+            continue
+        if not tensor.dtype.startswith(("float", "bfloat")):
+            raise CheckpointError(f"{src.weights}: tensor {key!r} is {tensor.dtype}, expected floating point")
+        arr = np.ascontiguousarray(to_mlx_layout(tensor.to_float32()))
+        weights[name] = mx.array(arr)
+        found[name] = tuple(arr.shape)
+    strict_check(found, expected, str(src.weights), src.described_by)
+    del state
+    with atomic_dir(out_dir) as tmp:
+        mx.save_safetensors(str(tmp / CONVERTED_WEIGHTS), weights)
+        doc = {"format_version": FORMAT_VERSION, "model": "CAMPPlus", **src.config.to_json(),
+               "source": str(src.weights), "described_by": src.described_by}
+        (tmp / CONVERTED_CONFIG).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    log.info("converted %s -> %s in %.2f s", src.weights, out_dir, time.perf_counter() - t0)
+    return out_dir
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+def _read_converted(model_dir: Path) -> CAMPPlus:
+    doc = _read_json(model_dir / CONVERTED_CONFIG)
+    if doc.get("format_version") != FORMAT_VERSION or doc.get("model") != "CAMPPlus":
+        raise CheckpointError(f"{model_dir} was converted by another version (format {doc.get('format_version')!r}, "
+                              f"this one reads {FORMAT_VERSION}); delete it and load the official directory again")
+    try:
+        config = CAMPPlusConfig.from_json(doc)
+    except (TypeError, ValueError) as exc:
+        raise _config_error(model_dir / CONVERTED_CONFIG, exc) from exc
+    path = model_dir / CONVERTED_WEIGHTS
+    try:
+        weights = mx.load(str(path))
+    except Exception as exc:  # a truncated or garbled cache file
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}; delete {model_dir} so that the "
+                              "official checkpoint is converted again") from exc
+    strict_check({k: tuple(v.shape) for k, v in weights.items()}, expected_shapes(config), str(path),
+                 CONVERTED_CONFIG)
+    net = CAMPPlus(config)
+    net.load_weights(list(weights.items()), strict=True)
+    net.eval()
+    mx.eval(net.parameters())
+    return net
+
+
+def load_campplus(path_or_repo: str | os.PathLike, *, download_root: str | os.PathLike | None = None,
+                  local_files_only: bool = False) -> SpeakerModel:
+    """Load CAM++ from an official directory, its .bin, a Hugging Face repo id or a converted directory; an official
+    checkpoint is converted once into the model cache and read from there afterwards.
+
+    download_root: where a hub id is looked up and downloaded (default: huggingface_hub's cache).
+    local_files_only: never download; a hub id must already be in the cache.
+    Raises ModelLoadError (nothing to load there) or CheckpointError (a file is corrupt, unsafe or mismatched)."""
+    if path_or_repo is None:
+        raise ModelLoadError(f"pass a CAM++ model directory or hub id (the official model is {OFFICIAL_ID})")
+    spec = str(path_or_repo)
+    model_dir, weights = _resolve(spec, download_root, local_files_only)
+    converted = False
+    if weights is None and (model_dir / CONVERTED_CONFIG).is_file():
+        conv = model_dir
+    else:
+        src = read_official_dir(model_dir, weights)
+        conv = converted_dir_for(src)
+        if not (conv / CONVERTED_CONFIG).is_file():
+            log.info("converting CAM++ %s to MLX (once) ...", src.weights)
+            convert(src, conv)
+            converted = True
+    net = _read_converted(conv)
+    return SpeakerModel(net=net, config=net.config, name=spec, model_dir=conv, converted=converted)
