@@ -21,6 +21,8 @@ PACKAGES=(
   "transformers==5.24.0"
   "kaldi-native-fbank==1.23.0"
   "librosa==0.11.0"
+  "scikit-learn==1.9.1"  # the official ClusterBackend's (speaker clustering goldens)
+  "umap-learn==0.5.12"
   "onnxruntime"
 )
 

@@ -3,7 +3,7 @@
 #
 #   bash tools/test.sh [pytest args...]
 #
-# 1. .venv: the package with its dev and ray extras (MLX CPU backend on Linux, Metal on macOS).
+# 1. .venv: the package with its dev, ray and speakers extras (MLX CPU backend on Linux, Metal on macOS).
 # 2. On Debian/Ubuntu as root, in the background while the rest installs: libopenblas0-pthread, which
 #    asr/backends/cpu/blas_load.py loads for MLX's CPU matmuls, and chromium for the transcript viewer's browser test
 #    (tests/test_viewer.py; Playwright's own browser download is never used).
@@ -31,8 +31,8 @@ fi
 
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>/dev/null || true
-say "installing funasr-nano-mlx[dev,ray] into .venv"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,ray]"
+say "installing funasr-nano-mlx[dev,ray,speakers] into .venv"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,ray,speakers]"
 
 # Each step's own outcome is reported: the reference venv and the goldens can fail separately.
 golden_problem=""
