@@ -9,6 +9,7 @@ LLM runner through asr.decode.loop) -> text cleanup. Long audio is cut into segm
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -31,6 +32,8 @@ from .model.config import ModelConfig
 from .model.ctc import CTCTokenizer, ctc_result
 from .model.network import FunASRNanoNet
 from .model.prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
+from .speaker.cluster import cluster as cluster_speakers
+from .speaker.diarize import diarize, speaker_of
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, Language, Segment, Timings, TranscriptionResult
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class _Piece:
     text: str = ""
     finish_reason: str = "stop"
     ctc: object | None = None  # asr.ctc.CTCResult when token timestamps were computed
+    speaker: int | None = None  # the turn's speaker (diarization), numbered from 0 by first appearance
 
 
 class FunASRNano:
@@ -80,6 +84,9 @@ class FunASRNano:
         self._prompt_cache: dict[tuple, PromptIds] = {}
         self._vad = None
         self._ctc_tok = None
+        # who spoke when: a speaker runner (`embed_windows(list of 16 kHz windows) -> [N, D]`, e.g. CAM++ from
+        # asr.speaker.load), given at load (load_model(speaker_model=...)); None: no diarization
+        self.speaker_model = None
 
     # ---- properties the server reads
     @property
@@ -223,6 +230,7 @@ class FunASRNano:
         cancel: threading.Event | None = None,
         max_duration_s: float | None = None,
         on_segment: Callable[[Segment], None] | None = None,
+        speakers: int | str | None = None,
     ) -> TranscriptionResult:
         """Transcribe a path, an opened `asr.audio.AudioFile`, bytes, a numpy array (+ sample_rate; default 16 kHz)
         or `asr.audio.Audio`. A path is opened once and every pass reads that descriptor.
@@ -239,11 +247,15 @@ class FunASRNano:
         while decoding, so that neither memory nor time grows past it.
         on_segment: called with each segment, in time order, as soon as its batch is decoded (for streaming front
         ends); the result holds the same segments.
+        speakers: None (no diarization), "auto" (find how many) or a number of speakers: segments are cut at the
+        turns found by the speaker model given at load (asr.speaker.diarize: the official windows, clustering and
+        post-processing) and each carries its `speaker` ('S1', 'S2', ...). In-memory audio only (up to 10 min).
         """
         t_start = time.perf_counter()
         _check_options(max_new_tokens, batch_size, max_segment_s)
         lang = langs.resolve(language, self.variant)
         ids = self.prompt_ids(language, hotwords, itn)
+        num_speakers = self._check_speakers(speakers)
         t = _stage_times()
         warnings: list[str] = []
 
@@ -252,7 +264,7 @@ class FunASRNano:
                 audio = stack.enter_context(AudioFile.open(audio))
             pieces, duration, decode_warnings = self._decode_audio(
                 audio, sample_rate, vad, max_segment_s, max_duration_s, batch_size, ids, max_new_tokens,
-                repetition_guard, timestamps, progress, cancel, t, on_segment)
+                repetition_guard, timestamps, progress, cancel, t, on_segment, speakers, num_speakers)
         warnings += decode_warnings
 
         return self._result(pieces, duration, warnings, lang, max_new_tokens, timestamps, t,
@@ -369,8 +381,8 @@ class FunASRNano:
         return results
 
     def _decode_audio(self, audio, sample_rate, vad, max_segment_s, max_duration_s, batch_size, ids, max_new_tokens,
-                      repetition_guard, timestamps, progress, cancel, t,
-                      on_segment=None) -> tuple[list[_Piece], float, list[str]]:
+                      repetition_guard, timestamps, progress, cancel, t, on_segment=None, speakers=None,
+                      num_speakers=None) -> tuple[list[_Piece], float, list[str]]:
         """Steps 1-3 of transcribe: the audio (in memory, or a file streamed twice in blocks so that memory does not
         grow with its length), the segment plan, and every segment decoded, batch by batch in time order."""
         warnings: list[str] = []
@@ -415,12 +427,24 @@ class FunASRNano:
                             "~30 s and may loop or drop text")
         if not plan:
             warnings.append("no speech detected")
+        owners: list[int | None] = [None] * len(plan)
+        if speakers is not None and plan:
+            if streamed is not None:
+                raise InvalidOptionError("speakers= works on audio up to 10 minutes for now; split longer files")
+            t0 = time.perf_counter()
+            plan, owners = _cut_at_turns(plan, diarize(samples, plan, self.speaker_model.embed_windows,
+                                                       functools.partial(cluster_speakers, random_state=0),
+                                                       num_speakers))
+            t["speakers_s"] += time.perf_counter() - t0
         if progress:
             progress(0.0, duration, f"{len(plan)} segment(s) to decode")
 
         # 3. decode, batch by batch, in time order
         pieces: list[_Piece] = []
+        turn_of = dict(zip(plan, owners, strict=True))
         for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size):
+            for p in batch:
+                p.speaker = turn_of.get((p.start, p.end))
             self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t,
                                timestamps=timestamps and self.timestamps_available)
             for p in batch:
@@ -471,6 +495,19 @@ class FunASRNano:
         if batch:
             yield batch
 
+    def _check_speakers(self, speakers: int | str | None) -> int | None:
+        """The number of speakers asked for (None: find it), after checking `speakers` and the speaker model."""
+        if speakers is None:
+            return None
+        if speakers != "auto" and not (isinstance(speakers, int) and not isinstance(speakers, bool)
+                                       and 1 <= speakers <= 15):
+            raise InvalidOptionError(f"speakers must be None, 'auto' or a number of speakers from 1 to 15; got "
+                                     f"{speakers!r}")
+        if self.speaker_model is None:
+            raise InvalidOptionError("speakers= needs a speaker model: load_model(..., speaker_model="
+                                     "'iic/speech_campplus_sv_zh-cn_16k-common' or its local folder)")
+        return None if speakers == "auto" else speakers
+
     def warmup(self, batch_size: int = BATCH_SIZE_DEFAULT) -> None:
         """Run a short dummy utterance, then a batch of two, so that neither the first short call nor the first
         long one (whose segments are decoded in batches) is the slow one. On CUDA, also a batch for each kernel
@@ -485,6 +522,24 @@ class FunASRNano:
             self._decode_batch(pieces, ids, 2, False, None, _stage_times())
 
 
+MIN_PIECE_S = 0.3  # a cut at a turn never leaves a sliver shorter than this (it joins its neighbour)
+
+
+def _cut_at_turns(plan: list[tuple[float, float]], turns: list) -> tuple[list[tuple[float, float]], list[int | None]]:
+    """Each planned segment cut at the speaker turns inside it, so that a segment has one speaker; the speaker of
+    each piece is the one with the most overlap (the official distribute_spk)."""
+    out: list[tuple[float, float]] = []
+    for start, end in plan:
+        cuts = [start, *sorted(tt.start for tt in turns if start + MIN_PIECE_S < tt.start < end - MIN_PIECE_S), end]
+        bounds = [cuts[0]]
+        for c in cuts[1:-1]:
+            if c - bounds[-1] >= MIN_PIECE_S:
+                bounds.append(c)
+        bounds.append(end)
+        out += [(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return out, [speaker_of(a, b, turns) if turns else None for a, b in out]
+
+
 def _check_options(max_new_tokens: int, batch_size: int, max_segment_s: float) -> None:
     if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise InvalidOptionError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}; got {max_new_tokens!r}")
@@ -496,13 +551,14 @@ def _check_options(max_new_tokens: int, batch_size: int, max_segment_s: float) -
 
 def _segment(p: _Piece) -> Segment:
     return Segment(start=round(p.start, 3), end=round(p.end, 3), text=p.text, token_ids=p.tokens,
-                   timestamps=p.ctc.timestamps if p.ctc else None)
+                   timestamps=p.ctc.timestamps if p.ctc else None,
+                   speaker=None if p.speaker is None else f"S{p.speaker + 1}")
 
 
 def _stage_times() -> dict:
     """Per-stage accumulators, named like the `Timings` fields they fill."""
     return {**dict.fromkeys(("audio_decode_s", "features_s", "encoder_s", "adaptor_s", "prefill_s", "decode_s",
-                             "timestamps_s"), 0.0), "prompt_tokens": 0}
+                             "timestamps_s", "speakers_s"), 0.0), "prompt_tokens": 0}
 
 
 def _language_of(lang: Language | None, text: str, variant: str) -> tuple[str | None, str, str | None]:

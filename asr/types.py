@@ -40,6 +40,7 @@ class Segment(BaseModel):
     token_ids: list[int] = Field(default_factory=list)
     timestamps: list[TokenTimestamp] | None = Field(
         default=None, description="per-token times from CTC alignment; None when the checkpoint has no CTC head")
+    speaker: str | None = Field(default=None, description="'S1', 'S2', ... when speakers were asked for (diarization)")
 
 
 class Timings(BaseModel):
@@ -52,6 +53,7 @@ class Timings(BaseModel):
     prefill_s: float = 0.0
     decode_s: float = 0.0
     timestamps_s: float = Field(default=0.0, description="CTC forced alignment (0 when timestamps are unavailable)")
+    speakers_s: float = Field(default=0.0, description="diarization: speaker windows, embeddings, clustering")
     total_s: float = 0.0
     audio_duration_s: float = 0.0
     prompt_tokens: int = 0

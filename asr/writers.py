@@ -20,7 +20,13 @@ def _clock(seconds: float, sep: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
+def _said(seg) -> str:
+    return f"{seg.speaker}: {seg.text.strip()}" if seg.speaker else seg.text.strip()
+
+
 def to_txt(result: TranscriptionResult) -> str:
+    if any(s.speaker for s in result.segments):  # one line a turn, with its speaker
+        return "\n".join(_said(s) for s in result.segments if s.text.strip()) + "\n"
     return result.text.strip() + "\n"
 
 
@@ -31,7 +37,7 @@ def to_json(result: TranscriptionResult) -> str:
 def to_srt(result: TranscriptionResult) -> str:
     blocks = []
     for i, seg in enumerate((s for s in result.segments if s.text.strip()), start=1):
-        blocks.append(f"{i}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{seg.text.strip()}\n")
+        blocks.append(f"{i}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{_said(seg)}\n")
     return "\n".join(blocks)
 
 
@@ -39,7 +45,8 @@ def to_vtt(result: TranscriptionResult) -> str:
     lines = ["WEBVTT", ""]
     for seg in result.segments:
         if seg.text.strip():
-            lines += [f"{_clock(seg.start, '.')} --> {_clock(seg.end, '.')}", seg.text.strip(), ""]
+            text = f"<v {seg.speaker}>{seg.text.strip()}" if seg.speaker else seg.text.strip()
+            lines += [f"{_clock(seg.start, '.')} --> {_clock(seg.end, '.')}", text, ""]
     return "\n".join(lines)
 
 

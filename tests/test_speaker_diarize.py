@@ -92,3 +92,104 @@ def test_turns_of_a_plain_conversation():
     assert turns_from_labels([], []) == []
     with pytest.raises(ValueError):
         turns_from_labels(times, [1])
+
+
+# ---- speakers through transcribe(): real clips of different speakers joined into conversations -----------------
+AUDIO = REPO / "tests" / "data" / "audio"
+TONES = (6000.0, 6500.0, 7000.0, 7500.0)  # a faint high tone under each speaker's clips, which the test runner recognises
+
+
+class ToneRunner:
+    """A speaker runner (the interface CAM++ implements) that knows each clip's speaker by the faint tone mixed
+    under it: the embedding of a window is its tone's identity, plus a little noise. Random weights cannot tell
+    voices apart; this tests everything around the embeddings."""
+
+    def __init__(self):
+        self.calls = 0
+        self.rng = np.random.default_rng(0)
+
+    def embed_windows(self, wins):
+        self.calls += 1
+        out = []
+        t = np.arange(len(wins[0])) / 16000
+        for w in wins:
+            power = [abs(np.dot(w, np.exp(-2j * np.pi * f * t))) for f in TONES]
+            v = np.eye(len(TONES))[int(np.argmax(power))] + 0.05 * self.rng.standard_normal(len(TONES))
+            out.append(v.astype(np.float32))
+        return np.stack(out)
+
+
+def conversation(parts: list[tuple[str, int, float]]) -> tuple[np.ndarray, list[tuple[float, float, int]]]:
+    """Clips joined in order, each (path, speaker, pause after in s); returns the samples and the true turns."""
+    import soundfile as sf
+
+    chunks, truth, t = [], [], 0.0
+    for path, spk, pause in parts:
+        x, sr = sf.read(AUDIO / path, dtype="float32")
+        assert sr == 16000
+        tone = 0.02 * np.sin(2 * np.pi * TONES[spk] * np.arange(len(x)) / 16000).astype(np.float32)
+        chunks += [x + tone, np.zeros(int(pause * 16000), np.float32)]
+        truth.append((t, t + len(x) / 16000, spk))
+        t += len(x) / 16000 + pause
+    return np.concatenate(chunks), truth
+
+
+CONVERSATIONS = {
+    "two, with pauses": [("en/jfk.wav", 0, 1.0), ("zh/example_zh.wav", 1, 1.0), ("en/jfk.wav", 0, 1.0),
+                         ("zh/aishell1_BAC009S0724W0121.wav", 1, 0.0)],
+    "three, no pause at two changes": [("en/jfk.wav", 0, 0.0), ("de/fleurs_de_de_test_004.wav", 2, 1.2),
+                                       ("zh/example_zh.wav", 1, 0.0), ("en/example_en.wav", 0, 1.0),
+                                       ("de/fleurs_de_de_test_004.wav", 2, 0.0)],
+    "four": [("en/jfk.wav", 0, 0.8), ("zh/example_zh.wav", 1, 0.8), ("de/fleurs_de_de_test_004.wav", 2, 0.8),
+             ("fr/fleurs_fr_fr_test_005.wav", 3, 0.8), ("en/example_en.wav", 0, 0.0)],
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_speaker_turns_reach_the_transcript(tiny_checkpoint, name):
+    import asr
+    from asr.speaker.der import diarization_error_rate
+
+    parts = CONVERSATIONS[name]
+    samples, truth = conversation(parts)
+    runner = ToneRunner()
+    model = asr.load_model(str(tiny_checkpoint), dtype="float32", speaker_model=runner)
+    r = model.transcribe(samples, speakers="auto", max_new_tokens=4)
+    assert runner.calls == 1 and r.timings.speakers_s > 0
+    segs = [s for s in r.segments]
+    assert segs and all(s.speaker for s in segs)
+    # one label per true speaker, consistently: map labels to true speakers by overlap
+    def true_speaker(a, b):
+        overlaps = [(max(0.0, min(b, e) - max(a, s)), k) for s, e, k in truth]
+        return max(overlaps)[1], sorted(o for o, _ in overlaps)[-2] if len(overlaps) > 1 else 0.0
+
+    mapping: dict[str, int] = {}
+    for s in segs:
+        spk, second = true_speaker(s.start, s.end)
+        assert mapping.setdefault(s.speaker, spk) == spk, (s, mapping)
+        assert second < 0.5, f"segment {s.start}-{s.end} straddles a turn by {second:.2f} s"
+    assert len(mapping) == len({k for *_, k in truth}) == len(set(mapping.values()))
+    hyp = [(s.start, s.end, s.speaker) for s in segs]
+    der = diarization_error_rate([(a, b, k) for a, b, k in truth], hyp, collar=0.5)
+    print(f"{name}: DER {der.der:.3f} (missed {der.missed:.2f} s, false alarm {der.false_alarm:.2f} s, "
+          f"confusion {der.confusion:.2f} s of {der.total:.1f} s)")
+    assert der.confusion < 0.5 and der.der < 0.15
+    # the writers show the speakers
+    from asr.writers import render
+
+    assert render(r, "txt").startswith(f"{segs[0].speaker}: ")
+    assert f"<v {segs[0].speaker}>" in render(r, "vtt") and f"\n{segs[0].speaker}: " in render(r, "srt")
+    n = len({k for *_, k in truth})
+    fixed = model.transcribe(samples, speakers=n, max_new_tokens=4)
+    assert {s.speaker for s in fixed.segments} == set(mapping)
+
+
+def test_speakers_need_a_speaker_model_and_a_valid_count(tiny_model):
+    from asr.errors import InvalidOptionError
+
+    samples = np.zeros(16000, np.float32) + 0.01
+    with pytest.raises(InvalidOptionError, match="speaker model"):
+        tiny_model.transcribe(samples, speakers="auto")
+    for bad in (0, 16, "two", True, 1.5):
+        with pytest.raises(InvalidOptionError, match="speakers must be"):
+            tiny_model.transcribe(samples, speakers=bad)

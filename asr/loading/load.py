@@ -63,6 +63,7 @@ def load_model(
     runtime: RuntimeOptions | None = None,
     download_root: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    speaker_model: object | None = None,
 ) -> FunASRNano:
     """Load a model from an official directory, a Hugging Face repo id, or a converted directory.
 
@@ -75,6 +76,9 @@ def load_model(
     here once and reported as `model.runtime.info` and in every result.
     download_root: where a hub id is looked up and downloaded (default: huggingface_hub's cache, HF_HOME).
     local_files_only: never download; a hub id must already be in the cache.
+    speaker_model: for transcribe(speakers=...): a CAM++ speaker model (the official
+    iic/speech_campplus_sv_zh-cn_16k-common layout: a local folder or hub id, converted once like the ASR model), or
+    an already loaded speaker runner (anything with `embed_windows(list of 16 kHz windows) -> [N, D]`).
     """
     options = RuntimeOptions.from_env() if runtime is None else runtime
     if not isinstance(options, RuntimeOptions):
@@ -110,6 +114,16 @@ def load_model(
     log.info("backend %s on %s: audio %s; LLM %s", backend, runners.info.device, runners.info.audio, runners.info.llm)
     model = FunASRNano(net, cfg, tokenizer, runners, name=src.name, dtype=dtype, quantization=quantize,
                        encoder_dtype=encoder_dtype, model_dir=model_dir)
+    if speaker_model is not None:
+        if isinstance(speaker_model, (str, os.PathLike)):
+            from ..speaker.load import load_campplus
+
+            speaker_model = load_campplus(speaker_model, download_root=download_root,
+                                          local_files_only=local_files_only)
+        if not callable(getattr(speaker_model, "embed_windows", None)):
+            raise InvalidOptionError("speaker_model must be a CAM++ model folder or hub id, or a runner with "
+                                     f"embed_windows(); got {type(speaker_model).__name__}")
+        model.speaker_model = speaker_model
     if warmup:
         model.warmup()
     return model

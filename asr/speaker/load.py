@@ -62,6 +62,14 @@ class SpeakerModel:
     def embed_features(self, feats: mx.array) -> mx.array:
         return self.net.embed(feats)
 
+    def embed_windows(self, windows: list[np.ndarray], batch: int = 64) -> np.ndarray:
+        """[N, E] embeddings of N windows of 16 kHz samples (the diarization runner's call), batched."""
+        rows = []
+        for i in range(0, len(windows), batch):
+            feats = [self.features(w) for w in windows[i: i + batch]]
+            rows.append(np.array(self.net.embed_many(feats), dtype=np.float32))
+        return np.concatenate(rows) if rows else np.zeros((0, self.config.embedding_size), np.float32)
+
     def embed(self, audio) -> np.ndarray:
         """Embedding of one utterance: 16 kHz mono float samples in [-1, 1], or an audio file (decoded and resampled
         by asr.audio.io.load_audio)."""
