@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -93,7 +93,8 @@ def _model_info(engine: Engine) -> ModelInfo | None:
     info = engine.info
     if info is None:
         return None
-    return ModelInfo(name=info.name, variant=info.variant, dtype=info.dtype, quantization=info.quantization)
+    return ModelInfo(name=info.name, variant=info.variant, dtype=info.dtype, quantization=info.quantization,
+                     speaker_model=info.speaker_model)
 
 
 def _public_url(url: str) -> str:
@@ -206,7 +207,7 @@ def _output(job: Job, engine: Engine, *, include_segments: bool, budget: int = 8
         prefill_tokens_per_s=round(t.prefill_tokens_per_s, 2), decode_tokens_per_s=round(t.decode_tokens_per_s, 2),
     )
     segs = result.segments
-    text, page, shown = result.text, None, segs
+    text, page, shown = _joined(segs) if _has_speakers(segs) else result.text, None, segs
     if offset is not None or limit is not None or estimate_tokens(result.text) > budget:
         start = offset or 0
         if start > len(segs) or (start == len(segs) and segs):
@@ -221,7 +222,7 @@ def _output(job: Job, engine: Engine, *, include_segments: bool, budget: int = 8
             used += cost
             end += 1
         shown = segs[start:end]
-        text = " ".join(s.text.strip() for s in shown if s.text.strip()) if len(segs) > 1 else result.text
+        text = _joined(shown) if len(segs) > 1 or _has_speakers(segs) else result.text
         if start > 0 or end < len(segs):
             page = Page(offset=start, count=end - start, total=len(segs), next_offset=end if end < len(segs) else None)
     segments = None
@@ -244,6 +245,17 @@ def _output(job: Job, engine: Engine, *, include_segments: bool, budget: int = 8
         segments=segments, text_complete=page is None, page=page, segment_count=len(segs), transcript_uri=uri,
         files=list(job.files), next_step=next_step,
     )
+
+
+def _has_speakers(segs) -> bool:
+    return any(getattr(s, "speaker", None) for s in segs)
+
+
+def _joined(segs) -> str:
+    """Segments' text: one line a turn ('S1: ...') when speakers were found, else one paragraph."""
+    if _has_speakers(segs):
+        return "\n".join(f"{s.speaker}: {s.text.strip()}" for s in segs if s.text.strip())
+    return " ".join(s.text.strip() for s in segs if s.text.strip())
 
 
 def _render(out: TranscriptionOutput) -> str:
@@ -329,9 +341,16 @@ def _check_engine(state: AppState) -> None:
         raise ToolError(state.engine.failure_message())
 
 
-def _check_options(state: AppState, language: str, hotwords: list[str] | None) -> None:
+def _check_options(state: AppState, language: str, hotwords: list[str] | None, speakers=None) -> None:
     """The options the loaded model can check before any audio is read (before the load, the job checks them)."""
     info = state.engine.info
+    if speakers is not None:
+        if speakers != "auto" and not (isinstance(speakers, int) and 1 <= speakers <= 15):
+            raise ToolError(f"speakers must be 'auto' or a number from 1 to 15; got {speakers!r}")
+        if info is not None and info.speaker_model is None:
+            raise ToolError("This server has no speaker model, so it cannot tell who spoke when. The user can add one "
+                            "with --speaker-model (FUNASR_NANO_MCP_SPEAKER_MODEL): the CAM++ model "
+                            "iic/speech_campplus_sv_zh-cn_16k-common. Call again without speakers.")
     if info is not None:
         try:
             resolve_language(language, info.variant)
@@ -464,6 +483,11 @@ OutputDirArg = Annotated[str | None, Field(
     "be inside the allowed folders; '.' means the audio file's own folder. Existing files are never overwritten "
     "(a ' (2)' name is used instead); the paths are returned in `files`.",
     max_length=4096,
+)]
+SpeakersArg = Annotated[int | Literal["auto"] | None, Field(
+    description="Who spoke when: 'auto' to find the speakers, or their number (1-15). The transcript then has one "
+    "line a turn ('S1: ...') and segments carry a speaker. Needs the server's speaker model (server_status: "
+    "model.speaker_model). Default: no speaker labels.",
 )]
 SegmentsArg = Annotated[bool, Field(
     description="Also return time-stamped segments (start/end seconds). Default false: the plain transcript.",
@@ -599,6 +623,7 @@ def create_server(
         itn: ItnArg = True,
         include_segments: SegmentsArg = False,
         output_dir: OutputDirArg = None,
+        speakers: SpeakersArg = None,
     ) -> Annotated[CallToolResult, TranscriptionOutput]:
         """Transcribe speech in a local audio or video file to text, privately on this computer.
 
@@ -611,7 +636,7 @@ def create_server(
         state = _state(ctx)
         _check_engine(state)
         hotwords = _clean_hotwords(hotwords)
-        _check_options(state, language, hotwords)
+        _check_options(state, language, hotwords, speakers)
         # the client's answer narrows, even when it lists no file:// folder at all: then nothing may be read
         narrowed = roots_from_uris(str(r.uri) for r in roots.roots) if roots is not None else None
         try:
@@ -627,7 +652,7 @@ def create_server(
             decode_start = time.monotonic()
             audio = await _decode_async(state, checked.file, path)
             job = Job(source=path, audio=model_input(audio), duration_s=float(audio.duration_s), language=language,
-                      hotwords=hotwords, itn=itn, audio_decode_s=time.monotonic() - decode_start,
+                      hotwords=hotwords, itn=itn, speakers=speakers, audio_decode_s=time.monotonic() - decode_start,
                       warnings=list(getattr(audio, "warnings", None) or []))
             await _submit(state, job, outputs)
         return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,
@@ -652,6 +677,7 @@ def create_server(
             itn: ItnArg = True,
             include_segments: SegmentsArg = False,
             output_dir: OutputDirArg = None,
+            speakers: SpeakersArg = None,
         ) -> Annotated[CallToolResult, TranscriptionOutput]:
             """Download an audio or video file from a public http(s) link and transcribe its speech on this computer.
 
@@ -663,7 +689,7 @@ def create_server(
             state = _state(ctx)
             _check_engine(state)
             hotwords = _clean_hotwords(hotwords)
-            _check_options(state, language, hotwords)
+            _check_options(state, language, hotwords, speakers)
             source = _public_url(url)
             outputs = await _outputs(state, output_dir, None, safe_stem(urlsplit(source).path), None)
             reporter = _Reporter(ctx)
@@ -687,7 +713,7 @@ def create_server(
                 audio = await _decode_async(state, file, source)
                 decode_s = time.monotonic() - decode_start
                 job = Job(source=source, audio=model_input(audio), duration_s=float(audio.duration_s),
-                          language=language, hotwords=hotwords, itn=itn, download_s=dl.seconds,
+                          language=language, hotwords=hotwords, itn=itn, speakers=speakers, download_s=dl.seconds,
                           audio_decode_s=decode_s, warnings=list(getattr(audio, "warnings", None) or []))
                 await _submit(state, job, outputs)
             return await _follow(ctx, state, job, deadline=start + settings.call_budget_s,

@@ -34,6 +34,7 @@ class Settings(BaseModel):
     quantize: Literal[4, 8] | None = None
     variant: Literal["nano", "mlt"] | None = None
     backend: Literal["auto", "mlx", "cpu", "cuda"] = "auto"
+    speaker_model: str | None = Field(default=None, description="CAM++ speaker model (folder or hub id) for speakers=")
     warmup: bool = True
     batch_size: int = Field(default=BATCH_SIZE_DEFAULT, ge=1, le=BATCH_SIZE_MAX)
     max_new_tokens: int = Field(default=512, ge=1, le=4096)
@@ -121,6 +122,8 @@ _OPTIONS: list[tuple[str, str, str, str]] = [
     ("variant", "--variant", "force the model variant: nano or mlt (default: read from the checkpoint)", "str"),
     ("backend", "--backend", "what computes: auto (default), mlx (MLX's operations; what Apple Silicon runs), cpu "
      "(NumPy + BLAS runners, Linux), cuda (CUDA kernels)", "str"),
+    ("speaker_model", "--speaker-model", "CAM++ speaker model for who-spoke-when (speakers=): a local folder of "
+     "iic/speech_campplus_sv_zh-cn_16k-common or a Hugging Face id (default: none, speakers= unavailable)", "str"),
     ("warmup", "--warmup", "run one warm-up transcription after loading (default on)", "bool"),
     ("batch_size", "--batch-size", f"segments of long audio decoded together, 1-{BATCH_SIZE_MAX} (default "
      f"{BATCH_SIZE_DEFAULT}; fewer hold less memory, more can be faster on a GPU)", "str"),

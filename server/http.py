@@ -294,6 +294,7 @@ class _Request:
     hotwords: list[str] | None
     response_format: str
     stream: bool
+    speakers: int | str | None = None
 
 
 class _Transcriptions:
@@ -361,7 +362,8 @@ class _Transcriptions:
         received = time.monotonic()
         audio = await self._decode(file, req.source)
         job = Job(source=req.source, audio=model_input(audio), duration_s=float(audio.duration_s),
-                  language=req.language, hotwords=req.hotwords, itn=True, download_s=received - started,
+                  language=req.language, hotwords=req.hotwords, itn=True, speakers=req.speakers,
+                  download_s=received - started,
                   audio_decode_s=time.monotonic() - received, warnings=list(getattr(audio, "warnings", None) or []))
         try:
             state.engine.submit(job)
@@ -407,6 +409,15 @@ class _Transcriptions:
         stream = (field("stream") or "false").lower()
         if stream not in ("true", "false", "1", "0"):
             raise ApiError(422, f"stream must be true or false, not {stream!r}", param="stream", code="invalid_option")
+        speakers: int | str | None = (field("speakers") or "").lower() or None
+        if speakers is not None and speakers != "auto":
+            if not (speakers.isdigit() and 1 <= int(speakers) <= 15):
+                raise ApiError(422, f"speakers must be 'auto' or a number from 1 to 15, not {speakers!r}",
+                               param="speakers", code="invalid_option")
+            speakers = int(speakers)
+        if speakers is not None and self.state.engine.info is not None and self.state.engine.info.speaker_model is None:
+            raise ApiError(422, "this server has no speaker model (start it with --speaker-model), so speakers= is "
+                           "unavailable", param="speakers", code="no_speaker_model")
         language = field("language") or None
         if language is not None and language.lower() == "auto":
             language = None
@@ -423,7 +434,7 @@ class _Transcriptions:
                            param="language" if "language" in str(exc).lower() else "prompt") from None
         name = os.path.basename(upload.filename or "") or "upload"
         return _Request(file=upload, source=f"upload {name!r}", language=language, hotwords=hotwords,
-                        response_format=fmt, stream=stream in ("true", "1"))
+                        response_format=fmt, stream=stream in ("true", "1"), speakers=speakers)
 
     @staticmethod
     def _hotwords(prompt: str) -> list[str] | None:
@@ -557,16 +568,23 @@ def _warnings(job: Job, result: TranscriptionResult) -> list[str]:
     return [*job.warnings, *(w for w in result.warnings if w not in job.warnings)]
 
 
+def _text(result: TranscriptionResult) -> str:
+    """The transcript; one line a turn ('S1: ...') when speakers were asked for."""
+    if any(s.speaker for s in result.segments):
+        return "\n".join(f"{s.speaker}: {s.text.strip()}" for s in result.segments if s.text.strip())
+    return result.text
+
+
 def _render(fmt: str, result: TranscriptionResult, job: Job, state: HttpState) -> Response:
     if fmt == "text":
-        return PlainTextResponse(result.text.strip() + "\n")
+        return PlainTextResponse(_text(result).strip() + "\n")
     if fmt == "srt":
         return PlainTextResponse(to_srt(result), media_type="application/x-subrip")
     if fmt == "vtt":
         return PlainTextResponse(to_vtt(result), media_type="text/vtt")
     warnings = _warnings(job, result)
     if fmt == "json":
-        body: dict[str, Any] = {"text": result.text, "usage": _usage(job, result)}
+        body: dict[str, Any] = {"text": _text(result), "usage": _usage(job, result)}
         if warnings:
             body["warnings"] = warnings
         return JSONResponse(body)
@@ -575,9 +593,10 @@ def _render(fmt: str, result: TranscriptionResult, job: Job, state: HttpState) -
         "task": "transcribe",
         "language": names.get(result.language or "", result.language or "unknown").lower(),
         "duration": round(job.duration_s or result.timings.audio_duration_s, 3),
-        "text": result.text,
+        "text": _text(result),
         "segments": [{"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": s.token_ids,
-                      "temperature": 0.0} for i, s in enumerate(result.segments)],
+                      "temperature": 0.0, **({"speaker": s.speaker} if s.speaker else {})}
+                     for i, s in enumerate(result.segments)],
         "usage": _usage(job, result),
         # beyond OpenAI's fields: what the client may want to know
         "language_code": result.language,

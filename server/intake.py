@@ -47,7 +47,8 @@ def default_loader(settings: Settings) -> Callable[[], Model]:
 
         runtime = dataclasses.replace(asr.RuntimeOptions.from_env(), backend=settings.backend)
         return asr.load_model(settings.model, dtype=settings.dtype, quantize=settings.quantize,
-                              variant=settings.variant, encoder_dtype=settings.encoder_dtype, runtime=runtime)
+                              variant=settings.variant, encoder_dtype=settings.encoder_dtype, runtime=runtime,
+                              speaker_model=settings.speaker_model)
 
     return load
 

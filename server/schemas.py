@@ -17,6 +17,8 @@ class ModelInfo(BaseModel):
     variant: str = Field(description="'nano' (zh/en/ja + Chinese dialects) or 'mlt' (31 languages)")
     dtype: str = Field(description="weight dtype, e.g. 'bfloat16'")
     quantization: int | None = Field(default=None, description="LLM weight bits when quantized, else null")
+    speaker_model: str | None = Field(default=None, description="the speaker model for speakers= (who spoke when), "
+                                      "or null when none is configured")
 
 
 class Timings(BaseModel):

@@ -62,6 +62,7 @@ class ModelInfo:
     languages: tuple[Language, ...]
     runtime: RuntimeInfo  # what computes it, chosen at load
     special_tokens: frozenset[str] = frozenset()
+    speaker_model: str | None = None  # the speaker model for speakers=, when one is configured
 
     @property
     def compute(self) -> str:
@@ -90,6 +91,7 @@ class Job:
     language: str | None = None
     hotwords: list[str] | None = None
     itn: bool = True
+    speakers: int | str | None = None  # diarization: None, "auto" or a number of speakers
     download_s: float | None = None
     audio_decode_s: float = 0.0
     warnings: list[str] = field(default_factory=list)  # from decoding, shown with the result
@@ -266,11 +268,11 @@ class Engine:
         """Queued jobs that can be decoded in one pass with `job` (caller holds the lock): decoded in memory
         (not a streamed file), with the same language, hotwords and ITN; at most batch_size jobs in all. They leave
         the queue now."""
-        if isinstance(job.audio, AudioFile) or job.cancel.is_set():
-            return []
+        if isinstance(job.audio, AudioFile) or job.cancel.is_set() or job.speakers is not None:
+            return []  # streamed, cancelled, or with speakers (diarized alone)
         key = (job.language, tuple(job.hotwords or ()), job.itn)
         out = [j for j in self._pending if not isinstance(j.audio, AudioFile) and not j.cancel.is_set()
-               and (j.language, tuple(j.hotwords or ()), j.itn) == key][: self.batch_size - 1]
+               and j.speakers is None and (j.language, tuple(j.hotwords or ()), j.itn) == key][: self.batch_size - 1]
         for j in out:
             self._pending.remove(j)
         return out
@@ -285,6 +287,7 @@ class Engine:
                 name=str(model.name), variant=str(model.variant), dtype=str(model.dtype),
                 quantization=model.quantization, languages=tuple(model.languages), runtime=model.runtime.info,
                 special_tokens=frozenset(model.special_tokens),
+                speaker_model=_speaker_name(getattr(model, "speaker_model", None)),
             )
             self.info = info
             if self._warmup:
@@ -328,6 +331,7 @@ class Engine:
             lang = resolve(job.language, self.info.variant)
             result = self._model.transcribe(
                 job.audio, language=lang.code if lang else None, hotwords=job.hotwords or None, itn=job.itn,
+                **({"speakers": job.speakers} if job.speakers is not None else {}),
                 batch_size=self.batch_size, progress=progress, cancel=job.cancel, max_duration_s=self.max_duration_s,
                 on_segment=job.segments.append, max_new_tokens=self.max_new_tokens,
             )
@@ -431,6 +435,12 @@ class Engine:
         excess = len(finished) - self.max_jobs_kept
         for job in finished[:max(0, excess)]:
             del self._jobs[job.id]
+
+
+def _speaker_name(speaker_model: Any) -> str | None:
+    if speaker_model is None:
+        return None
+    return str(getattr(speaker_model, "name", None) or type(speaker_model).__name__)
 
 
 def _finalize(job: Job) -> None:

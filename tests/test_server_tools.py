@@ -109,7 +109,7 @@ async def test_transcribe_file_field_by_field(root, mode):
     assert out.finish_reason == "stop" and out.warnings == [] and out.segments is None
     assert out.progress is None and out.next_step is None
     assert out.model.model_dump() == {"name": "Fun-ASR-Nano-2512", "variant": "nano", "dtype": "bfloat16",
-                                      "quantization": None}
+                                      "quantization": None, "speaker_model": None}
     t = out.timings
     assert t.download_s is None
     assert t.features_s == 0.001 and t.encoder_s == 0.002 and t.adaptor_s == 0.0005

@@ -193,3 +193,55 @@ def test_speakers_need_a_speaker_model_and_a_valid_count(tiny_model):
     for bad in (0, 16, "two", True, 1.5):
         with pytest.raises(InvalidOptionError, match="speakers must be"):
             tiny_model.transcribe(samples, speakers=bad)
+
+
+def test_speakers_through_the_mcp_tool_and_the_http_api(tiny_checkpoint, tmp_path):
+    """transcribe_file(speakers='auto') and POST /v1/audio/transcriptions with speakers=auto carry the turns;
+    servers without a speaker model say so."""
+    import anyio
+    import httpx2 as httpx
+    import soundfile as sf
+    from mcp import Client
+
+    import asr
+    from server.app import create_server
+    from server.config import Settings
+    from server.schemas import StatusOutput, TranscriptionOutput
+    from tests.test_http import live
+    from tests.test_server_support import fake_loader
+
+    samples, truth = conversation(CONVERSATIONS["two, with pauses"])
+    wav = tmp_path / "talk.wav"
+    sf.write(wav, samples, 16000)
+    settings = Settings(allowed_roots=(str(tmp_path),), warmup=False, max_new_tokens=4)
+    loader = lambda: asr.load_model(str(tiny_checkpoint), dtype="float32", speaker_model=ToneRunner())  # noqa: E731
+
+    async def mcp_calls():
+        async with Client(create_server(settings, model_loader=loader)) as client:
+            r = await client.call_tool("transcribe_file", {"path": str(wav), "speakers": "auto",
+                                                           "include_segments": True})
+            status = await client.call_tool("server_status", {})
+            return r, status
+
+    r, status = anyio.run(mcp_calls)
+    out = TranscriptionOutput.model_validate(r.structured_content)
+    assert not r.is_error and {s.speaker for s in out.segments} == {"S1", "S2"}
+    assert out.text.splitlines()[0].startswith("S1: ") and any(ln.startswith("S2: ") for ln in out.text.splitlines())
+    assert StatusOutput.model_validate(status.structured_content).model.speaker_model == "ToneRunner"
+
+    async def without():
+        load, _ = fake_loader()
+        async with Client(create_server(settings, model_loader=load)) as client:
+            await client.call_tool("list_languages", {})  # waits for the load
+            return await client.call_tool("transcribe_file", {"path": str(wav), "speakers": 2})
+
+    refused = anyio.run(without)
+    assert refused.is_error and "no speaker model" in refused.content[0].text
+
+    with live(settings, loader=loader) as (base, _app):
+        v = httpx.post(f"{base}/v1/audio/transcriptions", files={"file": ("talk.wav", wav.read_bytes())},
+                       data={"response_format": "verbose_json", "speakers": "auto"}, timeout=120).json()
+        assert {s["speaker"] for s in v["segments"]} == {"S1", "S2"} and v["text"].startswith("S1: ")
+        bad = httpx.post(f"{base}/v1/audio/transcriptions", files={"file": ("talk.wav", wav.read_bytes())},
+                         data={"speakers": "many"}, timeout=60)
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "speakers"
