@@ -12,7 +12,7 @@ input (isolated) and run from the reference features (cumulative), max abs <= 2e
 embeddings cosine >= 0.99999 (the issue's bar) and max abs <= 2e-5 x scale, from the reference features and from
 the audio file through our own frontend.
 Measured on this 2-core CPU: stages isolated <= 1.4e-6 x scale, cumulative <= 5.1e-6 x scale; embeddings
-1 - cos <= 5.1e-12, max abs <= 2.3e-5 (max |component| 5-13); features max abs 1.8e-3, median 4e-6 (docs/speaker-notes.md).
+1 - cos <= 5.1e-12, max abs <= 2.3e-5 (max |component| 5-13); features max abs 1.8e-3, median 4e-6 (docs/diarization.md).
 A BatchNorm eps of 1e-4 instead of 1e-5 in ONE layer already exceeds the stage bound (test_parity_catches_...).
 """
 
