@@ -9,6 +9,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -195,10 +196,16 @@ def test_swapping_the_file_for_a_symlink_never_reads_outside(tree, opener):
     write_wav(secret, 0.7, freq=880)  # other bytes than the file inside
     inside_bytes = inside.read_bytes()
     stash = root / "stash.wav"
-    stop = threading.Event()
+    stop, pause, paused = threading.Event(), threading.Event(), threading.Event()
 
     def swap() -> None:
         while not stop.is_set():
+            if pause.is_set():  # hold still with the file in place (every 20th check: so some checks must open it)
+                paused.set()
+                while pause.is_set() and not stop.is_set():
+                    time.sleep(0.0005)
+                paused.clear()
+                continue
             os.replace(inside, stash)
             inside.symlink_to(secret)
             inside.unlink()
@@ -207,18 +214,29 @@ def test_swapping_the_file_for_a_symlink_never_reads_outside(tree, opener):
     p = PathPolicy([root], max_bytes=2**20, opener=opener)
     swapper = threading.Thread(target=swap)
     swapper.start()
-    opened = refused = 0
+    opened = refused = quiet_opened = 0
     try:
-        for _ in range(400):
+        for i in range(400):
+            quiet = i % 20 == 0
+            if quiet:
+                pause.set()
+                assert paused.wait(10)
             try:
                 checked = p.check(str(inside))
             except PathRefused:
+                assert not quiet, "a file left in place was refused"
                 refused += 1
                 continue
+            finally:
+                if quiet:
+                    pause.clear()
             with checked.file as f, f.reader() as r:
-                assert r.read() == inside_bytes
+                assert r.read() == inside_bytes  # never the file outside, raced or not
             opened += 1
+            quiet_opened += quiet
     finally:
         stop.set()
+        pause.clear()
         swapper.join()
-    assert opened > 0  # the check ran against a moving target, not a refused-every-time one
+    assert quiet_opened == 20
+    assert opened >= 20  # the other 380 checks raced the swaps: each was refused or read the file inside
