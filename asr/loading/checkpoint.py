@@ -79,17 +79,24 @@ def _dir_kind(p: Path) -> str:
 
 
 def _download(repo_id: str, cache_dir: str | os.PathLike | None, local_files_only: bool) -> Path:
+    return download(repo_id, _HUB_FILES, cache_dir, local_files_only)
+
+
+def download(repo_id: str, patterns: list[str], cache_dir: str | os.PathLike | None, local_files_only: bool,
+             what: str = "model") -> Path:
+    """A Hugging Face snapshot of `repo_id` (only `patterns`) in `cache_dir` (default: huggingface_hub's cache),
+    or a ModelLoadError that says why and what to do."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise ModelLoadError("huggingface_hub is needed to download models; pip install huggingface_hub") from exc
     try:
-        path = snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=local_files_only,
+        path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_files_only,
                                  cache_dir=None if cache_dir is None else str(Path(cache_dir).expanduser()))
     except LocalEntryNotFoundError as exc:
         raise ModelLoadError(
-            f"model {repo_id!r} is not in the local Hugging Face cache{'' if cache_dir is None else f' ({cache_dir})'} "
+            f"{what} {repo_id!r} is not in the local Hugging Face cache{'' if cache_dir is None else f' ({cache_dir})'} "
             "and downloading is off or impossible (local_files_only, HF_HUB_OFFLINE=1 or no network). Download it "
             "once with network access, or pass a local directory"
         ) from exc

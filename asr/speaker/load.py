@@ -32,7 +32,7 @@ import yaml
 from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError, ModelLoadError
-from ..loading.checkpoint import atomic_dir, cache_root
+from ..loading.checkpoint import atomic_dir, cache_root, download
 from ..loading.torch_zip import load_state_dict
 from .campplus import CAMPPlus, CAMPPlusConfig, features
 
@@ -107,24 +107,7 @@ def _resolve(spec: str, download_root, local_files_only: bool) -> tuple[Path, Pa
 
 
 def _download(repo_id: str, cache_dir, local_files_only: bool) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError as exc:  # pragma: no cover - declared dependency
-        raise ModelLoadError("huggingface_hub is needed to download models; pip install huggingface_hub") from exc
-    try:
-        path = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only,
-                                 cache_dir=None if cache_dir is None else str(Path(cache_dir).expanduser()))
-    except LocalEntryNotFoundError as exc:
-        raise ModelLoadError(
-            f"CAM++ model {repo_id!r} is not in the local Hugging Face cache"
-            f"{'' if cache_dir is None else f' ({cache_dir})'} and downloading is off or impossible "
-            "(local_files_only, HF_HUB_OFFLINE=1 or no network). Download it once with network access, or pass a "
-            "local directory"
-        ) from exc
-    except Exception as exc:
-        raise ModelLoadError(f"could not download {repo_id!r} from Hugging Face: {type(exc).__name__}: {exc}") from exc
-    return Path(path)
+    return download(repo_id, _HUB_PATTERNS, cache_dir, local_files_only, what="CAM++ model")
 
 
 def _inside(base: Path, rel: str, what: str) -> Path:
