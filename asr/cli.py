@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(t)
     t.add_argument("-f", "--format", choices=FORMATS, default="txt", help="output format")
     t.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
+    t.add_argument("--speakers", type=_speakers, help="who spoke when: 'auto' or the number of speakers (needs "
+                   "--speaker-model); segments and outputs then carry S1, S2, ...")
+    t.add_argument("--speaker-model", help="CAM++ speaker model: a folder of iic/speech_campplus_sv_zh-cn_16k-common "
+                   "or a Hugging Face id")
 
     b = sub.add_parser("batch", help="transcribe folders or a manifest into an output folder, resumably",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,7 +87,8 @@ def _load(args: argparse.Namespace):
     _load_checks(args)
     runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
     model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
-                       encoder_dtype=args.encoder_dtype, runtime=runtime)
+                       encoder_dtype=args.encoder_dtype, runtime=runtime,
+                       speaker_model=getattr(args, "speaker_model", None))
     langs.resolve(args.language, model.variant)
     return model
 
@@ -142,6 +147,14 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _speakers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and 1 <= int(value) <= 15:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"'auto' or a number of speakers from 1 to 15, not {value!r}")
+
+
 def _hotwords(values: list[str]) -> list[str]:
     return [w.strip() for v in values for w in v.split(",") if w.strip()]
 
@@ -165,6 +178,10 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if args.command == "batch":
         return _batch(args)
+    if args.speakers is not None and not args.speaker_model:
+        print("error: --speakers needs --speaker-model (the CAM++ model iic/speech_campplus_sv_zh-cn_16k-common: a "
+              "local folder or a Hugging Face id)", file=sys.stderr)
+        return 2
     several = len(args.files) > 1 and not args.output_dir
     if several and args.format in ("srt", "vtt"):
         print(f"error: {args.format} output of several files needs -o DIR (one file each)", file=sys.stderr)
@@ -179,7 +196,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             result = model.transcribe(f, language=args.language, hotwords=_hotwords(args.hotwords),
                                       itn=not args.no_itn, max_new_tokens=args.max_new_tokens,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, speakers=args.speakers)
         except ASRError as exc:
             print(f"error: {f}: {exc}", file=sys.stderr)
             status = 1

@@ -245,3 +245,24 @@ def test_speakers_through_the_mcp_tool_and_the_http_api(tiny_checkpoint, tmp_pat
         bad = httpx.post(f"{base}/v1/audio/transcriptions", files={"file": ("talk.wav", wav.read_bytes())},
                          data={"speakers": "many"}, timeout=60)
         assert bad.status_code == 422 and bad.json()["error"]["param"] == "speakers"
+
+
+def test_cli_speakers(tiny_checkpoint, tmp_path):
+    """funasr-nano transcribe --speakers with a (tiny, random) CAM++ folder: every line has a speaker."""
+    import os
+    import sys
+
+    from tools.speaker_checkpoint import write_checkpoint
+
+    campplus = write_checkpoint(tmp_path / "campplus", size="tiny", seed=0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "asr.cli", "transcribe", str(AUDIO / "en" / "jfk.wav"), "--model",
+            str(tiny_checkpoint), "--max-new-tokens", "4"]
+    r = subprocess.run(base + ["--speakers", "auto", "--speaker-model", str(campplus)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and all(line.startswith("S") and ": " in line for line in r.stdout.strip().splitlines())
+    r = subprocess.run(base + ["--speakers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--speaker-model" in r.stderr
+    r = subprocess.run(base + ["--speakers", "lots"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "number of speakers" in r.stderr
