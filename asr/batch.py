@@ -65,6 +65,7 @@ class BatchOptions:
     max_new_tokens: int = 512
     workers: int = 2  # decode-ahead threads
     progress: bool = True
+    speakers: int | str | None = None  # who spoke when ('auto' or a number; the model needs a speaker model)
 
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -286,6 +287,8 @@ def run_batch(model, items: list[BatchItem], out_dir: str | os.PathLike, options
         language, hotwords = group_key(group[0])
         kwargs = dict(language=language, hotwords=list(hotwords) or None, itn=options.itn,
                       max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+        if options.speakers is not None:  # diarized one file at a time
+            kwargs["speakers"] = options.speakers
         if len(group) == 1:
             g = group[0]
             try:
@@ -327,7 +330,7 @@ def run_batch(model, items: list[BatchItem], out_dir: str | os.PathLike, options
                         transcribe_group(pending)
                         pending = []
                     pending.append(loaded)
-                    if loaded.streamed or len(pending) >= options.batch_size:
+                    if loaded.streamed or len(pending) >= options.batch_size or options.speakers is not None:
                         break
                 if pending:
                     transcribe_group(pending)

@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(columns path, language, hotwords) list of inputs; relative paths are from its folder")
     b.add_argument("-f", "--format", nargs="+", choices=FORMATS, default=["txt"], help="output formats")
     b.add_argument("--workers", type=int, default=2, help="threads decoding audio ahead of the model")
+    b.add_argument("--speakers", type=_speakers, help="who spoke when: 'auto' or the number of speakers (needs "
+                   "--speaker-model); files are then transcribed one at a time")
+    b.add_argument("--speaker-model", help="CAM++ speaker model: a folder of iic/speech_campplus_sv_zh-cn_16k-common "
+                   "or a Hugging Face id")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray Data: a local Ray cluster, or the one at ADDRESS (e.g. auto, ray://host:10001); "
@@ -118,7 +122,10 @@ def _batch(args: argparse.Namespace) -> int:
         options = BatchOptions(formats=tuple(dict.fromkeys(args.format)), language=args.language,
                                hotwords=tuple(_hotwords(args.hotwords)), itn=not args.no_itn,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, workers=args.workers,
-                               progress=not args.no_progress and sys.stderr.isatty())
+                               progress=not args.no_progress and sys.stderr.isatty(), speakers=args.speakers)
+        if args.speakers is not None and not args.speaker_model:
+            raise InvalidOptionError("--speakers needs --speaker-model (the CAM++ model "
+                                     "iic/speech_campplus_sv_zh-cn_16k-common: a local folder or a Hugging Face id)")
         if args.ray is not None:
             _load_checks(args)
         else:
@@ -132,6 +139,7 @@ def _batch(args: argparse.Namespace) -> int:
 
             model_kwargs = dict(path_or_repo=args.model, dtype=args.dtype, quantize=args.quantize,
                                 variant=args.variant, encoder_dtype=args.encoder_dtype,
+                                speaker_model=args.speaker_model,
                                 runtime=replace(RuntimeOptions.from_env(), backend=args.backend))
             summary = run_batch_ray(items, args.output_dir, options, model_kwargs=model_kwargs,
                                     address=args.ray or None, replicas=args.replicas,

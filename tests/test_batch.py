@@ -164,3 +164,26 @@ def test_cli_exit_status_and_errors(tiny_checkpoint, archive, tmp_path):
     r = subprocess.run(base + [str(archive), "-o", str(tmp_path / "o3"), "-l", "klingon"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "klingon" in r.stderr
+
+
+def test_cli_batch_with_speakers(tiny_checkpoint, tmp_path):
+    """--speakers in a batch: each output carries speaker labels; without a speaker model it cannot start."""
+    from tools.speaker_checkpoint import write_checkpoint
+
+    campplus = write_checkpoint(tmp_path / "campplus", size="tiny", seed=0)
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted((AUDIO / "en").glob("*.wav"))[:2]:
+        shutil.copy(p, src / p.name)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "asr.cli", "batch", str(src), "--model", str(tiny_checkpoint), "--max-new-tokens",
+            "4", "-f", "txt", "json"]
+    r = subprocess.run(base + ["-o", str(tmp_path / "o"), "--speakers", "auto", "--speaker-model", str(campplus)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for txt in (tmp_path / "o").glob("*.txt"):
+        assert all(line.startswith("S") and ": " in line for line in txt.read_text().strip().splitlines())
+    assert all(s["speaker"] for j in (tmp_path / "o").glob("*.json") for s in json.loads(j.read_text())["segments"])
+    r = subprocess.run(base + ["-o", str(tmp_path / "o2"), "--speakers", "2"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--speaker-model" in r.stderr
