@@ -85,7 +85,7 @@ class FunASRNano:
         self._vad = None
         self._ctc_tok = None
         # who spoke when: a speaker runner (`embed_windows(list of 16 kHz windows) -> [N, D]`, e.g. CAM++ from
-        # asr.speaker.load), given at load (load_model(speaker_model=...)); None: no diarization
+        # asr.loading.speaker), given at load (load_model(speaker_model=...)); None: no diarization
         self.speaker_model = None
 
     # ---- properties the server reads

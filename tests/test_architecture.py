@@ -16,7 +16,7 @@ PACKAGES = ("asr", "server")
 RANKS = [
     ("asr.errors", 0), ("asr.types", 0), ("asr.languages", 0), ("asr.options", 0), ("asr.writers", 0),
     ("asr.audio", 1), ("asr.model", 2), ("asr.decode", 3), ("asr.backends", 4), ("asr.pipeline", 5),
-    ("asr.loading", 6), ("asr.batch", 6), ("asr.batch_ray", 6), ("asr.speaker.diarize", 1), ("asr.speaker.cluster", 1), ("asr.speaker.der", 1), ("asr.speaker", 6), ("asr.cli", 7), ("server", 7),
+    ("asr.loading", 6), ("asr.batch", 6), ("asr.batch_ray", 6), ("asr.speaker", 2), ("asr.cli", 7), ("server", 7),
 ]
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 
 from asr.errors import CheckpointError, EmptyAudioError, ModelLoadError
+from asr.loading.speaker import CONVERTED_CONFIG, CONVERTED_WEIGHTS, load_campplus
 from asr.speaker.campplus import STAGES, CAMPPlusConfig, features
-from asr.speaker.load import CONVERTED_CONFIG, CONVERTED_WEIGHTS, load_campplus
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PY = ROOT / ".venv-ref" / "bin" / "python"

@@ -116,7 +116,7 @@ def load_model(
                        encoder_dtype=encoder_dtype, model_dir=model_dir)
     if speaker_model is not None:
         if isinstance(speaker_model, (str, os.PathLike)):
-            from ..speaker.load import load_campplus
+            from .speaker import load_campplus
 
             speaker_model = load_campplus(speaker_model, download_root=download_root,
                                           local_files_only=local_files_only)

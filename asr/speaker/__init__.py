@@ -1,5 +1,4 @@
-"""Speaker embeddings: CAM++ (`campplus`, the network and its fbank frontend in MLX) and `load` (an official
-`iic/speech_campplus_sv_zh-cn_16k-common` directory or hub id -> converted once -> the network).
-
-Import the modules by name (`from asr.speaker.load import load_campplus`): this package imports no MLX itself.
+"""Who spoke when: CAM++ speaker embeddings (`campplus`: the network and its fbank frontend, pure MLX), the official
+clustering backend (`cluster`), windows and turns (`diarize`) and the diarization error rate (`der`). The CAM++
+checkpoint is read by asr.loading.speaker. Import the modules by name: this package imports no MLX itself.
 """

@@ -32,9 +32,9 @@ import yaml
 from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError, ModelLoadError
-from ..loading.checkpoint import atomic_dir, cache_root, download
-from ..loading.torch_zip import load_state_dict
-from .campplus import CAMPPlus, CAMPPlusConfig, features
+from ..speaker.campplus import CAMPPlus, CAMPPlusConfig, features
+from .checkpoint import atomic_dir, cache_root, download
+from .torch_zip import load_state_dict
 
 log = logging.getLogger(__name__)
 
