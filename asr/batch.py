@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .audio.io import Audio, AudioFile, load_audio, probe
 from .errors import ASRError, InvalidOptionError
+from .pipeline import STREAM_ABOVE_S  # longer files (or of unknown length) are transcribed alone, streamed
 from .types import BATCH_SIZE_DEFAULT, TranscriptionResult
 from .writers import FORMATS, render, write_atomic
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = ".funasr-nano-batch.jsonl"
 FAILURES_FILE = "failures.jsonl"
-STREAM_ABOVE_S = 600.0  # = asr.pipeline.STREAM_ABOVE_S (longer files are transcribed alone, streamed)
 AUDIO_EXTENSIONS = frozenset({
     "wav", "flac", "mp3", "m4a", "m4b", "aac", "ogg", "oga", "opus", "webm", "mp4", "m4v", "mov", "mkv", "mka",
     "wma", "aif", "aiff", "caf", "amr", "ac3", "3gp", "avi", "wv",

@@ -24,10 +24,18 @@ def _said(seg) -> str:
     return f"{seg.speaker}: {seg.text.strip()}" if seg.speaker else seg.text.strip()
 
 
+def joined_text(segments, whole: str | None = None) -> str:
+    """The segments' text: one line a turn ('S1: ...') when they carry speakers, else one paragraph (`whole`, the
+    result's own text, when given)."""
+    if any(s.speaker for s in segments):
+        return "\n".join(_said(s) for s in segments if s.text.strip())
+    if whole is not None:
+        return whole
+    return " ".join(s.text.strip() for s in segments if s.text.strip())
+
+
 def to_txt(result: TranscriptionResult) -> str:
-    if any(s.speaker for s in result.segments):  # one line a turn, with its speaker
-        return "\n".join(_said(s) for s in result.segments if s.text.strip()) + "\n"
-    return result.text.strip() + "\n"
+    return joined_text(result.segments, result.text).strip() + "\n"
 
 
 def to_json(result: TranscriptionResult) -> str:

@@ -37,7 +37,7 @@ from asr.audio.io import AudioFile
 from asr.errors import ASRError
 from asr.languages import resolve as resolve_language
 from asr.model.prompt import clean_hotwords
-from asr.writers import render
+from asr.writers import joined_text, render
 
 from . import __version__
 from .config import Settings
@@ -207,7 +207,7 @@ def _output(job: Job, engine: Engine, *, include_segments: bool, budget: int = 8
         prefill_tokens_per_s=round(t.prefill_tokens_per_s, 2), decode_tokens_per_s=round(t.decode_tokens_per_s, 2),
     )
     segs = result.segments
-    text, page, shown = _joined(segs) if _has_speakers(segs) else result.text, None, segs
+    text, page, shown = joined_text(segs, result.text), None, segs
     if offset is not None or limit is not None or estimate_tokens(result.text) > budget:
         start = offset or 0
         if start > len(segs) or (start == len(segs) and segs):
@@ -222,7 +222,7 @@ def _output(job: Job, engine: Engine, *, include_segments: bool, budget: int = 8
             used += cost
             end += 1
         shown = segs[start:end]
-        text = _joined(shown) if len(segs) > 1 or _has_speakers(segs) else result.text
+        text = joined_text(shown, None if len(segs) > 1 else result.text)
         if start > 0 or end < len(segs):
             page = Page(offset=start, count=end - start, total=len(segs), next_offset=end if end < len(segs) else None)
     segments = None
@@ -245,17 +245,6 @@ def _output(job: Job, engine: Engine, *, include_segments: bool, budget: int = 8
         segments=segments, text_complete=page is None, page=page, segment_count=len(segs), transcript_uri=uri,
         files=list(job.files), next_step=next_step,
     )
-
-
-def _has_speakers(segs) -> bool:
-    return any(getattr(s, "speaker", None) for s in segs)
-
-
-def _joined(segs) -> str:
-    """Segments' text: one line a turn ('S1: ...') when speakers were found, else one paragraph."""
-    if _has_speakers(segs):
-        return "\n".join(f"{s.speaker}: {s.text.strip()}" for s in segs if s.text.strip())
-    return " ".join(s.text.strip() for s in segs if s.text.strip())
 
 
 def _render(out: TranscriptionOutput) -> str:

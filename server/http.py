@@ -52,7 +52,7 @@ from asr.errors import ASRError, AudioDecodeError, AudioNotFoundError, AudioTooL
 from asr.languages import resolve as resolve_language
 from asr.model.prompt import clean_hotwords
 from asr.types import TranscriptionResult
-from asr.writers import to_srt, to_vtt
+from asr.writers import joined_text, to_srt, to_vtt
 
 from . import __version__
 from .config import HttpSettings, Settings
@@ -568,23 +568,16 @@ def _warnings(job: Job, result: TranscriptionResult) -> list[str]:
     return [*job.warnings, *(w for w in result.warnings if w not in job.warnings)]
 
 
-def _text(result: TranscriptionResult) -> str:
-    """The transcript; one line a turn ('S1: ...') when speakers were asked for."""
-    if any(s.speaker for s in result.segments):
-        return "\n".join(f"{s.speaker}: {s.text.strip()}" for s in result.segments if s.text.strip())
-    return result.text
-
-
 def _render(fmt: str, result: TranscriptionResult, job: Job, state: HttpState) -> Response:
     if fmt == "text":
-        return PlainTextResponse(_text(result).strip() + "\n")
+        return PlainTextResponse(joined_text(result.segments, result.text).strip() + "\n")
     if fmt == "srt":
         return PlainTextResponse(to_srt(result), media_type="application/x-subrip")
     if fmt == "vtt":
         return PlainTextResponse(to_vtt(result), media_type="text/vtt")
     warnings = _warnings(job, result)
     if fmt == "json":
-        body: dict[str, Any] = {"text": _text(result), "usage": _usage(job, result)}
+        body: dict[str, Any] = {"text": joined_text(result.segments, result.text), "usage": _usage(job, result)}
         if warnings:
             body["warnings"] = warnings
         return JSONResponse(body)
@@ -593,7 +586,7 @@ def _render(fmt: str, result: TranscriptionResult, job: Job, state: HttpState) -
         "task": "transcribe",
         "language": names.get(result.language or "", result.language or "unknown").lower(),
         "duration": round(job.duration_s or result.timings.audio_duration_s, 3),
-        "text": _text(result),
+        "text": joined_text(result.segments, result.text),
         "segments": [{"id": i, "seek": 0, "start": s.start, "end": s.end, "text": s.text, "tokens": s.token_ids,
                       "temperature": 0.0, **({"speaker": s.speaker} if s.speaker else {})}
                      for i, s in enumerate(result.segments)],

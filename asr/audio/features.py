@@ -84,9 +84,17 @@ def mel_banks(cfg: FrontendConfig) -> mx.array:
 
 @lru_cache(maxsize=4)
 def _window(cfg: FrontendConfig) -> mx.array:
+    """Kaldi's hamming window (the ASR frontend's) or povey window, (0.5 - 0.5 cos(2 pi i / (n-1)))^0.85 (CAM++'s).
+    Ref: torchaudio kaldi._feature_window_function."""
     n = cfg.window_size
     i = np.arange(n, dtype=np.float64)
-    return mx.array((0.54 - 0.46 * np.cos(2 * np.pi * i / (n - 1))).astype(np.float32))
+    if cfg.window == "povey":
+        w = np.power(0.5 - 0.5 * np.cos(2 * np.pi * i / (n - 1)), 0.85)
+    elif cfg.window == "hamming":
+        w = 0.54 - 0.46 * np.cos(2 * np.pi * i / (n - 1))
+    else:
+        raise ValueError(f"unsupported fbank window {cfg.window!r} (hamming or povey)")
+    return mx.array(w.astype(np.float32))
 
 
 def num_frames(num_samples: int, cfg: FrontendConfig = FrontendConfig()) -> int:

@@ -31,18 +31,23 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tree_flatten(net.parameters())}
 
 
-def strict_check(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+def strict_check(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str,
+                 model: str = "Fun-ASR-Nano", described_by: str = "config.yaml") -> None:
+    """The tensors of a checkpoint (`found`: name -> shape) are exactly those the model built from its config needs
+    (`expected`), or a CheckpointError that names the first difference (`where`: the file; `model`: what it should
+    be; `described_by`: the config the shapes come from)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing:
         raise CheckpointError(f"{where} is incomplete: {len(missing)} tensors missing, e.g. {missing[:5]}; "
-                              "the file is truncated or not a Fun-ASR-Nano checkpoint")
+                              f"the file is truncated or not a {model} checkpoint (re-download it)")
     if unexpected:
         raise CheckpointError(f"{where} has {len(unexpected)} unexpected tensors, e.g. {unexpected[:5]}; "
-                              "is it a different model or a mismatched config.yaml?")
+                              f"is it a different model than {model}, or a mismatched {described_by}?")
     for k, shape in expected.items():
         if found[k] != shape:
-            raise CheckpointError(f"{where}: tensor {k!r} has shape {list(found[k])}, the config expects {list(shape)}")
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {list(found[k])}, the config ({described_by}) "
+                                  f"expects {list(shape)}; the config does not match the weights")
 
 
 def convert(model_dir: Path, out_dir: Path, variant: str) -> Path:

@@ -34,6 +34,7 @@ from mlx.utils import tree_flatten
 from ..errors import CheckpointError, ModelLoadError
 from ..speaker.campplus import CAMPPlus, CAMPPlusConfig, features
 from .checkpoint import atomic_dir, cache_root, download
+from .convert import strict_check
 from .torch_zip import load_state_dict
 
 log = logging.getLogger(__name__)
@@ -228,22 +229,6 @@ def to_mlx_layout(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def strict_check(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str,
-                 described_by: str) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        raise CheckpointError(f"{where} is incomplete: {len(missing)} CAM++ tensors missing, e.g. {missing[:4]}; the "
-                              "file is truncated or not a CAM++ checkpoint (re-download it)")
-    if unexpected:
-        raise CheckpointError(f"{where} has {len(unexpected)} tensors CAM++ does not have, e.g. {unexpected[:4]}; is "
-                              "it another model?")
-    for k, shape in expected.items():
-        if found[k] != shape:
-            raise CheckpointError(f"{where}: tensor {k!r} has shape {list(found[k])}, the configuration "
-                                  f"({described_by}) expects {list(shape)}; the config does not match the weights")
-
-
 def convert(src: OfficialDir, out_dir: Path) -> Path:
     """Official weights -> MLX safetensors + config, atomically (nothing half-written on failure)."""
     t0 = time.perf_counter()
@@ -260,7 +245,7 @@ def convert(src: OfficialDir, out_dir: Path) -> Path:
         arr = np.ascontiguousarray(to_mlx_layout(tensor.to_float32()))
         weights[name] = mx.array(arr)
         found[name] = tuple(arr.shape)
-    strict_check(found, expected, str(src.weights), src.described_by)
+    strict_check(found, expected, str(src.weights), "CAM++", src.described_by)
     del state
     with atomic_dir(out_dir) as tmp:
         mx.save_safetensors(str(tmp / CONVERTED_WEIGHTS), weights)
@@ -287,7 +272,7 @@ def _read_converted(model_dir: Path) -> CAMPPlus:
     except Exception as exc:  # a truncated or garbled cache file
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}; delete {model_dir} so that the "
                               "official checkpoint is converted again") from exc
-    strict_check({k: tuple(v.shape) for k, v in weights.items()}, expected_shapes(config), str(path),
+    strict_check({k: tuple(v.shape) for k, v in weights.items()}, expected_shapes(config), str(path), "CAM++",
                  CONVERTED_CONFIG)
     net = CAMPPlus(config)
     net.load_weights(list(weights.items()), strict=True)

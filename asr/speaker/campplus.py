@@ -18,13 +18,13 @@ Pure MLX: no device checks; NumPy only for host-side constants (the window, segm
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..audio.features import FrontendConfig, mel_banks, num_frames
+from ..audio.features import FrontendConfig, num_frames
+from ..audio.features import fbank as asr_fbank
 from ..errors import EmptyAudioError
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d/2d default eps
@@ -105,35 +105,16 @@ def _frontend_config(num_mel_bins: int, sample_rate: int) -> FrontendConfig:
                           lfr_n=1)
 
 
-@lru_cache(maxsize=4)
-def _povey_window(n: int) -> mx.array:
-    """Kaldi's povey window, (0.5 - 0.5 cos(2 pi i / (n-1)))^0.85. Ref: torchaudio kaldi._feature_window_function."""
-    i = np.arange(n, dtype=np.float64)
-    return mx.array(np.power(0.5 - 0.5 * np.cos(2 * np.pi * i / (n - 1)), 0.85).astype(np.float32))
-
-
 def fbank(samples: mx.array, num_mel_bins: int = 80, sample_rate: int = 16000) -> mx.array:
-    """Kaldi log-mel fbank [T, num_mel_bins] with torchaudio's `kaldi.fbank` defaults (what CAM++ uses): 25/10 ms
-    frames (snip_edges), DC offset removed, pre-emphasis 0.97, povey window, 512-point power spectrum, mel banks
-    from 20 Hz to Nyquist, log floored at FLT_EPSILON; samples as given (float in [-1, 1], not scaled)."""
+    """Kaldi log-mel fbank [T, num_mel_bins] with torchaudio's `kaldi.fbank` defaults (what CAM++ uses): the ASR
+    frontend's fbank (asr.audio.features.fbank: 25/10 ms frames, DC offset removed, pre-emphasis 0.97, 512-point
+    power spectrum, mel banks from 20 Hz, log floored at FLT_EPSILON) with the povey window and the samples as given
+    (float in [-1, 1], not scaled)."""
     cfg = _frontend_config(num_mel_bins, sample_rate)
-    x = samples.astype(mx.float32)
-    t = num_frames(x.shape[-1], cfg)
-    if t == 0:
-        raise EmptyAudioError(f"audio of {x.shape[-1]} samples is shorter than one {cfg.frame_length_ms:g} ms frame "
-                              f"({cfg.window_size} samples); a speaker embedding needs more audio")
-    idx = mx.arange(t)[:, None] * cfg.window_shift + mx.arange(cfg.window_size)[None, :]
-    frames = mx.take(x, idx, axis=-1)                                  # [..., T, 400]
-    frames = frames - mx.mean(frames, axis=-1, keepdims=True)          # remove DC offset
-    prev = mx.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)  # pre-emphasis, y[0] = x[0] - a*x[0]
-    frames = frames - cfg.preemphasis * prev
-    frames = frames * _povey_window(cfg.window_size)
-    pad = cfg.padded_window_size - cfg.window_size
-    frames = mx.pad(frames, [(0, 0)] * (frames.ndim - 1) + [(0, pad)])
-    spec = mx.fft.rfft(frames, axis=-1)
-    power = mx.square(mx.real(spec)) + mx.square(mx.imag(spec))       # [..., T, 257]
-    mel = power @ mel_banks(cfg)
-    return mx.log(mx.maximum(mel, np.finfo(np.float32).eps))
+    if num_frames(samples.shape[-1], cfg) == 0:
+        raise EmptyAudioError(f"audio of {samples.shape[-1]} samples is shorter than one {cfg.frame_length_ms:g} ms "
+                              f"frame ({cfg.window_size} samples); a speaker embedding needs more audio")
+    return asr_fbank(samples, cfg)
 
 
 def features(samples_16k: np.ndarray, num_mel_bins: int = 80) -> mx.array:

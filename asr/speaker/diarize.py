@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from ..audio.io import SAMPLE_RATE
+
 WINDOW_S = 1.5
 SHIFT_S = 0.75
 MIN_TURN_S = 0.7
