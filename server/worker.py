@@ -310,16 +310,6 @@ class Engine:
         return True
 
     def _execute(self, job: Job) -> None:
-        if job.cancel.is_set():
-            with self._cond:
-                self._finish(job, "cancelled", error="cancelled before it started")
-            return
-        assert self._model is not None and self.info is not None
-        job.started = time.monotonic()
-        job.load_wait_s = max(0.0, min(self.ready_at or job.started, job.started) - job.submitted)
-        job.state = "running"
-        job.message = "transcribing"
-
         def progress(done_s: float, total_s: float, message: str = "") -> None:
             if not job.duration_s and total_s:  # a streamed file's length, known once it has been read
                 job.duration_s = float(total_s)
@@ -327,68 +317,60 @@ class Engine:
             if message:
                 job.message = message
 
-        try:
-            lang = resolve(job.language, self.info.variant)
-            result = self._model.transcribe(
-                job.audio, language=lang.code if lang else None, hotwords=job.hotwords or None, itn=job.itn,
+        def run(language: str | None) -> list[TranscriptionResult]:
+            return [self._model.transcribe(
+                job.audio, language=language, hotwords=job.hotwords or None, itn=job.itn,
                 **({"speakers": job.speakers} if job.speakers is not None else {}),
                 batch_size=self.batch_size, progress=progress, cancel=job.cancel, max_duration_s=self.max_duration_s,
                 on_segment=job.segments.append, max_new_tokens=self.max_new_tokens,
-            )
-        except TranscriptionCancelled:
-            with self._cond:
-                self._finish(job, "cancelled", error="cancelled while transcribing")
-        except ASRError as exc:
-            with self._cond:
-                self._finish(job, "failed", error=str(exc))
-        except Exception:
-            log.exception("job %s: unexpected error while transcribing", job.id)
-            with self._cond:
-                self._finish(job, "failed", error="internal error while transcribing (details are in the server log)")
-        else:
-            job.result = result
-            job.duration_s = job.duration_s or result.timings.audio_duration_s
-            job.done_s = job.duration_s
-            _finalize(job)
-            with self._cond:
-                self._finish(job, "completed")
-            t = result.timings
-            log.info("job %s: %.1f s audio in %.2f s (RTF %.3f, %d tokens, waited %.2f s)", job.id,
-                     job.duration_s, t.total_s, t.real_time_factor, t.generated_tokens, job.queue_wait_s)
+            )]
+
+        self._run([job], run, "transcribing")
 
     def _execute_many(self, jobs: list[Job]) -> None:
         """Several queued jobs with the same options in one pass: their segments decode together in batches
         (requests that waited together share each decode step). Each ends as it would alone."""
+        first = jobs[0]
+
+        def run(language: str | None) -> list[TranscriptionResult]:
+            return self._model.transcribe_many(
+                [j.audio for j in jobs], language=language, hotwords=first.hotwords or None, itn=first.itn,
+                batch_size=self.batch_size, cancel=_AllCancelled(jobs), max_new_tokens=self.max_new_tokens,
+                on_segment=lambda i, segment: jobs[i].segments.append(segment),
+            )
+
+        self._run(jobs, run, f"transcribing together with {len(jobs) - 1} other request(s)")
+
+    def _run(self, jobs: list[Job], run: Callable[[str | None], list[TranscriptionResult]], message: str) -> None:
+        """Start `jobs`, call `run(language code)` for their results, and end each job with its outcome."""
+        with self._cond:
+            for job in [j for j in jobs if j.cancel.is_set()]:
+                self._finish(job, "cancelled", error="cancelled before it started")
+        jobs = [j for j in jobs if not j.is_finished]
+        if not jobs:
+            return
         assert self._model is not None and self.info is not None
         now = time.monotonic()
         for job in jobs:
             job.started = now
             job.load_wait_s = max(0.0, min(self.ready_at or now, now) - job.submitted)
             job.state = "running"
-            job.message = f"transcribing together with {len(jobs) - 1} other request(s)"
-        first = jobs[0]
+            job.message = message
+        failure: tuple[JobState, str] | None = None
         try:
-            lang = resolve(first.language, self.info.variant)
-            results = self._model.transcribe_many(
-                [j.audio for j in jobs], language=lang.code if lang else None, hotwords=first.hotwords or None,
-                itn=first.itn, batch_size=self.batch_size, cancel=_AllCancelled(jobs), max_new_tokens=self.max_new_tokens,
-                on_segment=lambda i, segment: jobs[i].segments.append(segment),
-            )
+            lang = resolve(jobs[0].language, self.info.variant)
+            results = run(lang.code if lang else None)
         except TranscriptionCancelled:
-            with self._cond:
-                for job in jobs:
-                    self._finish(job, "cancelled", error="cancelled while transcribing")
-            return
+            failure = ("cancelled", "cancelled while transcribing")
         except ASRError as exc:
-            with self._cond:
-                for job in jobs:
-                    self._finish(job, "failed", error=str(exc))
-            return
+            failure = ("failed", str(exc))
         except Exception:
-            log.exception("jobs %s: unexpected error while transcribing", ", ".join(j.id for j in jobs))
+            log.exception("job(s) %s: unexpected error while transcribing", ", ".join(j.id for j in jobs))
+            failure = ("failed", "internal error while transcribing (details are in the server log)")
+        if failure is not None:
             with self._cond:
                 for job in jobs:
-                    self._finish(job, "failed", error="internal error while transcribing (details are in the server log)")
+                    self._finish(job, failure[0], error=failure[1])
             return
         for job, result in zip(jobs, results, strict=True):
             if not job.cancel.is_set():
@@ -403,8 +385,9 @@ class Engine:
                 else:
                     self._finish(job, "completed")
         t = results[0].timings
-        log.info("jobs %s: %d requests, %.1f s audio in one pass of %.2f s", ",".join(j.id for j in jobs), len(jobs),
-                 sum(j.duration_s for j in jobs), t.total_s)
+        log.info("job(s) %s: %.1f s audio in %.2f s (RTF %.3f, %d tokens, waited %.2f s)",
+                 ",".join(j.id for j in jobs), sum(j.duration_s for j in jobs), t.total_s, t.real_time_factor,
+                 t.generated_tokens, jobs[0].queue_wait_s)
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         """Record the outcome (caller holds the lock)."""
