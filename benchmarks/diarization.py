@@ -6,7 +6,11 @@ tools/speaker_checkpoint.py: the same shapes and cost as the real one), then tim
 speakers="auto" (--rounds times each, alternating) and reports the wall times, the diarization stage
 (timings.speakers_s) and the ratio.
 
-    python -m benchmarks.diarization --model DIR [--speaker-model DIR] [--minutes 5] [--rounds 2]
+    python -m benchmarks.diarization --model DIR [--speaker-model DIR] [--minutes 5] [--rounds 2] \
+        [--speaker-backends cpu mlx]
+
+--speaker-backends times "with" once per CAM++ runner (asr.loading.speaker: cpu = NumPy + BLAS, mlx = the
+reference network on MLX's device); default: the one load_model chooses.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--speaker-backends", nargs="+", choices=("cpu", "mlx"))
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -57,16 +62,30 @@ def main() -> None:
     model = asr.load_model(a.model, dtype=a.dtype, speaker_model=speaker)
     model.warmup()
     samples = conversation(a.minutes)
-    model.transcribe(samples[: 30 * 16000], speakers="auto", max_new_tokens=4)  # warm the speaker path
+    from asr.loading.speaker import load_campplus
+
+    runners = {model.speaker_model.backend: model.speaker_model}
+    for b in a.speaker_backends or []:
+        runners.setdefault(b, load_campplus(speaker, backend=b))
+    if a.speaker_backends:
+        runners = {b: runners[b] for b in a.speaker_backends}
+    for runner in runners.values():  # warm each speaker path
+        model.speaker_model = runner
+        model.transcribe(samples[: 30 * 16000], speakers="auto", max_new_tokens=4)
     rows = []
     for _ in range(a.rounds):
         row = {}
-        for name, speakers in (("without", None), ("with", "auto")):
+        runs = [("without", None, None)] + [(f"with {b}", "auto", r) for b, r in runners.items()]
+        for name, speakers, runner in runs:
+            if runner is not None:
+                model.speaker_model = runner
             t0 = time.perf_counter()
             r = model.transcribe(samples, speakers=speakers, max_new_tokens=a.max_new_tokens)
             row[name] = {"wall_s": round(time.perf_counter() - t0, 2), "speakers_s": round(r.timings.speakers_s, 2),
                          "segments": len(r.segments), "speakers": len({s.speaker for s in r.segments})}
-        row["added"] = round(row["with"]["wall_s"] / row["without"]["wall_s"] - 1, 4)
+            if runner is not None:
+                row[name]["added"] = round(row[name]["wall_s"] / row["without"]["wall_s"] - 1, 4)
+                row[name]["ms_per_audio_s"] = round(1000 * r.timings.speakers_s / (len(samples) / 16000), 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = {"minutes": a.minutes, "runtime": model.runtime.info.model_dump(), "rounds": rows}

@@ -423,7 +423,8 @@ class Engine:
 def _speaker_name(speaker_model: Any) -> str | None:
     if speaker_model is None:
         return None
-    return str(getattr(speaker_model, "name", None) or type(speaker_model).__name__)
+    return str(getattr(speaker_model, "description", None) or getattr(speaker_model, "name", None)
+               or type(speaker_model).__name__)
 
 
 def _finalize(job: Job) -> None:

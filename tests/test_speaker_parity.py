@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from asr.errors import CheckpointError, EmptyAudioError, ModelLoadError
+from asr.errors import CheckpointError, EmptyAudioError, InvalidOptionError, ModelLoadError
 from asr.loading.speaker import CONVERTED_CONFIG, CONVERTED_WEIGHTS, load_campplus
 from asr.speaker.campplus import STAGES, CAMPPlusConfig, features
 
@@ -73,9 +73,13 @@ def golden(speaker_goldens) -> list[tuple[dict, dict]]:
     return [(e, dict(np.load(speaker_goldens / f"{e['name']}.npz"))) for e in manifest["entries"]]
 
 
-@pytest.fixture(scope="module")
-def speaker(speaker_goldens, model_cache):
-    return load_campplus(speaker_goldens / "model")
+@pytest.fixture(scope="module", params=["mlx", "cpu"])
+def speaker(request, speaker_goldens, model_cache):
+    """Both runners: the reference MLX network (what Metal and CUDA run; on MLX's CPU device here) and the CPU
+    backend's NumPy one (asr.backends.cpu.campplus)."""
+    m = load_campplus(speaker_goldens / "model", backend=request.param)
+    assert m.backend == request.param
+    return m
 
 
 def _official(a: mx.array) -> np.ndarray:
@@ -101,7 +105,7 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _isolated(net, d: dict) -> dict[str, np.ndarray]:
-    """Each stage applied to the reference's own input to it."""
+    """Each stage applied to the reference's own input to it (`net`: a runner with run_stage)."""
     out, prev = {}, mx.array(d["features"])[None]
     for name in STAGES:
         out[name] = _official(net.run_stage(name, prev))
@@ -146,14 +150,14 @@ def test_features(golden):
 def test_every_stage_isolated_and_cumulative(golden, speaker):
     worst: dict[str, list[float]] = {s: [0.0, 0.0, 1.0] for s in STAGES}  # isolated err, cumulative err, min cos
     for e, d in golden:
-        iso = _isolated(speaker.net, d)
-        cum = {k: _official(v) for k, v in speaker.net.forward_stages(mx.array(d["features"])).items()}
+        iso = _isolated(speaker.runner, d)
+        cum = {k: _official(v) for k, v in speaker.runner.forward_stages(mx.array(d["features"])).items()}
         for s in STAGES:
             ri, rc, c = _rel(iso[s], d[s]), _rel(cum[s], d[s]), min(_cos(iso[s], d[s]), _cos(cum[s], d[s]))
             w = worst[s]
             w[0], w[1], w[2] = max(w[0], ri), max(w[1], rc), min(w[2], c)
             assert ri <= STAGE_TOL and rc <= STAGE_TOL and c > COS_STAGE, (e["name"], s, ri, rc, c)
-    print("\nstage: worst max abs / scale isolated, cumulative; worst 1 - cos")
+    print(f"\n{speaker.backend} stage: worst max abs / scale isolated, cumulative; worst 1 - cos")
     for s, (ri, rc, c) in worst.items():
         print(f"  {s:24s} {ri:.2e} {rc:.2e} {1 - c:.1e}")
 
@@ -178,12 +182,15 @@ def test_embeddings(golden, speaker, testdata):
 @pytest.mark.parity
 def test_parity_catches_a_broken_block(golden, speaker, speaker_goldens):
     """A BatchNorm eps of 1e-4 instead of 1e-5 in one layer of block 2 fails the stage bound on every clip."""
-    broken = load_campplus(speaker_goldens / "model")
+    from asr.backends.cpu.campplus import CPUCAMPPlus
+
+    broken = load_campplus(speaker_goldens / "model", backend="mlx")
     assert not broken.converted  # the speaker fixture's conversion is reused
     broken.net.xvector.block2.tdnnd5.nonlinear1.batchnorm.eps = 1e-4
-    for e, d in golden:
-        out = _official(broken.net.run_stage("xvector.block2", _ours(d["xvector.transit1"])))
-        assert _rel(out, d["xvector.block2"]) > STAGE_TOL, e["name"]
+    for runner in (broken.net, CPUCAMPPlus(broken.net)):  # the CPU runner prepares its weights from the network
+        for e, d in golden:
+            out = _official(runner.run_stage("xvector.block2", _ours(d["xvector.transit1"])))
+            assert _rel(out, d["xvector.block2"]) > STAGE_TOL, (type(runner).__name__, e["name"])
 
 
 @pytest.mark.parity
@@ -195,6 +202,20 @@ def test_batches_equal_single_utterances(golden, speaker):
     many = np.array(speaker.net.embed_many(feats + [feats[1]]))
     assert np.abs(many[:-1] - singles).max() <= 1e-5 * max(1.0, np.abs(singles).max())
     assert np.abs(many[-1] - singles[1]).max() <= 1e-5 * max(1.0, np.abs(singles).max())
+    # the runner the model chose (MLX or NumPy) batches the same way
+    both = speaker.embed_features(mx.stack([feats[0], feats[0]]))
+    assert np.abs(both - singles[0]).max() <= 1e-5 * max(1.0, np.abs(singles[0]).max())
+
+
+@pytest.mark.parity
+def test_windows_of_mixed_lengths_keep_their_order(golden, speaker):
+    """embed_windows groups windows by length and puts each embedding back in its place."""
+    waves = [d["waveform"][:24000] for _e, d in golden[:3]] + [golden[0][1]["waveform"][:16000]]
+    got = speaker.embed_windows(waves + [waves[1]], batch=2)
+    singles = np.stack([speaker.embed(w) for w in waves])
+    assert got.shape == (5, speaker.config.embedding_size)
+    assert np.abs(got[:4] - singles).max() <= 1e-5 * max(1.0, np.abs(singles).max())
+    assert np.abs(got[4] - singles[1]).max() <= 1e-5 * max(1.0, np.abs(singles).max())
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -257,6 +278,17 @@ def _expect(exc_type, match: str, spec, **kw):
     with pytest.raises(exc_type, match=match) as info:
         load_campplus(spec, **kw)
     return str(info.value)
+
+
+def test_backend_is_chosen_at_load(tiny_speaker_dir, model_cache):
+    from asr.backends.cpu.campplus import CPUCAMPPlus
+
+    auto = load_campplus(tiny_speaker_dir)  # MLX computes on the CPU here: the NumPy runner
+    assert auto.backend == "cpu" and isinstance(auto.runner, CPUCAMPPlus) and auto.description.endswith("(cpu)")
+    ref = load_campplus(tiny_speaker_dir, backend="mlx")
+    assert ref.backend == "mlx" and ref.runner is ref.net
+    _expect(InvalidOptionError, "backend must be 'auto', 'mlx' or 'cpu'; got 'metal'", tiny_speaker_dir,
+            backend="metal")
 
 
 def test_missing_checkpoints_fail_clearly(tmp_path, tiny_speaker_dir, model_cache):

@@ -119,7 +119,8 @@ def load_model(
             from .speaker import load_campplus
 
             speaker_model = load_campplus(speaker_model, download_root=download_root,
-                                          local_files_only=local_files_only)
+                                          local_files_only=local_files_only,
+                                          backend="cpu" if backend == "cpu" else "mlx")
         if not callable(getattr(speaker_model, "embed_windows", None)):
             raise InvalidOptionError("speaker_model must be a CAM++ model folder or hub id, or a runner with "
                                      f"embed_windows(); got {type(speaker_model).__name__}")
