@@ -34,6 +34,9 @@ class RuntimeOptions:
     cuda_encoder_kernels: the cuda backend's attention and FSMN kernels in the encoder (False: MLX's operations).
     inflight_mb: on a GPU, how many MB of a deep graph's intermediates (encoder layers, prefill layers) may be queued
     at once; 0 queues the whole graph.
+    inflight_layers: at most this many layers queued at once whatever their size, 0 for no cap. Below the byte
+    budget a small batch's whole graph is queued, and each layer's products keep their workspaces and temporaries
+    until the device has run them.
     """
 
     backend: Backend = "auto"
@@ -41,6 +44,7 @@ class RuntimeOptions:
     cuda_one_launch: bool = True
     cuda_encoder_kernels: bool = True
     inflight_mb: int = 1024
+    inflight_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -49,6 +53,9 @@ class RuntimeOptions:
             raise InvalidOptionError(f"cpu_bf16 {self.cpu_bf16!r} is not one of {', '.join(CPU_BF16)}")
         if isinstance(self.inflight_mb, bool) or not isinstance(self.inflight_mb, int) or self.inflight_mb < 0:
             raise InvalidOptionError(f"inflight_mb must be a whole number of MB >= 0; got {self.inflight_mb!r}")
+        if (isinstance(self.inflight_layers, bool) or not isinstance(self.inflight_layers, int)
+                or self.inflight_layers < 0):
+            raise InvalidOptionError(f"inflight_layers must be a whole number >= 0; got {self.inflight_layers!r}")
         for name in ("cuda_one_launch", "cuda_encoder_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidOptionError(f"{name} must be True or False; got {getattr(self, name)!r}")

@@ -33,7 +33,7 @@ from .model.ctc import CTCTokenizer, ctc_result
 from .model.network import FunASRNanoNet
 from .model.prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .speaker.cluster import cluster as cluster_speakers
-from .speaker.diarize import diarize, speaker_of
+from .speaker.diarize import diarize_spans, sample_index, span_samples, speaker_of
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, Language, Segment, Timings, TranscriptionResult
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ ProgressFn = Callable[[float, float, str], None]
 
 # --- the model -----------------------------------------------------------------------------------------
 SHORT_AUDIO_S = 30.0  # up to this, audio is decoded in one pass like the reference (VAD only checks for speech)
-STREAM_ABOVE_S = 600.0  # files longer than this are read twice in blocks (VAD pass, decode pass)
+STREAM_ABOVE_S = 600.0  # files longer than this are read in blocks: VAD pass, (speakers pass,) decode pass
 BLOCK_S = 60.0
 
 
@@ -249,7 +249,8 @@ class FunASRNano:
         ends); the result holds the same segments.
         speakers: None (no diarization), "auto" (find how many) or a number of speakers: segments are cut at the
         turns found by the speaker model given at load (asr.speaker.diarize: the official windows, clustering and
-        post-processing) and each carries its `speaker` ('S1', 'S2', ...). In-memory audio only (up to 10 min).
+        post-processing) and each carries its `speaker` ('S1', 'S2', ...). Long files too: a streamed file is read once
+        more for the speaker windows, and only their embeddings are held.
         """
         t_start = time.perf_counter()
         _check_options(max_new_tokens, batch_size, max_segment_s)
@@ -429,12 +430,9 @@ class FunASRNano:
             warnings.append("no speech detected")
         owners: list[int | None] = [None] * len(plan)
         if speakers is not None and plan:
-            if streamed is not None:
-                raise InvalidOptionError("speakers= works on audio up to 10 minutes for now; split longer files")
             t0 = time.perf_counter()
-            plan, owners = _cut_at_turns(plan, diarize(samples, plan, self.speaker_model.embed_windows,
-                                                       functools.partial(cluster_speakers, random_state=0),
-                                                       num_speakers))
+            plan, owners = _cut_at_turns(plan, self._diarize(plan, streamed, None if streamed else samples,
+                                                             duration, num_speakers, progress, cancel))
             t["speakers_s"] += time.perf_counter() - t0
         if progress:
             progress(0.0, duration, f"{len(plan)} segment(s) to decode")
@@ -457,6 +455,24 @@ class FunASRNano:
 
         return pieces, duration, warnings
 
+    def _diarize(self, plan, streamed: AudioFile | None, samples: np.ndarray | None, duration: float,
+                 num_speakers: int | None, progress: ProgressFn | None, cancel: threading.Event | None) -> list:
+        """Speaker turns over the planned segments (asr.speaker.diarize): from the samples in memory, or for a
+        streamed file from one more pass over its blocks (only the embeddings are kept, not the audio)."""
+        if streamed is not None:
+            spans = _stream_spans(streamed, plan, sample_index)
+        else:
+            spans = span_samples(plan, samples)
+
+        def on_span(end: float) -> None:
+            if cancel is not None and cancel.is_set():
+                raise TranscriptionCancelled("transcription cancelled")
+            if progress:
+                progress(0.0, duration, f"finding speakers: {end:.0f} of {duration:.0f} s")
+
+        return diarize_spans(spans, self.speaker_model.embed_windows,
+                             functools.partial(cluster_speakers, random_state=0), num_speakers, on_span=on_span)
+
     def _plan(self, probs: np.ndarray, duration: float, num_samples: int, force: bool,
               max_segment_s: float) -> list[tuple[float, float]]:
         spans = speech_spans(probs, num_samples=num_samples)
@@ -475,23 +491,12 @@ class FunASRNano:
                 yield [_Piece(s, e, samples[int(s * SAMPLE_RATE): int(e * SAMPLE_RATE)])
                        for s, e in plan[i: i + batch_size]]
             return
-        buf, buf_start, k, batch = np.zeros(0, np.float32), 0, 0, []
-        for block in iter_audio_blocks(path, BLOCK_S):
-            buf = np.concatenate([buf, block])
-            while k < len(plan) and int(plan[k][1] * SAMPLE_RATE) <= buf_start + buf.shape[0]:
-                s, e = (int(x * SAMPLE_RATE) - buf_start for x in plan[k])
-                batch.append(_Piece(plan[k][0], plan[k][1], buf[s:e].copy()))
-                k += 1
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
-            keep_from = int(plan[k][0] * SAMPLE_RATE) - buf_start if k < len(plan) else buf.shape[0]
-            keep_from = max(0, min(keep_from, buf.shape[0]))
-            buf, buf_start = buf[keep_from:], buf_start + keep_from
-        while k < len(plan):  # segments running to the very end
-            s, e = (int(x * SAMPLE_RATE) - buf_start for x in plan[k])
-            batch.append(_Piece(plan[k][0], plan[k][1], buf[max(0, s):e].copy()))
-            k += 1
+        batch = []
+        for start, end, data in _stream_spans(path, plan, lambda x: int(x * SAMPLE_RATE)):
+            batch.append(_Piece(start, end, data))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
         if batch:
             yield batch
 
@@ -520,6 +525,25 @@ class FunASRNano:
         for n in sorted({1, 2, *self.runtime.llm.warm_batches(batch_size)}):
             pieces = [_Piece(float(i), i + clips[i % 2].shape[0] / SAMPLE_RATE, clips[i % 2]) for i in range(n)]
             self._decode_batch(pieces, ids, 2, False, None, _stage_times())
+
+
+def _stream_spans(path: AudioFile, spans: list[tuple[float, float]], index: Callable[[float], int]):
+    """Yield (start, end, samples[index(start):index(end)]) for each span (in time order) of a file, from one pass
+    over its blocks; only the audio from the next span's start on is held."""
+    buf, buf_start, k = np.zeros(0, np.float32), 0, 0
+    for block in iter_audio_blocks(path, BLOCK_S):
+        buf = np.concatenate([buf, block])
+        while k < len(spans) and index(spans[k][1]) <= buf_start + buf.shape[0]:
+            s, e = (index(x) - buf_start for x in spans[k])
+            yield spans[k][0], spans[k][1], buf[s:e].copy()
+            k += 1
+        keep_from = index(spans[k][0]) - buf_start if k < len(spans) else buf.shape[0]
+        keep_from = max(0, min(keep_from, buf.shape[0]))
+        buf, buf_start = buf[keep_from:], buf_start + keep_from
+    while k < len(spans):  # spans running to the very end
+        s, e = (index(x) - buf_start for x in spans[k])
+        yield spans[k][0], spans[k][1], buf[max(0, s):e].copy()
+        k += 1
 
 
 MIN_PIECE_S = 0.3  # a cut at a turn never leaves a sliver shorter than this (it joins its neighbour)

@@ -107,9 +107,12 @@ def worker_ours(a: argparse.Namespace) -> dict:
 
     mode = MODES[a.mode]
     runtime = asr.RuntimeOptions(backend=a.backend, cuda_one_launch=a.one_launch,
-                                 cuda_encoder_kernels=a.encoder_kernels)
+                                 cuda_encoder_kernels=a.encoder_kernels,
+                                 **({} if a.inflight_layers is None else {"inflight_layers": a.inflight_layers}))
     variant = "" if (a.backend, a.one_launch, a.encoder_kernels) == ("auto", True, True) else (
         f"/{a.backend}" + ("" if a.one_launch else "-multi") + ("" if a.encoder_kernels else "-mlxenc"))
+    if a.inflight_layers is not None:
+        variant += f"/inflight-layers-{a.inflight_layers}"
     res: dict = {"side": "ours", "mode": a.mode + variant, **mode, "options": runtime.as_dict(),
                  "device": str(mx.default_device()), "mlx": mx.__version__, "blas": blas_load.loaded,
                  "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "FUNASR_NANO_BLAS"))}}
@@ -470,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                          "multi-kernel steps)")
     ap.add_argument("--encoder-kernels", action=argparse.BooleanOptionalAction, default=True,
                     help="CUDA: the encoder's attention and FSMN kernels (--no-encoder-kernels: MLX's operations)")
+    ap.add_argument("--inflight-layers", type=int, default=None,
+                    help="asr.RuntimeOptions.inflight_layers (default: the option's default)")
     ap.add_argument("--official", action="store_true", help="also run the official funasr code (side by side)")
     ap.add_argument("--official-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     ap.add_argument("--official-device", default="cpu")
@@ -534,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ["--load-twice"] if a.load_twice and rnd == 0 else []
                 extra += ["--backend", a.backend, "--one-launch" if a.one_launch else "--no-one-launch",
                           "--encoder-kernels" if a.encoder_kernels else "--no-encoder-kernels"]
+                if a.inflight_layers is not None:
+                    extra += ["--inflight-layers", str(a.inflight_layers)]
                 if rnd == 0:  # agreement once, in the round that runs fp32 first
                     extra += ["--agreement-dir", str(tmp)]
                 r = _spawn(sys.executable, [*common, *extra, "--_worker", "ours", "--mode", mode],

@@ -25,16 +25,36 @@ def main() -> None:
                                                    str(TESTDATA / "zh" / "example_zh.wav")])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--inflight-layers", type=int, nargs="+", default=[None],
+                    help="asr.RuntimeOptions.inflight_layers values to measure in turn (default: the option's default)")
     a = ap.parse_args()
 
     import asr  # noqa: I001  (first: picks the BLAS before MLX loads)
+    import mlx.core as mx
+
+    results = []
+    for layers in a.inflight_layers:
+        opts = {"backend": a.backend} | ({} if layers is None else {"inflight_layers": layers})
+        model = asr.load_model(a.model, dtype=a.dtype, runtime=asr.RuntimeOptions(**opts))
+        results.append({"inflight_layers": model_options(layers), **measure(model, a)})
+        del model
+        mx.clear_cache()
+    print(json.dumps(results if len(results) > 1 else results[0], indent=1))
+
+
+def model_options(layers: int | None) -> int:
+    import asr
+
+    return asr.RuntimeOptions().inflight_layers if layers is None else layers
+
+
+def measure(model, a) -> dict:
     import mlx.core as mx
 
     from asr.audio.io import load_audio
     from asr.decode.loop import greedy
 
     mb = lambda n: round(n / 2**20, 1)  # noqa: E731
-    model = asr.load_model(a.model, dtype=a.dtype, runtime=asr.RuntimeOptions(backend=a.backend))
     model.warmup()
     out = {"runtime": model.runtime.info.model_dump(), "weights_mb": mb(mx.get_active_memory()), "clips": []}
     ids = model.prompt_ids()
@@ -61,7 +81,7 @@ def main() -> None:
             del emb, enc
             rows.append(row)
         out["clips"].append({"clip": Path(path).name, "runs": rows[1:]})
-    print(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -32,6 +32,30 @@ def test_chunk_size_follows_the_budget():
     assert InFlight(6 << 20, budget=1 << 30).every == 85
     assert InFlight(6 << 20, budget=0).every == 0  # no bound
     assert InFlight(0, budget=1 << 30).every == 1 << 29  # nothing to bound: never reached
+    # RuntimeOptions.inflight_layers caps a chunk's layers whatever their estimated size
+    assert InFlight(6 << 20, budget=1 << 30, max_layers=16).every == 16
+    assert InFlight(6 << 20, budget=0, max_layers=8).every == 8
+    assert InFlight(384 << 20, budget=1 << 30, max_layers=16).every == 1
+
+
+def test_inflight_layers_option_reaches_the_runners(tiny_checkpoint):
+    """RuntimeOptions(inflight_layers=) is checked, reaches the reference runners, and changes when, not what."""
+    import pytest
+
+    import asr
+    from asr.errors import InvalidOptionError
+
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(InvalidOptionError, match="inflight_layers"):
+            asr.RuntimeOptions(inflight_layers=bad)
+    clip = np.random.default_rng(0).uniform(-0.1, 0.1, 24000).astype(np.float32)
+    texts = []
+    for layers in (0, 1):
+        m = asr.load_model(str(tiny_checkpoint), dtype="float32",
+                           runtime=asr.RuntimeOptions(backend="mlx", inflight_layers=layers))
+        assert m.runtime.audio.inflight_layers == m.runtime.llm.inflight_layers == layers
+        texts.append(m.transcribe(clip, vad=False, max_new_tokens=6, repetition_guard=False).segments[0].token_ids)
+    assert texts[0] == texts[1] and len(texts[0]) == 6
 
 
 def _encoder() -> SenseVoiceEncoder:

@@ -22,10 +22,13 @@ class InFlight:
     the graph so far to the device and waits for the previous chunk.
 
     layer_bytes: an estimate (an upper bound is safer) of the intermediates one layer allocates; budget: bytes of
-    two chunks' intermediates (RuntimeOptions.inflight_mb), 0 for no bound."""
+    two chunks' intermediates (RuntimeOptions.inflight_mb), 0 for no bound; max_layers: at most this many layers a
+    chunk whatever their size (RuntimeOptions.inflight_layers), 0 for no cap."""
 
-    def __init__(self, layer_bytes: int, budget: int) -> None:
+    def __init__(self, layer_bytes: int, budget: int, max_layers: int = 0) -> None:
         self.every = max(1, budget // (2 * max(1, layer_bytes))) if budget > 0 else 0
+        if max_layers > 0:
+            self.every = min(self.every, max_layers) if self.every else max_layers
         self._count = 0
         self._pending: mx.array | None = None
 

@@ -22,14 +22,15 @@ class MLXAudio:
 
     description = "MLX operations"
 
-    def __init__(self, net: FunASRNanoNet, inflight_bytes: int):
+    def __init__(self, net: FunASRNanoNet, inflight_bytes: int, inflight_layers: int = 0):
         self.net = net
         self.inflight_bytes = inflight_bytes
+        self.inflight_layers = inflight_layers
 
     def encode(self, feats: mx.array, lengths: mx.array | None) -> mx.array:
         encoder = self.net.encoder
         x = feats.astype(encoder.tp_norm.weight.dtype)  # the encoder's own dtype
-        bound = InFlight(encoder.layer_bytes(*x.shape[:2], x.dtype), self.inflight_bytes)
+        bound = InFlight(encoder.layer_bytes(*x.shape[:2], x.dtype), self.inflight_bytes, self.inflight_layers)
         return encoder(x, lengths, core=self.core(x, lengths), each_layer=bound).astype(mx.float32)
 
     def core(self, x: mx.array, lengths: mx.array | None) -> SANMCore | None:
@@ -49,16 +50,18 @@ class MLXLLM:
 
     description = "MLX operations (mlx-lm's Qwen3 step)"
 
-    def __init__(self, llm: qwen3.Model, inflight_bytes: int):
+    def __init__(self, llm: qwen3.Model, inflight_bytes: int, inflight_layers: int = 0):
         self.llm = llm
         self.inflight_bytes = inflight_bytes
+        self.inflight_layers = inflight_layers
         self.embeds_dtype = llm.model.norm.weight.dtype
 
     def prefill(self, prompts: mx.array, lengths: list[int]) -> tuple[mx.array, list]:
         """The first tokens [B] and the filled mlx-lm caches (also the prefill of asr.backends.cuda's steps)."""
         B, P = prompts.shape[:2]
         cache = prefill_cache(len(self.llm.layers), [P - n for n in lengths])
-        bound = InFlight(prefill_layer_bytes(self.llm.args, B, P, prompts.dtype), self.inflight_bytes)
+        bound = InFlight(prefill_layer_bytes(self.llm.args, B, P, prompts.dtype), self.inflight_bytes,
+                         self.inflight_layers)
         logits = lm_head(self.llm, prefill_last(self.llm, cache, prompts, each_layer=bound))
         return mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32), cache
 
