@@ -88,7 +88,7 @@ class SpeakerModel:
         for idx in by_len.values():
             for k in range(0, len(idx), batch):
                 part = idx[k: k + batch]
-                feats = mx.stack([self.features(windows[i]) for i in part])
+                feats = self.features(np.stack([np.asarray(windows[i], dtype=np.float32) for i in part]))
                 for i, e in zip(part, self.embed_features(feats), strict=True):
                     rows[i] = e
         return np.stack(rows) if rows else np.zeros((0, self.config.embedding_size), np.float32)

@@ -119,12 +119,13 @@ def fbank(samples: mx.array, num_mel_bins: int = 80, sample_rate: int = 16000) -
 
 def features(samples_16k: np.ndarray, num_mel_bins: int = 80) -> mx.array:
     """CAM++ input [T, num_mel_bins] of one utterance (16 kHz mono float samples in [-1, 1]): the fbank minus its
-    mean over time. Ref: funasr/models/campplus/utils.py::extract_feature."""
+    mean over time; [B, N] (utterances of one length) gives [B, T, num_mel_bins] in one pass.
+    Ref: funasr/models/campplus/utils.py::extract_feature."""
     x = samples_16k if isinstance(samples_16k, mx.array) else mx.array(np.asarray(samples_16k, dtype=np.float32))
-    if x.ndim != 1:
-        raise ValueError(f"features() takes one mono utterance [N], got shape {tuple(x.shape)}")
+    if x.ndim not in (1, 2):
+        raise ValueError(f"features() takes one mono utterance [N] or a batch [B, N], got shape {tuple(x.shape)}")
     fb = fbank(x, num_mel_bins)
-    return fb - mx.mean(fb, axis=0, keepdims=True)
+    return fb - mx.mean(fb, axis=-2, keepdims=True)
 
 
 # --- building blocks -----------------------------------------------------------------------------------------
