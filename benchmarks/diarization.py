@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--speaker-backends", nargs="+", choices=("cpu", "mlx"))
+    ap.add_argument("--speaker-batches", nargs="+", type=int,
+                    help="windows a CAM++ batch: time 'with' once per value (default: what load_campplus chose)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -73,12 +75,16 @@ def main() -> None:
         model.speaker_model = runner
         model.transcribe(samples[: 30 * 16000], speakers="auto", max_new_tokens=4)
     rows = []
+    batches = a.speaker_batches or [None]
     for _ in range(a.rounds):
         row = {}
-        runs = [("without", None, None)] + [(f"with {b}", "auto", r) for b, r in runners.items()]
-        for name, speakers, runner in runs:
+        runs = [("without", None, None, None)] + [
+            (f"with {b}" + (f" batch {n}" if n else ""), "auto", r, n) for b, r in runners.items() for n in batches]
+        for name, speakers, runner, n in runs:
             if runner is not None:
                 model.speaker_model = runner
+                if n:
+                    runner.batch = n
             t0 = time.perf_counter()
             r = model.transcribe(samples, speakers=speakers, max_new_tokens=a.max_new_tokens)
             row[name] = {"wall_s": round(time.perf_counter() - t0, 2), "speakers_s": round(r.timings.speakers_s, 2),

@@ -143,9 +143,9 @@ EMBED_BATCH = 64  # windows embedded together (and at most this many held beyond
 def diarize_spans(spans: Iterable[tuple[float, float, np.ndarray]],
                   embed: Callable[[list[np.ndarray]], np.ndarray],
                   cluster: Callable[..., np.ndarray], num_speakers: int | None = None,
-                  on_span: Callable[[float], None] | None = None) -> list[Turn]:
+                  on_span: Callable[[float], None] | None = None, batch: int = EMBED_BATCH) -> list[Turn]:
     """`diarize` over speech spans given as (start_s, end_s, their samples) in time order, e.g. cut from a file as
-    it is read: windows are embedded `EMBED_BATCH` at a time, so memory holds the embeddings (768 bytes a window,
+    it is read: windows are embedded `batch` at a time, so memory holds the embeddings (768 bytes a window,
     ~2.4 MB an hour) and not the audio. `on_span(end_s)` after each span (progress, cancellation)."""
     times: list[tuple[float, float]] = []
     rows: list[np.ndarray] = []
@@ -160,7 +160,7 @@ def diarize_spans(spans: Iterable[tuple[float, float, np.ndarray]],
         for w_start, w_end, chunk in span_windows(start, end, data):
             times.append((w_start, w_end))
             pending.append(chunk)
-            if len(pending) >= EMBED_BATCH:
+            if len(pending) >= batch:
                 flush()
         if on_span is not None:
             on_span(end)
