@@ -208,6 +208,18 @@ def test_batches_equal_single_utterances(golden, speaker):
 
 
 @pytest.mark.parity
+def test_cpu_runner_without_the_fused_kernel(golden, speaker):
+    """The CPU runner's NumPy path (no Numba) gives the fused one's embeddings."""
+    from asr.backends.cpu.campplus import CPUCAMPPlus
+
+    feats = np.stack([d["features"][:300] for _e, d in golden if d["features"].shape[0] >= 300])
+    fused, plain = CPUCAMPPlus(speaker.net), CPUCAMPPlus(speaker.net, fuse=False)
+    assert any(nl.fused for nl in (fused.out_nl, fused.tdnn_nl)) and not plain.out_nl.fused
+    a, b = fused.embed(feats), plain.embed(feats)
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
+@pytest.mark.parity
 def test_windows_of_mixed_lengths_keep_their_order(golden, speaker):
     """embed_windows groups windows by length and puts each embedding back in its place."""
     waves = [d["waveform"][:24000] for _e, d in golden[:3]] + [golden[0][1]["waveform"][:16000]]

@@ -20,6 +20,8 @@ Layouts of `run_stage` are the reference's ([B, F', T, 32] for head.layer1/2, [B
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ...speaker.campplus import DENSE_BLOCKS, SEG_LEN, STAGES, CAMPPlus
@@ -42,10 +44,33 @@ def _fold(bn) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(F32), shift.astype(F32)
 
 
-class _Nonlinear:
-    """get_nonlinear's ops in order: batchnorm (folded), relu, prelu."""
+def _bn_relu(x, scale, shift, out):  # x [N, C] (any strides), scale/shift [C], out [N, C]: one pass
+    n, c = x.shape
+    for i in range(n):
+        for j in range(c):
+            v = x[i, j] * scale[j] + shift[j]
+            out[i, j] = v if v > 0 else 0
 
-    def __init__(self, mod):
+
+@functools.cache
+def _bn_relu_kernel():
+    """`_bn_relu` compiled by Numba (on the calling thread: parallel Numba threads would spin-wait while the BLAS's
+    threads multiply right after), or None without Numba: NumPy then takes three passes."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    try:
+        return numba.njit(cache=True, nogil=True, boundscheck=False)(_bn_relu)
+    except RuntimeError:  # no writable place for Numba's disk cache
+        return numba.njit(cache=False, nogil=True, boundscheck=False)(_bn_relu)
+
+
+class _Nonlinear:
+    """get_nonlinear's ops in order: batchnorm (folded), relu, prelu. The official "batchnorm-relu" in one pass
+    (Numba) where it can."""
+
+    def __init__(self, mod, fuse: bool = True):
         self.ops = []
         for op in mod.config_str.split("-"):
             if op == "relu":
@@ -54,9 +79,18 @@ class _Nonlinear:
                 self.ops.append(("prelu", _np(mod.prelu.weight)))
             else:
                 self.ops.append(("bn", _fold(mod.batchnorm)))
+        self.fused = fuse and [k for k, _ in self.ops] == ["bn", "relu"]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (any view) -> a new contiguous array."""
+        kernel = _bn_relu_kernel() if self.fused and x.ndim >= 2 else None
+        if kernel is not None:
+            scale, shift = self.ops[0][1]
+            out = np.empty(x.shape, F32)
+            c = x.shape[-1]
+            x2 = x.reshape(-1, c)  # merges the leading axes without a copy for the views used here
+            kernel(x2, scale, shift, out.reshape(-1, c))
+            return out
         out = None
         for kind, p in self.ops:
             src = x if out is None else out
@@ -76,28 +110,28 @@ class CPUCAMPPlus:
 
     description = "numpy + BLAS (asr.backends.cpu.campplus)"
 
-    def __init__(self, net: CAMPPlus, blas: cpu_blas.Blas | None = None):
+    def __init__(self, net: CAMPPlus, blas: cpu_blas.Blas | None = None, fuse: bool = True):
+        """fuse: BatchNorm + ReLU in one Numba pass where Numba is installed (False: NumPy's three passes)."""
         self.config = net.config
+        self.fuse = fuse
         self.blas = blas or cpu_blas.Blas.loaded()
         h = net.head
-        self.conv1 = self._taps2d(h.conv1.weight)
-        self.bn1 = _fold(h.bn1)
+        self.stem = self._conv(h.conv1.weight, h.bn1)  # (taps [3, 3, O, 1], shift)
         self.layer1 = [self._block(b) for b in h.layer1]
         self.layer2 = [self._block(b) for b in h.layer2]
-        self.conv2 = self._taps2d(h.conv2.weight)
-        self.bn2 = _fold(h.bn2)
+        self.conv2 = self._conv(h.conv2.weight, h.bn2)
         xv = net.xvector
         w = _np(xv.tdnn.linear.weight)  # [O, k, I]
         self.tdnn = (w.reshape(w.shape[0], -1), xv.tdnn.linear.stride, xv.tdnn.linear.padding, w.shape[1])
-        self.tdnn_nl = _Nonlinear(xv.tdnn.nonlinear)
+        self.tdnn_nl = _Nonlinear(xv.tdnn.nonlinear, fuse)
         self.blocks, self.transits = [], []
         for i, (layers, _kernel, dilation) in enumerate(DENSE_BLOCKS):
             blk = getattr(xv, f"block{i + 1}")
             self.blocks.append([self._dense_layer(getattr(blk, f"tdnnd{j + 1}"), dilation) for j in range(layers)])
             tr = getattr(xv, f"transit{i + 1}")
-            self.transits.append((_Nonlinear(tr.nonlinear), self._w1x1(tr.linear.weight)))
-        self.out_nl = _Nonlinear(xv.out_nonlinear)
-        self.dense = (self._w1x1(xv.dense.linear.weight), _Nonlinear(xv.dense.nonlinear))
+            self.transits.append((_Nonlinear(tr.nonlinear, fuse), self._w1x1(tr.linear.weight)))
+        self.out_nl = _Nonlinear(xv.out_nonlinear, fuse)
+        self.dense = (self._w1x1(xv.dense.linear.weight), _Nonlinear(xv.dense.nonlinear, fuse))
 
     # --- preparation -----------------------------------------------------------------------------------------
     @staticmethod
@@ -106,22 +140,26 @@ class CPUCAMPPlus:
         return np.ascontiguousarray(w.reshape(w.shape[0], w.shape[-1]))  # [O, I]
 
     @staticmethod
-    def _taps2d(w) -> np.ndarray:
-        """[O, kh, kw, I] -> [kh, kw, O, I] (each tap's [O, I] contiguous)."""
-        return np.ascontiguousarray(_np(w).transpose(1, 2, 0, 3))
+    def _conv(w, bn) -> tuple[np.ndarray, np.ndarray]:
+        """A convolution [O, kh, kw, I] followed by its BatchNorm: taps [kh, kw, O, I] scaled by the BN, and the
+        BN's shift."""
+        scale, shift = _fold(bn)
+        taps = _np(w).transpose(1, 2, 0, 3) * scale[None, None, :, None]
+        return np.ascontiguousarray(taps, dtype=F32), shift
 
     def _block(self, b) -> dict:
-        out = {"conv1": self._taps2d(b.conv1.weight), "bn1": _fold(b.bn1), "stride": b.conv1.stride_f,
-               "conv2": self._taps2d(b.conv2.weight), "bn2": _fold(b.bn2)}
+        out = {"conv1": self._conv(b.conv1.weight, b.bn1), "stride": b.conv1.stride_f,
+               "conv2": self._conv(b.conv2.weight, b.bn2)}
         if "shortcut" in b:
-            out["short"] = (self._w1x1(b.shortcut[0].weight), b.shortcut[0].stride_f, _fold(b.shortcut[1]))
+            taps, shift = self._conv(b.shortcut[0].weight, b.shortcut[1])
+            out["short"] = (np.ascontiguousarray(taps[0, 0]), shift)
         return out
 
     def _dense_layer(self, layer, dilation: int) -> dict:
         cam = layer.cam_layer
         w = _np(cam.linear_local.weight)  # [O, k, I]
-        return {"nl1": _Nonlinear(layer.nonlinear1), "w1": self._w1x1(layer.linear1.weight),
-                "nl2": _Nonlinear(layer.nonlinear2), "local": np.ascontiguousarray(w.transpose(1, 0, 2)),
+        return {"nl1": _Nonlinear(layer.nonlinear1, self.fuse), "w1": self._w1x1(layer.linear1.weight),
+                "nl2": _Nonlinear(layer.nonlinear2, self.fuse), "local": np.ascontiguousarray(w.transpose(1, 0, 2)),
                 "dilation": dilation, "pad": cam.linear_local.padding,
                 "m1": (self._w1x1(cam.linear1.weight), _np(cam.linear1.bias)),
                 "m2": (self._w1x1(cam.linear2.weight), _np(cam.linear2.bias))}
@@ -133,85 +171,127 @@ class CPUCAMPPlus:
             out = np.empty((a.shape[0], w.shape[0]), F32)
         return cpu_blas.gemm(a, w, out, beta=beta, blas=self.blas)
 
-    def _conv3x3(self, xp: np.ndarray, taps: np.ndarray, stride: int) -> np.ndarray:
-        """A 3x3 convolution (padding 1, frequency stride 1 or 2) of the padded buffer xp [B, F+2, T+2, C]:
-        [B, F', T, O]."""
-        b, fp, tp, c = xp.shape
-        f, t, o = fp - 2, tp - 2, taps.shape[2]
-        if stride == 1:
-            fo, planes = f, [xp]
-            taps_at = [(0, 0), (0, 1), (0, 2)]  # tap row i: (plane, shift in units of T+2 rows)
-        else:  # output row f reads padded rows 2f, 2f+1, 2f+2: even[f], odd[f], even[f+1]
-            fo = (f - 1) // 2 + 1
-            even = np.ascontiguousarray(xp[:, 0:2 * fo + 1:2])  # fo + 1 rows
-            odd = np.zeros_like(even)
-            odd[:, :fo] = xp[:, 1:2 * fo:2]
-            planes, taps_at = [even, odd], [(0, 0), (1, 0), (0, 1)]
-        flat = [p.reshape(-1, c) for p in planes]
-        f_plane = planes[0].shape[1]  # output rows are laid out like the planes: r = (b, f, t) of [B, f_plane, T+2]
-        n_out = b * f_plane * tp
-        m = n_out - (taps_at[-1][1] * tp + 2)  # rows every tap can read; every output kept lies below
-        out = np.empty((n_out, o), F32)
-        first = True
-        for i in range(3):
-            plane, shift = taps_at[i]
-            for j in range(3):
-                off = shift * tp + j
-                self._mm(flat[plane][off: off + m], taps[i, j], out[:m], beta=0.0 if first else 1.0)
-                first = False
-        return out.reshape(b, f_plane, tp, o)[:, :fo, :t]
-
+    # The FCM head works on zero-bordered buffers P [B, F+2, T+2, C] (the activation inside). Flattened to rows, the
+    # output at (f, t) sits at row r + (T+2) + 1 of its own buffer, where r = (b, f, t) on the input planes' grid,
+    # and a 3x3 tap (i, j) reads input row r + i(T+2) + j: every tap is one product on contiguous rows.
     @staticmethod
-    def _padded(x: np.ndarray) -> np.ndarray:
+    def _pad(x: np.ndarray) -> np.ndarray:
         b, f, t, c = x.shape
-        xp = np.zeros((b, f + 2, t + 2, c), F32)
-        xp[:, 1:-1, 1:-1] = x
-        return xp
+        p = np.zeros((b, f + 2, t + 2, c), F32)
+        p[:, 1:-1, 1:-1] = x
+        return p
 
     @staticmethod
-    def _bn(x: np.ndarray, p, relu: bool) -> np.ndarray:
-        y = np.multiply(x, p[0])
-        y += p[1]
-        return np.maximum(y, 0, out=y) if relu else y
+    def _planes(p: np.ndarray, stride: int) -> tuple[list[np.ndarray], list[tuple[int, int]], int]:
+        """The input planes of a 3x3 convolution over P, each on the output's grid [B, F'+2, T+2], and for each tap
+        row i its (plane, shift in rows of T+2); and F'."""
+        if stride == 1:
+            return [p], [(0, 0), (0, 1), (0, 2)], p.shape[1] - 2
+        b, fp, tp, c = p.shape
+        fo = (fp - 3) // 2 + 1  # output row f reads padded rows 2f, 2f+1, 2f+2: even[f], odd[f], even[f+1]
+        even = np.zeros((b, fo + 2, tp, c), F32)
+        odd = np.zeros((b, fo + 2, tp, c), F32)
+        even[:, :fo + 1] = p[:, 0:2 * fo + 1:2]
+        odd[:, :fo] = p[:, 1:2 * fo:2]
+        return [even, odd], [(0, 0), (1, 0), (0, 1)], fo
 
-    def _res_block(self, blk: dict, x: np.ndarray) -> np.ndarray:
-        out = self._bn(self._conv3x3(self._padded(x), blk["conv1"], blk["stride"]), blk["bn1"], True)
-        out = self._bn(self._conv3x3(self._padded(out), blk["conv2"], 1), blk["bn2"], False)
-        if "short" in blk:
-            w, s, bn = blk["short"]
-            xs = np.ascontiguousarray(x[:, ::s]) if s != 1 else x
-            short = self._mm(xs.reshape(-1, xs.shape[-1]), w).reshape(*xs.shape[:3], w.shape[0])
-            out += self._bn(short, bn, False)
+    def _conv_bn(self, p: np.ndarray, conv: tuple[np.ndarray, np.ndarray], stride: int, *, relu: bool,
+                 residual: np.ndarray | None = None, short: tuple | None = None,
+                 planes: tuple | None = None) -> np.ndarray:
+        """relu?(BN(conv3x3(P)) [+ the residual buffer of the same grid] [+ BN(conv1x1 stride 2)(block input)]) as a
+        new bordered buffer. short: (weights [O, C], BN shift, the block input's odd plane); planes: `_planes(P)`."""
+        taps, shift = conv
+        planes_, taps_at, fo = planes or self._planes(p, stride)
+        b, _fp, tp, c = planes_[0].shape
+        o = taps.shape[2]
+        out = np.empty((b, fo + 2, tp, o), F32)
+        flat_out = out.reshape(-1, o)
+        m = flat_out.shape[0] - 2 * tp - 2  # rows every tap can read; every output kept is in [tp + 1, tp + 1 + m)
+        dst = flat_out[tp + 1: tp + 1 + m]
+        if residual is not None:
+            np.add(residual.reshape(-1, o)[tp + 1: tp + 1 + m], shift, out=dst)
         else:
-            out += x
-        return np.maximum(out, 0, out=out)
+            dst[...] = shift if short is None else shift + short[1]
+        if short is not None:  # output (f, t) <- the block input's row 2f (odd plane row f), column t + 1
+            odd = short[2]
+            self._mm(odd.reshape(-1, odd.shape[-1])[1: 1 + m], short[0], dst, beta=1.0)
+        flat_in = [q.reshape(-1, c) for q in planes_]
+        for i, (plane, shift_rows) in enumerate(taps_at):
+            for j in range(3):
+                off = shift_rows * tp + j
+                self._mm(flat_in[plane][off: off + m], taps[i, j], dst, beta=1.0)
+        if relu:
+            np.maximum(dst, 0, out=dst)
+        self._zero_border(out, flat_out, tp, m)
+        return out
 
-    # --- stages ------------------------------------------------------------------------------------------------
-    def stem_layer1(self, feats: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(np.asarray(feats, F32).transpose(0, 2, 1))[..., None]  # [B, F, T, 1]
-        b, f, t, _ = x.shape
-        xp = self._padded(x)[..., 0]  # [B, F+2, T+2]
-        cols = np.empty((b, f, t, 9), F32)  # one input channel: the 9 taps side by side are cheap
+    @staticmethod
+    def _zero_border(out: np.ndarray, flat: np.ndarray, tp: int, m: int) -> None:
+        flat[: tp + 1] = 0
+        flat[tp + 1 + m:] = 0
+        out[:, 0] = 0
+        out[:, -1] = 0
+        out[:, :, 0] = 0
+        out[:, :, -1] = 0
+
+    def _res_block(self, blk: dict, p: np.ndarray) -> np.ndarray:
+        planes = self._planes(p, blk["stride"])
+        h = self._conv_bn(p, blk["conv1"], blk["stride"], relu=True, planes=planes)
+        if "short" in blk:
+            w, s_shift = blk["short"]
+            return self._conv_bn(h, blk["conv2"], 1, relu=True, short=(w, s_shift, planes[0][1]))
+        return self._conv_bn(h, blk["conv2"], 1, relu=True, residual=p)
+
+    def _stem(self, feats: np.ndarray) -> np.ndarray:
+        """conv1 (one input channel: its 9 taps side by side, one product) + BN + ReLU -> P [B, F+2, T+2, 32]."""
+        x = np.ascontiguousarray(np.asarray(feats, F32).transpose(0, 2, 1))  # [B, F, T]
+        b, f, t = x.shape
+        tp = t + 2
+        p0 = np.zeros((b, f + 2, tp), F32)
+        p0[:, 1:-1, 1:-1] = x
+        flat0 = p0.reshape(-1)
+        n = flat0.shape[0]
+        m = n - 2 * tp - 2
+        cols = np.empty((m, 9), F32)
         for i in range(3):
             for j in range(3):
-                cols[..., 3 * i + j] = xp[:, i:i + f, j:j + t]
-        w = self.conv1.reshape(9, -1).T  # [O, 9]
-        x = self._mm(cols.reshape(-1, 9), np.ascontiguousarray(w)).reshape(b, f, t, -1)
-        x = self._bn(x, self.bn1, True)
+                cols[:, 3 * i + j] = flat0[i * tp + j: i * tp + j + m]
+        taps, shift = self.stem
+        w = np.ascontiguousarray(taps.reshape(9, -1).T)  # [O, 9]
+        out = np.empty((b, f + 2, tp, w.shape[0]), F32)
+        flat = out.reshape(-1, w.shape[0])
+        dst = flat[tp + 1: tp + 1 + m]
+        dst[...] = shift
+        self._mm(cols, w, dst, beta=1.0)
+        np.maximum(dst, 0, out=dst)
+        self._zero_border(out, flat, tp, m)
+        return out
+
+    def _layer1(self, feats: np.ndarray) -> np.ndarray:
+        p = self._stem(feats)
         for blk in self.layer1:
-            x = self._res_block(blk, x)
-        return x
+            p = self._res_block(blk, p)
+        return p
 
-    def run_layer2(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, F32)
+    def _layer2(self, p: np.ndarray) -> np.ndarray:
         for blk in self.layer2:
-            x = self._res_block(blk, x)
-        return x
+            p = self._res_block(blk, p)
+        return p
 
-    def head_out(self, x: np.ndarray) -> np.ndarray:
-        x = self._bn(self._conv3x3(self._padded(np.asarray(x, F32)), self.conv2, 2), self.bn2, True)
+    def _head_out(self, p: np.ndarray) -> np.ndarray:
+        x = self._conv_bn(p, self.conv2, 2, relu=True)[:, 1:-1, 1:-1]  # [B, F/8, T, 32]
         b, f, t, c = x.shape
         return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(b, t, c * f)
+
+    # the stage API (the reference's layouts, no borders)
+    def stem_layer1(self, feats: np.ndarray) -> np.ndarray:
+        return self._layer1(feats)[:, 1:-1, 1:-1]
+
+    def run_layer2(self, x: np.ndarray) -> np.ndarray:
+        return self._layer2(self._pad(np.asarray(x, F32)))[:, 1:-1, 1:-1]
+
+    def head_out(self, x: np.ndarray) -> np.ndarray:
+        return self._head_out(self._pad(np.asarray(x, F32)))
 
     def _tdnn(self, x: np.ndarray) -> np.ndarray:
         w, stride, pad, k = self.tdnn
@@ -314,6 +394,7 @@ class CPUCAMPPlus:
         x = np.asarray(feats, F32)
         one = x.ndim == 2
         x = x[None] if one else x
-        for name in STAGES:
+        x = self._head_out(self._layer2(self._layer1(x)))
+        for name in STAGES[STAGES.index("head") + 1:]:
             x = self.run_stage(name, x)
         return x[0] if one else x
