@@ -146,7 +146,7 @@ def diarize_spans(spans: Iterable[tuple[float, float, np.ndarray]],
                   on_span: Callable[[float], None] | None = None, batch: int = EMBED_BATCH) -> list[Turn]:
     """`diarize` over speech spans given as (start_s, end_s, their samples) in time order, e.g. cut from a file as
     it is read: windows are embedded `batch` at a time, so memory holds the embeddings (768 bytes a window,
-    ~2.4 MB an hour) and not the audio. `on_span(end_s)` after each span (progress, cancellation)."""
+    ~3.7 MB an hour of speech) and not the audio. `on_span(end_s)` after each span (progress, cancellation)."""
     times: list[tuple[float, float]] = []
     rows: list[np.ndarray] = []
     pending: list[np.ndarray] = []
