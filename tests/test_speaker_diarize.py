@@ -110,13 +110,11 @@ class ToneRunner:
 
     def embed_windows(self, wins):
         self.calls += 1
-        out = []
         t = np.arange(len(wins[0])) / 16000
-        for w in wins:
-            power = [abs(np.dot(w, np.exp(-2j * np.pi * f * t))) for f in TONES]
-            v = np.eye(len(TONES))[int(np.argmax(power))] + 0.05 * self.rng.standard_normal(len(TONES))
-            out.append(v.astype(np.float32))
-        return np.stack(out)
+        basis = np.exp(-2j * np.pi * np.outer(TONES, t))  # [tones, samples]
+        power = np.abs(np.stack(wins) @ basis.T)  # [windows, tones]
+        out = np.eye(len(TONES))[np.argmax(power, axis=1)] + 0.05 * self.rng.standard_normal((len(wins), len(TONES)))
+        return out.astype(np.float32)
 
 
 def conversation(parts: list[tuple[str, int, float]]) -> tuple[np.ndarray, list[tuple[float, float, int]]]:
@@ -214,6 +212,28 @@ def test_speakers_on_a_long_streamed_file(tiny_checkpoint, tmp_path):
 
     der = diarization_error_rate(truth, [(s.start, s.end, s.speaker) for s in streamed.segments], collar=0.5)
     assert der.confusion < 0.5 * reps and der.der < 0.15, der
+
+
+def test_cancel_while_finding_speakers(tiny_checkpoint):
+    """A cancel set while the speaker windows are embedded ends the call with TranscriptionCancelled, before any
+    segment is decoded."""
+    import threading
+
+    import asr
+    from asr.errors import TranscriptionCancelled
+
+    samples, _truth = conversation(CONVERSATIONS["two, with pauses"])
+    model = asr.load_model(str(tiny_checkpoint), dtype="float32", speaker_model=ToneRunner())
+    cancel, decoded = threading.Event(), []
+
+    def progress(done, total, msg):
+        if msg.startswith("finding speakers"):
+            cancel.set()
+
+    with pytest.raises(TranscriptionCancelled):
+        model.transcribe(samples, speakers="auto", max_new_tokens=2, progress=progress, cancel=cancel,
+                         on_segment=decoded.append)
+    assert cancel.is_set() and decoded == []
 
 
 def test_speakers_need_a_speaker_model_and_a_valid_count(tiny_model):
