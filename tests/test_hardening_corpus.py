@@ -601,7 +601,7 @@ def test_three_hours_through_mcp(tmp_path):
     assert over["error"] and "limit" in over["text"], over
 
 
-@pytest.mark.parametrize("hours", [1, 3])
+@pytest.mark.parametrize("hours", [1, pytest.param(3, marks=pytest.mark.slow)])  # 3 h: the same bound, +23 s
 def test_webm_without_a_duration_through_mcp(tmp_path, hours):
     """WebM as browsers record it says no duration: the server does not decode it into memory but hands the opened
     file to the model, which streams it; the peak RSS stays within the 3 h WAV's bound above (before: 3.1 GB peak
