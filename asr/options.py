@@ -33,7 +33,7 @@ class RuntimeOptions:
     the multi-kernel steps only, for comparisons and for devices shared through MPS).
     cuda_encoder_kernels: the cuda backend's attention and FSMN kernels in the encoder (False: MLX's operations).
     inflight_mb: on a GPU, how many MB of a deep graph's intermediates (encoder layers, prefill layers) may be queued
-    at once; 0 queues the whole graph.
+    at once; 0 for no byte bound (inflight_layers still applies).
     inflight_layers: at most this many layers queued at once whatever their size, 0 for no cap. Below the byte
     budget a small batch's whole graph would be queued, and each layer's products keep their workspaces and
     temporaries until the device has run them: on an H100 (bf16) 16 took the benchmark's batch-1 peak from 2,216 to
@@ -68,18 +68,19 @@ class RuntimeOptions:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RuntimeOptions:
-        """The options users set through the environment: FUNASR_NANO_BACKEND (auto, mlx, cpu, cuda) and
-        FUNASR_NANO_INFLIGHT_MB; the rest keep their defaults."""
+        """The options users set through the environment: FUNASR_NANO_BACKEND (auto, mlx, cpu, cuda),
+        FUNASR_NANO_INFLIGHT_MB and FUNASR_NANO_INFLIGHT_LAYERS; the rest keep their defaults."""
         env = os.environ if environ is None else environ
         kwargs: dict = {}
         if env.get("FUNASR_NANO_BACKEND", "").strip():
             kwargs["backend"] = env["FUNASR_NANO_BACKEND"].strip().lower()
-        if env.get("FUNASR_NANO_INFLIGHT_MB", "").strip():
-            try:
-                kwargs["inflight_mb"] = int(env["FUNASR_NANO_INFLIGHT_MB"])
-            except ValueError:
-                raise InvalidOptionError(f"FUNASR_NANO_INFLIGHT_MB={env['FUNASR_NANO_INFLIGHT_MB']!r} is not a "
-                                         "whole number of MB") from None
+        for var, name, unit in (("FUNASR_NANO_INFLIGHT_MB", "inflight_mb", "of MB"),
+                                ("FUNASR_NANO_INFLIGHT_LAYERS", "inflight_layers", "of layers")):
+            if env.get(var, "").strip():
+                try:
+                    kwargs[name] = int(env[var])
+                except ValueError:
+                    raise InvalidOptionError(f"{var}={env[var]!r} is not a whole number {unit}") from None
         return cls(**kwargs)
 
     def as_dict(self) -> dict:

@@ -440,7 +440,7 @@ class FunASRNano:
         # 3. decode, batch by batch, in time order
         pieces: list[_Piece] = []
         turn_of = dict(zip(plan, owners, strict=True))
-        for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size):
+        for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size, cancel):
             for p in batch:
                 p.speaker = turn_of.get((p.start, p.end))
             self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t,
@@ -460,7 +460,7 @@ class FunASRNano:
         """Speaker turns over the planned segments (asr.speaker.diarize): from the samples in memory, or for a
         streamed file from one more pass over its blocks (only the embeddings are kept, not the audio)."""
         if streamed is not None:
-            spans = _stream_spans(streamed, plan, sample_index)
+            spans = _stream_spans(streamed, plan, sample_index, cancel)
         else:
             spans = span_samples(plan, samples)
 
@@ -485,7 +485,7 @@ class FunASRNano:
         return [(s.start, s.end) for s in segs]
 
     def _pieces(self, plan: list[tuple[float, float]], path: AudioFile | None, samples: np.ndarray | None,
-                batch_size: int):
+                batch_size: int, cancel: threading.Event | None = None):
         """Yield batches of `_Piece`s in time order; for a streamed file, cut them from a second block pass."""
         if samples is not None:
             for i in range(0, len(plan), batch_size):
@@ -493,7 +493,7 @@ class FunASRNano:
                        for s, e in plan[i: i + batch_size]]
             return
         batch = []
-        for start, end, data in _stream_spans(path, plan, lambda x: int(x * SAMPLE_RATE)):
+        for start, end, data in _stream_spans(path, plan, lambda x: int(x * SAMPLE_RATE), cancel):
             batch.append(_Piece(start, end, data))
             if len(batch) == batch_size:
                 yield batch
@@ -528,11 +528,17 @@ class FunASRNano:
             self._decode_batch(pieces, ids, 2, False, None, _stage_times())
 
 
-def _stream_spans(path: AudioFile, spans: list[tuple[float, float]], index: Callable[[float], int]):
-    """Yield (start, end, samples[index(start):index(end)]) for each span (in time order) of a file, from one pass
-    over its blocks; only the audio from the next span's start on is held."""
+def _stream_spans(path: AudioFile, spans: list[tuple[float, float]], index: Callable[[float], int],
+                  cancel: threading.Event | None = None):
+    """Yield (start, end, samples[index(start):index(end)]) for each span of a file, from one pass over its blocks;
+    only the audio from the next span's start on is held. The spans must start in time order (a plan's do);
+    `cancel` is checked at every block."""
+    if any(b[0] < a[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise ValueError("spans to stream must start in time order")
     buf, buf_start, k = np.zeros(0, np.float32), 0, 0
     for block in iter_audio_blocks(path, BLOCK_S):
+        if cancel is not None and cancel.is_set():
+            raise TranscriptionCancelled("transcription cancelled")
         buf = np.concatenate([buf, block])
         while k < len(spans) and index(spans[k][1]) <= buf_start + buf.shape[0]:
             s, e = (index(x) - buf_start for x in spans[k])

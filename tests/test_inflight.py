@@ -48,6 +48,10 @@ def test_inflight_layers_option_reaches_the_runners(tiny_checkpoint):
     for bad in (-1, 1.5, True, "8"):
         with pytest.raises(InvalidOptionError, match="inflight_layers"):
             asr.RuntimeOptions(inflight_layers=bad)
+    assert asr.RuntimeOptions().inflight_layers == 16
+    assert asr.RuntimeOptions.from_env({"FUNASR_NANO_INFLIGHT_LAYERS": "0"}).inflight_layers == 0
+    with pytest.raises(InvalidOptionError, match="FUNASR_NANO_INFLIGHT_LAYERS='x' is not a whole number of layers"):
+        asr.RuntimeOptions.from_env({"FUNASR_NANO_INFLIGHT_LAYERS": "x"})
     clip = np.random.default_rng(0).uniform(-0.1, 0.1, 24000).astype(np.float32)
     texts = []
     for layers in (0, 1):

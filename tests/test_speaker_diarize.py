@@ -214,6 +214,38 @@ def test_speakers_on_a_long_streamed_file(tiny_checkpoint, tmp_path):
     assert der.confusion < 0.5 * reps and der.der < 0.15, der
 
 
+def test_streamed_spans_equal_the_in_memory_cut(tmp_path):
+    """asr.pipeline._stream_spans (one block pass over a file) yields exactly the samples that slicing the decoded
+    array gives, also across block boundaries and for overlapping spans; refuses spans out of order; stops on
+    cancel."""
+    import threading
+
+    import soundfile as sf
+
+    from asr.audio.io import AudioFile
+    from asr.errors import TranscriptionCancelled
+    from asr.pipeline import BLOCK_S, _stream_spans
+    from asr.speaker.diarize import sample_index, span_samples
+
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, int(16000 * (2.5 * BLOCK_S))).astype(np.float32)
+    path = tmp_path / "x.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    n = len(x) / 16000
+    spans = [(0.0, 1.3), (1.2, BLOCK_S - 0.1), (BLOCK_S - 0.1, BLOCK_S + 3.3), (BLOCK_S + 3.0, n - 2.0),
+             (n - 1.0, n)]
+    with AudioFile.open(path) as f:
+        got = list(_stream_spans(f, spans, sample_index))
+    want = list(span_samples(spans, x))
+    assert [(a, b) for a, b, _ in got] == spans
+    assert all(np.array_equal(g[2], w[2]) for g, w in zip(got, want, strict=True))
+    with AudioFile.open(path) as f, pytest.raises(ValueError, match="start in time order"):
+        list(_stream_spans(f, [(5.0, 6.0), (1.0, 2.0)], sample_index))
+    cancel = threading.Event()
+    cancel.set()
+    with AudioFile.open(path) as f, pytest.raises(TranscriptionCancelled):
+        list(_stream_spans(f, spans, sample_index, cancel))
+
+
 def test_cancel_while_finding_speakers(tiny_checkpoint):
     """A cancel set while the speaker windows are embedded ends the call with TranscriptionCancelled, before any
     segment is decoded."""

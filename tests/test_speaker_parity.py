@@ -358,7 +358,14 @@ def test_a_corrupt_cache_names_the_directory_to_delete(tiny_speaker_dir, model_c
 def test_too_short_audio():
     with pytest.raises(EmptyAudioError, match="shorter than one 25 ms frame"):
         features(np.zeros(399, np.float32))
+    from asr.backends.cpu.campplus import CPUCAMPPlus
     from asr.speaker.campplus import CAMPPlus
 
-    with pytest.raises(EmptyAudioError, match="45 ms"):
-        CAMPPlus(CAMPPlusConfig(growth_rate=8, bn_size=2, init_channels=32)).embed(mx.zeros((2, 80)))
+    net = CAMPPlus(CAMPPlusConfig(growth_rate=8, bn_size=2, init_channels=32))
+    for runner in (net, CPUCAMPPlus(net)):  # both runners check what they are given
+        with pytest.raises(EmptyAudioError, match="45 ms"):
+            runner.embed(mx.zeros((2, 80)))
+        with pytest.raises(EmptyAudioError, match="45 ms"):
+            runner.forward_stages(np.zeros((1, 2, 80), np.float32))
+        with pytest.raises(ValueError, match="takes features"):
+            runner.embed(np.zeros((20, 64), np.float32))

@@ -402,6 +402,15 @@ class Xvector(nn.Module):
         self.dense = DenseLayer(ch * 2, cfg.embedding_size, "batchnorm_")
 
 
+def check_features(shape: tuple[int, ...], feat_dim: int) -> None:
+    """What any CAM++ runner accepts: [B, T, feat_dim] with T >= 3 (ValueError / EmptyAudioError otherwise)."""
+    if len(shape) != 3 or shape[-1] != feat_dim:
+        raise ValueError(f"CAM++ takes features [T, {feat_dim}] or [B, T, {feat_dim}], got shape {tuple(shape)}")
+    if shape[1] < 3:
+        raise EmptyAudioError(f"{shape[1]} feature frames are too few for a speaker embedding (the statistics "
+                              "pooling needs at least 2 frames after the stride-2 TDNN); pass at least 45 ms of audio")
+
+
 class CAMPPlus(nn.Module):
     """The CAM++ network. `embed(feats)`: [T, F] -> [E] or [B, T, F] -> [B, E] (equal lengths in a batch: the
     official code does not mask padding, so utterances of different lengths are embedded one by one)."""
@@ -461,12 +470,7 @@ class CAMPPlus(nn.Module):
         return mx.stack(rows)
 
     def _check_features(self, x: mx.array) -> None:
-        if x.ndim != 3 or x.shape[-1] != self.config.feat_dim:
-            raise ValueError(f"CAM++ takes features [T, {self.config.feat_dim}] or [B, T, {self.config.feat_dim}], "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[1] < 3:
-            raise EmptyAudioError(f"{x.shape[1]} feature frames are too few for a speaker embedding (the statistics "
-                                  "pooling needs at least 2 frames after the stride-2 TDNN); pass at least 45 ms of audio")
+        check_features(x.shape, self.config.feat_dim)
 
     def embed_samples(self, samples_16k: np.ndarray) -> mx.array:
         """Embedding [E] of one 16 kHz mono utterance: `features` then `embed`."""

@@ -159,7 +159,7 @@ def diarize_spans(spans: Iterable[tuple[float, float, np.ndarray]],
     for start, end, data in spans:
         for w_start, w_end, chunk in span_windows(start, end, data):
             times.append((w_start, w_end))
-            pending.append(chunk)
+            pending.append(np.array(chunk, dtype=np.float32))  # a copy: a view would keep its whole span alive
             if len(pending) >= batch:
                 flush()
         if on_span is not None:

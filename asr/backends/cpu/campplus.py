@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from ...speaker.campplus import DENSE_BLOCKS, SEG_LEN, STAGES, CAMPPlus
+from ...speaker.campplus import DENSE_BLOCKS, SEG_LEN, STAGES, CAMPPlus, check_features
 from . import blas as cpu_blas
 
 F32 = np.float32
@@ -384,6 +384,7 @@ class CPUCAMPPlus:
     def forward_stages(self, feats) -> dict[str, np.ndarray]:
         x = np.asarray(feats, F32)
         x = x[None] if x.ndim == 2 else x
+        check_features(x.shape, self.config.feat_dim)
         out = {}
         for name in STAGES:
             x = out[name] = self.run_stage(name, x)
@@ -394,6 +395,7 @@ class CPUCAMPPlus:
         x = np.asarray(feats, F32)
         one = x.ndim == 2
         x = x[None] if one else x
+        check_features(x.shape, self.config.feat_dim)
         x = self._head_out(self._layer2(self._layer1(x)))
         for name in STAGES[STAGES.index("head") + 1:]:
             x = self.run_stage(name, x)

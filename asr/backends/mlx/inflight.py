@@ -8,8 +8,10 @@ encoder held 18 GB that way on an H200, for an output of 24 MB (docs/performance
 
 `InFlight` evaluates such a graph in chunks of layers: after each chunk it starts the chunk (async_eval) and waits
 for the one before, so the device always has the next chunk queued while at most two chunks' intermediates are
-alive. The chunk is sized from an estimate of one layer's intermediates, so small batches (whose whole graph fits
-the budget) are never split and pay nothing. The values are the same either way: only when things run changes.
+alive. The chunk is sized from an estimate of one layer's intermediates, and capped at RuntimeOptions.inflight_layers
+layers (16): below the byte budget a small batch's products still keep their workspaces and temporaries until the
+device has run them (~150 MB for the whole encoder at batch 1 on an H100; docs/performance.md). The values are the
+same either way: only when things run changes.
 """
 
 from __future__ import annotations
