@@ -220,6 +220,24 @@ def test_cpu_runner_without_the_fused_kernel(golden, speaker):
 
 
 @pytest.mark.parity
+def test_cpu_runner_on_several_threads(golden, speaker):
+    """workers=2 splits a batch over two threads with the loaded BLAS on one thread meanwhile: the same embeddings,
+    in order, and the BLAS's thread count is restored afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from asr.backends.cpu.campplus import CPUCAMPPlus
+
+    feats = np.stack([d["features"][:300] for _e, d in golden if d["features"].shape[0] >= 300])
+    one, two = CPUCAMPPlus(speaker.net), CPUCAMPPlus(speaker.net, workers=2)
+    assert two.workers == 2 and feats.shape[0] >= 3
+    before = [(lib["filepath"], lib["num_threads"]) for lib in threadpool_info()]
+    a, b = one.embed(feats), two.embed(feats)
+    assert [(lib["filepath"], lib["num_threads"]) for lib in threadpool_info()] == before
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+    assert np.abs(two.embed(feats[1]) - a[1]).max() <= 1e-5 * max(1.0, np.abs(a).max())  # one utterance
+
+
+@pytest.mark.parity
 def test_windows_of_mixed_lengths_keep_their_order(golden, speaker):
     """embed_windows groups windows by length and puts each embedding back in its place."""
     waves = [d["waveform"][:24000] for _e, d in golden[:3]] + [golden[0][1]["waveform"][:16000]]
@@ -297,6 +315,8 @@ def test_backend_is_chosen_at_load(tiny_speaker_dir, model_cache):
 
     auto = load_campplus(tiny_speaker_dir)  # MLX computes on the CPU here: the NumPy runner
     assert auto.backend == "cpu" and isinstance(auto.runner, CPUCAMPPlus) and auto.description.endswith("(cpu)")
+    workers = min(len(os.sched_getaffinity(0)), 4)
+    assert auto.runner.workers == workers and auto.batch == 16 * workers
     ref = load_campplus(tiny_speaker_dir, backend="mlx")
     assert ref.backend == "mlx" and ref.runner is ref.net
     _expect(InvalidOptionError, "backend must be 'auto', 'mlx' or 'cpu'; got 'metal'", tiny_speaker_dir,

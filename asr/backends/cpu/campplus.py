@@ -21,6 +21,7 @@ Layouts of `run_stage` are the reference's ([B, F', T, 32] for head.layer1/2, [B
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -110,11 +111,15 @@ class CPUCAMPPlus:
 
     description = "numpy + BLAS (asr.backends.cpu.campplus)"
 
-    def __init__(self, net: CAMPPlus, blas: cpu_blas.Blas | None = None, fuse: bool = True):
-        """fuse: BatchNorm + ReLU in one Numba pass where Numba is installed (False: NumPy's three passes)."""
+    def __init__(self, net: CAMPPlus, blas: cpu_blas.Blas | None = None, fuse: bool = True, workers: int = 1):
+        """fuse: BatchNorm + ReLU in one Numba pass where Numba is installed (False: NumPy's three passes).
+        workers: `embed` splits a batch over this many threads, the loaded BLAS on one thread meanwhile (1: the
+        caller's thread and the BLAS's own threads; used only with the loaded BLAS)."""
         self.config = net.config
         self.fuse = fuse
         self.blas = blas or cpu_blas.Blas.loaded()
+        loaded = self.blas is cpu_blas.Blas.loaded() and self.blas.sgemm is not None and cpu_blas.can_serialize()
+        self.workers = max(1, int(workers)) if loaded else 1
         h = net.head
         self.stem = self._conv(h.conv1.weight, h.bn1)  # (taps [3, 3, O, 1], shift)
         self.layer1 = [self._block(b) for b in h.layer1]
@@ -396,7 +401,16 @@ class CPUCAMPPlus:
         one = x.ndim == 2
         x = x[None] if one else x
         check_features(x.shape, self.config.feat_dim)
+        n = min(self.workers, x.shape[0])
+        if n > 1:
+            with cpu_blas.loaded_serial(), ThreadPoolExecutor(n) as pool:
+                out = np.concatenate(list(pool.map(self._embed, np.array_split(x, n))))
+        else:
+            out = self._embed(x)
+        return out[0] if one else out
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
         x = self._head_out(self._layer2(self._layer1(x)))
         for name in STAGES[STAGES.index("head") + 1:]:
             x = self.run_stage(name, x)
-        return x[0] if one else x
+        return x
