@@ -113,10 +113,11 @@ class OfficialConfig:
     llm_config: dict
 
 
-def _inside(base: Path, rel: str, what: str) -> Path:
+def inside(base: Path, rel: str, what: str) -> Path:
+    """base / rel, resolved, where it stays inside base (a config that names a file elsewhere is refused)."""
     target = (base / rel).resolve()
     if not target.is_relative_to(base.resolve()):
-        raise CheckpointError(f"config.yaml points {what} outside the model directory ({rel!r}); refusing to follow it")
+        raise CheckpointError(f"{what} points outside the model directory ({rel!r}); refusing to follow it")
     return target
 
 
@@ -134,7 +135,7 @@ def read_official_config(model_dir: Path) -> OfficialConfig:
     if cfg.get("audio_encoder") != "SenseVoiceEncoderSmall" or cfg.get("audio_adaptor") != "Transformer":
         raise CheckpointError(f"{cfg_path}: unsupported encoder/adaptor {cfg.get('audio_encoder')}/{cfg.get('audio_adaptor')}")
     rel = str(cfg["llm_conf"].get("init_param_path") or "Qwen3-0.6B")
-    llm_dir = _inside(model_dir, rel, "the LLM (llm_conf.init_param_path)")
+    llm_dir = inside(model_dir, rel, "config.yaml's LLM path (llm_conf.init_param_path)")
     try:
         llm_config = json.loads((llm_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:

@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import CheckpointError, InvalidOptionError, ModelLoadError
 from ..speaker.campplus import CAMPPlus, CAMPPlusConfig, features
-from .checkpoint import atomic_dir, cache_root, download
+from .checkpoint import atomic_dir, cache_root, download, inside
 from .convert import strict_check
 from .torch_zip import load_state_dict
 
@@ -137,13 +137,6 @@ def _download(repo_id: str, cache_dir, local_files_only: bool) -> Path:
     return download(repo_id, _HUB_PATTERNS, cache_dir, local_files_only, what="CAM++ model")
 
 
-def _inside(base: Path, rel: str, what: str) -> Path:
-    target = (base / rel).resolve()
-    if not target.is_relative_to(base.resolve()):
-        raise CheckpointError(f"{what} points outside the model directory ({rel!r}); refusing to follow it")
-    return target
-
-
 def _read_json(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -201,7 +194,7 @@ def read_official_dir(model_dir: Path, weights: Path | None = None) -> OfficialD
         metas = meta.get("file_path_metas") if isinstance(meta.get("file_path_metas"), dict) else {}
         named = metas.get("init_param") or model_meta.get("pretrained_model")
         if isinstance(named, str) and named:
-            weights = _inside(model_dir, named, f"{meta_path.name} (init_param / pretrained_model)")
+            weights = inside(model_dir, named, f"{meta_path.name} (init_param / pretrained_model)")
         elif (model_dir / DEFAULT_WEIGHTS).is_file():
             weights = model_dir / DEFAULT_WEIGHTS
         else:
