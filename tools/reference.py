@@ -30,7 +30,6 @@ inference_llm casts it to fp32), so one untimed call is made before any recorded
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from official_hooks import sha256, to_numpy, version_of, wrap  # tools/, this script's folder
 
 TESTDATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 DEFAULT_CLIPS = [
@@ -60,12 +60,6 @@ OPTION_CASES = {  # entry suffix -> generate() kwargs (FunASRNano.get_prompt)
 EOS_ID = 151645
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy() if t.is_floating_point() else t.detach().to("cpu").numpy()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Recorder:
@@ -85,24 +79,10 @@ class Recorder:
         self.t: dict = {}
         self.step_logits: list = []
 
-        def wrap(owner, name, before=None, after=None):
-            original = getattr(owner, name)
-
-            def wrapper(*args, **kwargs):
-                if before:
-                    before(args, kwargs)
-                t0 = time.perf_counter()
-                out = original(*args, **kwargs)
-                if after:
-                    after(args, kwargs, out, time.perf_counter() - t0)
-                return out
-
-            setattr(owner, name, wrapper)
-
         # audio loading: FunASRNano.data_load_speech -> load_audio_text_image_video (torchaudio / soundfile /
         # ffmpeg CLI, then torchaudio or librosa resampling)
         def on_load(a, k, out, dt):
-            self.rec["waveform"] = _np(out).astype(np.float32)
+            self.rec["waveform"] = to_numpy(out).astype(np.float32)
             self.t["load_audio"] = dt
 
         def on_sf_read(a, k, out, dt):
@@ -126,11 +106,11 @@ class Recorder:
 
         # frontend: WavFrontend.forward -> funasr.utils.fbank.fbank (torchaudio or kaldi-native-fbank) -> apply_lfr
         def on_fbank(a, k, out, dt):
-            self.rec["fbank"] = _np(out)
+            self.rec["fbank"] = to_numpy(out)
             self.t["fbank"] = dt
 
         def on_lfr(a, k, out, dt):
-            self.rec["lfr"] = _np(out)
+            self.rec["lfr"] = to_numpy(out)
 
         def on_extract(a, k, out, dt):
             self.t["frontend"] = dt
@@ -141,20 +121,20 @@ class Recorder:
 
         # encoder / adaptor (the encoder scales its input in place: copy it in the pre-hook)
         def enc_pre(mod, args):
-            self.rec["encoder_in"] = _np(args[0][0]).copy()
+            self.rec["encoder_in"] = to_numpy(args[0][0]).copy()
             self.rec["speech_len"] = int(args[1][0])
             self.t["_enc0"] = time.perf_counter()
 
         def enc_post(mod, args, out):
             self.t["encoder"] = time.perf_counter() - self.t.pop("_enc0")
-            self.rec["encoder_out"] = _np(out[0][0])
+            self.rec["encoder_out"] = to_numpy(out[0][0])
 
         def ad_pre(mod, args):
             self.t["_ad0"] = time.perf_counter()
 
         def ad_post(mod, args, out):
             self.t["adaptor"] = time.perf_counter() - self.t.pop("_ad0")
-            self.rec["adaptor_out"] = _np(out[0][0])
+            self.rec["adaptor_out"] = to_numpy(out[0][0])
 
         self.model.audio_encoder.register_forward_pre_hook(enc_pre)
         self.model.audio_encoder.register_forward_hook(enc_post)
@@ -164,9 +144,9 @@ class Recorder:
         # prompt + splice: FunASRNano.inference_prepare returns (inputs_embeds, contents, batch, source_ids, meta)
         def on_prepare(a, k, out, dt):
             inputs_embeds, _contents, batch, source_ids, _meta = out
-            self.rec["inputs_embeds"] = _np(inputs_embeds[0]).copy()
+            self.rec["inputs_embeds"] = to_numpy(inputs_embeds[0]).copy()
             self.rec["inputs_embeds_dtype"] = str(inputs_embeds.dtype)
-            self.rec["prompt_ids"] = _np(source_ids[0]).astype(np.int64)
+            self.rec["prompt_ids"] = to_numpy(source_ids[0]).astype(np.int64)
             self.rec["fbank_beg"] = int(batch["fbank_beg"][0, 0])
             self.rec["fake_token_len"] = int(batch["fake_token_len"][0, 0])
             self.t["prepare_total"] = dt
@@ -190,7 +170,7 @@ class Recorder:
             self.t.pop("_gen0", None)
             self.t["generate"] = dt
             self.t["decode"] = dt - self.t.get("prefill", 0.0)
-            self.rec["greedy_ids"] = _np(out[0]).astype(np.int64)
+            self.rec["greedy_ids"] = to_numpy(out[0]).astype(np.int64)
             self.rec["generate_kwargs"] = {
                 key: (val if isinstance(val, (int, float, str, bool, type(None))) else repr(val))
                 for key, val in k.items() if key not in ("inputs_embeds", "attention_mask")
@@ -247,14 +227,6 @@ def check_loaded_weights(model, init_param: str) -> dict:
             "module_tensors_not_in_checkpoint": len(not_loaded), "ctc_enabled": model.ctc_decoder is not None}
 
 
-def _version_of(module: str) -> str:
-    """A module's version, or "absent" (kaldi-native-fbank is only needed where torchaudio is missing)."""
-    try:
-        return getattr(__import__(module), "__version__", "?")
-    except ImportError:
-        return "absent"
-
-
 def versions() -> dict:
     import funasr
     import funasr.utils.fbank as fbank_module
@@ -267,7 +239,7 @@ def versions() -> dict:
         "python": platform.python_version(), "funasr": funasr.__version__, "torch": torch.__version__,
         "transformers": transformers.__version__, "numpy": np.__version__, "librosa": librosa.__version__,
         "soundfile": soundfile.__version__, "libsndfile": soundfile.__libsndfile_version__,
-        "kaldi_native_fbank": _version_of("kaldi_native_fbank"),
+        "kaldi_native_fbank": version_of("kaldi_native_fbank"),
         "fbank_backend": "torchaudio" if fbank_module._HAS_TORCHAUDIO else "kaldi-native-fbank",
         "torch_threads": torch.get_num_threads(),
     }
@@ -372,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         tf_logits, step_diff = recorder.teacher_forced(rec["inputs_embeds"], rec["greedy_ids"])
         meta = save_entry(args.out, name, rec, tf_logits, step_diff, text)
         meta.update(name=name, clip=str(clip.relative_to(TESTDATA)) if clip.is_relative_to(TESTDATA) else str(clip),
-                    clip_sha256=_sha256(clip), options=opts,
+                    clip_sha256=sha256(clip), options=opts,
                     wall_s={k: round(v, 4) for k, v in times.items() if not k.startswith("_")})
         manifest_entries.append(meta)
         print(f"{name:44s} L={meta['speech_len']:4d} n={meta['fake_token_len']:3d} P={meta['prompt_len']:4d} "
@@ -383,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         "generated_by": "tools/reference.py",
         "model_dir": str(args.model.resolve()),
         "checkpoint": json.loads(info_path.read_text()) if info_path.exists() else None,
-        "model_pt_sha256": _sha256(args.model / "model.pt"),
+        "model_pt_sha256": sha256(args.model / "model.pt"),
         "options": {"max_new_tokens": args.max_new_tokens, "device": "cpu", "frontend_conf": {"dither": 0.0},
                     "llm_dtype": am.kwargs.get("llm_dtype", "fp32 (inference_llm default)"),
                     "threads": args.threads, "warmup_calls": 1},

@@ -24,7 +24,6 @@ and OUT_DIR/manifest.json lists the clips, shapes, timings, versions and the che
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from official_hooks import sha256, to_numpy, version_of, wrap  # tools/, this script's folder
 
 TESTDATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 DEFAULT_CLIPS = [  # short WAVs (no resampling), 4-11 s, five languages
@@ -50,12 +50,6 @@ STAGES = (
 )
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy().copy()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Recorder:
@@ -69,36 +63,25 @@ class Recorder:
         self.rec: dict = {}
         self.t: dict = {}
 
-        def wrap(owner, name, after):
-            original = getattr(owner, name)
-
-            def wrapper(*args, **kwargs):
-                t0 = time.perf_counter()
-                out = original(*args, **kwargs)
-                after(out, time.perf_counter() - t0)
-                return out
-
-            setattr(owner, name, wrapper)
-
-        def on_load(out, dt):
+        def on_load(_args, _kwargs, out, dt):
             wav = out[0] if isinstance(out, (list, tuple)) else out
-            self.rec["waveform"] = _np(wav).astype(np.float32)
+            self.rec["waveform"] = to_numpy(wav).astype(np.float32)
             self.t["load_audio"] = dt
 
-        def on_features(out, dt):
+        def on_features(_args, _kwargs, out, dt):
             feats, lengths, _times = out
             if feats.shape[0] != 1 or int(lengths[0]) != feats.shape[1]:
                 raise SystemExit("expected a batch of one unpadded utterance")
-            self.rec["features"] = _np(feats[0])
+            self.rec["features"] = to_numpy(feats[0])
             self.t["features"] = dt
 
         # CAMPPlus.inference calls these two through its module's globals
-        wrap(campplus_module, "load_audio_text_image_video", on_load)
-        wrap(campplus_module, "extract_feature", on_features)
+        wrap(campplus_module, "load_audio_text_image_video", after=on_load)
+        wrap(campplus_module, "extract_feature", after=on_features)
 
         def hook(name):
             def fn(mod, args, out):
-                self.rec[name] = _np(out[0])
+                self.rec[name] = to_numpy(out[0])
             return fn
 
         modules = dict(self.model.named_modules())
@@ -120,7 +103,7 @@ class Recorder:
         t0 = time.perf_counter()
         result = self.am.generate(input=audio)
         self.t["total"] = time.perf_counter() - t0
-        self.rec["embedding"] = _np(result[0]["spk_embedding"][0])
+        self.rec["embedding"] = to_numpy(result[0]["spk_embedding"][0])
         return self.rec, self.t
 
 
@@ -143,12 +126,6 @@ def versions() -> dict:
     import funasr
     import funasr.utils.fbank as fbank_module
     import torch
-
-    def version_of(module: str) -> str:
-        try:
-            return getattr(__import__(module), "__version__", "?")
-        except ImportError:
-            return "absent"
 
     return {
         "python": platform.python_version(), "funasr": funasr.__version__, "torch": torch.__version__,
@@ -202,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = len(rec["waveform"]) / 16000
         entries.append({
             "name": name, "clip": str(clip.relative_to(TESTDATA)) if clip.is_relative_to(TESTDATA) else str(clip),
-            "clip_sha256": _sha256(clip), "num_samples": len(rec["waveform"]), "seconds": round(seconds, 3),
+            "clip_sha256": sha256(clip), "num_samples": len(rec["waveform"]), "seconds": round(seconds, 3),
             "frames": int(rec["features"].shape[0]),
             "shapes": {k: list(v.shape) for k, v in rec.items()},
             "embedding_norm": float(np.linalg.norm(rec["embedding"])),
@@ -217,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "generated_by": "tools/speaker_reference.py",
         "model_dir": str(args.model.resolve()),
         "checkpoint": json.loads(info_path.read_text()) if info_path.exists() else None,
-        "weights_sha256": _sha256(Path(am.kwargs["init_param"])),
+        "weights_sha256": sha256(Path(am.kwargs["init_param"])),
         "model_conf": {k: am.kwargs.get("model_conf", {}).get(k) for k in
                        ("feat_dim", "embedding_size", "growth_rate", "bn_size", "init_channels", "config_str")},
         "load": {"wall_s": round(load_s, 3), **load_check},
