@@ -28,7 +28,7 @@ from ..audio.features import fbank as asr_fbank
 from ..errors import EmptyAudioError
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d/2d default eps
-SEG_LEN = 100  # CAMLayer.seg_pooling(seg_len=100): context of 1 s at the TDNN's 50 frames/s
+SEG_LEN = 100  # CAMLayer.seg_pooling(seg_len=100) of the official code: context of 1 s at the TDNN's 50 frames/s
 FCM_CHANNELS = 32  # FCM(m_channels=32), fixed by CAMPPlus
 FCM_BLOCKS = 2  # FCM(num_blocks=[2, 2]); both layers use num_blocks[0]
 DENSE_BLOCKS = ((12, 3, 1), (24, 3, 2), (16, 3, 2))  # (layers, kernel, dilation), fixed in CAMPPlus.__init__
@@ -299,9 +299,10 @@ class TDNNLayer(nn.Module):
         return self.nonlinear(self.linear(x))
 
 
-def seg_pooling(x: mx.array, seg_len: int = SEG_LEN) -> mx.array:
+def seg_means(x: mx.array, seg_len: int = SEG_LEN) -> mx.array:
     """Mean of each `seg_len`-frame segment (the last one partial: the mean of the frames it has, like torch's
-    avg_pool1d with ceil_mode), repeated over its frames: [B, T, C] -> [B, T, C]."""
+    avg_pool1d with ceil_mode): [B, T, C] -> [B, ceil(T / seg_len), C]. (The official seg_pooling then repeats each
+    mean over its frames; CAMLayer repeats the mask instead, which is the same per frame.)"""
     b, t, c = x.shape
     n = -(-t // seg_len)
     pad = n * seg_len - t
@@ -309,8 +310,7 @@ def seg_pooling(x: mx.array, seg_len: int = SEG_LEN) -> mx.array:
     sums = xp.reshape(b, n, seg_len, c).sum(axis=2)
     counts = np.full(n, seg_len, dtype=np.float32)
     counts[-1] = t - seg_len * (n - 1)
-    means = sums / mx.array(counts)[None, :, None]
-    return mx.take(means, mx.arange(t) // seg_len, axis=1)
+    return sums / mx.array(counts)[None, :, None]
 
 
 class CAMLayer(nn.Module):
@@ -325,9 +325,10 @@ class CAMLayer(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear_local(x)
-        context = mx.mean(x, axis=1, keepdims=True) + seg_pooling(x)
+        # the context is constant within a segment, so the mask is computed once per segment, then repeated
+        context = mx.mean(x, axis=1, keepdims=True) + seg_means(x)
         m = mx.sigmoid(self.linear2(_relu(self.linear1(context))))
-        return y * m
+        return y * mx.take(m, mx.arange(x.shape[1]) // SEG_LEN, axis=1)
 
 
 class CAMDenseTDNNLayer(nn.Module):
