@@ -25,6 +25,8 @@ from asr.decode.loop import greedy, left_pad
 from asr.model.llm import build_llm
 from asr.options import RuntimeOptions
 
+UNBOUNDED = RuntimeOptions(inflight_mb=0, inflight_layers=0)  # the reference runner with no in-flight bound
+
 CUDA = bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
 needs_cuda = pytest.mark.skipif(not CUDA, reason="MLX's CUDA backend is not available here")
 H200 = Device(resident_blocks=132, major=9, shared_memory=232448)
@@ -238,7 +240,7 @@ def test_steps_wiring_matches_the_reference(tiny_checkpoint, on_cpu, quantize, l
     llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", quantize=quantize,
                          runtime=RuntimeOptions(backend="mlx")).net.llm
     prompts = _prompts(llm, lengths)
-    theirs = _decode(MLXLLM(llm, 0), prompts, steps_)
+    theirs = _decode(MLXLLM(llm, UNBOUNDED), prompts, steps_)
     runner = _runner(llm, launches=emulated_launches())
     if quantize is None:  # the tiny model's widths are not the kernels': the steps take it emulated
         runner.one = steps.FusedStep(llm, steps.prepare(llm), emulated_launches())
@@ -252,7 +254,7 @@ def test_steps_wiring_check_fails_when_miswired(tiny_checkpoint, on_cpu):
     """The comparison above can fail: RowsStep fed the wrong norm (ln1 for ln2) gives other tokens."""
     llm = asr.load_model(str(tiny_checkpoint), dtype="bfloat16", runtime=RuntimeOptions(backend="mlx")).net.llm
     prompts = _prompts(llm, [30, 9, 21])
-    theirs = _decode(MLXLLM(llm, 0), prompts, 40)
+    theirs = _decode(MLXLLM(llm, UNBOUNDED), prompts, 40)
     runner = _runner(llm)
     plans = steps.prepare(llm)
     for plan in plans:
@@ -381,7 +383,7 @@ def test_compiled_step_tokens_match_the_reference(dtype, one_launch, config):
     next token at nearly every one of 150 steps."""
     llm = _small(dtype, config)
     prompts = _prompts(llm, [21], seed=5)
-    theirs = _run(MLXLLM(llm, 0), prompts, 150)
+    theirs = _run(MLXLLM(llm, UNBOUNDED), prompts, 150)
     assert len(set(theirs[0])) > 10, "degenerate tokens make this comparison meaningless"
     runner = CUDALLM(llm, RuntimeOptions(cuda_one_launch=one_launch))
     assert isinstance(runner.one, persistent.PersistentStep if one_launch else steps.FusedStep)
@@ -397,7 +399,7 @@ def test_compiled_rows_step_tokens_match_the_reference(dtype, bits):
     every one of 150 steps, for 3 rows left-padded differently (also with a 4-bit LLM)."""
     llm = _small(dtype, bits=bits)
     prompts = _prompts(llm, [30, 9, 21])
-    theirs = _run(MLXLLM(llm, 0), prompts, 150)
+    theirs = _run(MLXLLM(llm, UNBOUNDED), prompts, 150)
     assert all(len(set(t)) > 10 for t in theirs), "degenerate tokens make this comparison meaningless"
     runner = CUDALLM(llm, RuntimeOptions(cuda_one_launch=False))  # bf16 batches would take the one-launch step
     assert runner.rows is not None and runner.rows._step is not runner.rows._forward
@@ -423,7 +425,7 @@ def test_one_launch_rows_step_tokens_match_the_reference(config, lengths):
     llm = _small(mx.bfloat16, config)
     assert rows.fits(llm)
     prompts = _prompts(llm, lengths)
-    theirs = _run(MLXLLM(llm, 0), prompts, 150)
+    theirs = _run(MLXLLM(llm, UNBOUNDED), prompts, 150)
     assert min(len(set(t)) for t in theirs) > 5, "degenerate tokens make this comparison meaningless"
     same = {}
     for one_launch in (False, True):

@@ -57,7 +57,7 @@ def test_inflight_layers_option_reaches_the_runners(tiny_checkpoint):
     for layers in (0, 1):
         m = asr.load_model(str(tiny_checkpoint), dtype="float32",
                            runtime=asr.RuntimeOptions(backend="mlx", inflight_layers=layers))
-        assert m.runtime.audio.inflight_layers == m.runtime.llm.inflight_layers == layers
+        assert m.runtime.audio.options.inflight_layers == m.runtime.llm.options.inflight_layers == layers
         texts.append(m.transcribe(clip, vad=False, max_new_tokens=6, repetition_guard=False).segments[0].token_ids)
     assert texts[0] == texts[1] and len(texts[0]) == 6
 

@@ -71,8 +71,7 @@ def build(backend: str, net: FunASRNanoNet, options: RuntimeOptions) -> Runtime:
     elif backend == "cpu":
         audio, llm = cpu_runners.audio_runner(net, options), cpu_runners.llm_runner(net, options)
     else:
-        audio = MLXAudio(net, options.inflight_bytes, options.inflight_layers)
-        llm = MLXLLM(net.llm, options.inflight_bytes, options.inflight_layers)
+        audio, llm = MLXAudio(net, options), MLXLLM(net.llm, options)
     where = device()
     info = RuntimeInfo(backend=backend, device=where, audio=audio.description, llm=llm.description,
                        cpu_blas=blas_load.loaded, fp32_products=fp32_products(where == "gpu (cuda)"))

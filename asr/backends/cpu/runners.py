@@ -109,7 +109,7 @@ def audio_runner(net: FunASRNanoNet, options: RuntimeOptions, facts: Facts | Non
     encoder_ok = _plain(net.encoder, {mx.float32}) or (_plain(net.encoder, {mx.bfloat16}) and facts.mkl_bf16)
     if encoder_ok and _plain(net.adaptor, {mx.float32}):
         return CPUAudio(net)
-    return MLXAudio(net, options.inflight_bytes, options.inflight_layers)
+    return MLXAudio(net, options)
 
 
 def llm_runner(net: FunASRNanoNet, options: RuntimeOptions, facts: Facts | None = None) -> NumpyQwen3 | MLXLLM:
@@ -120,4 +120,4 @@ def llm_runner(net: FunASRNanoNet, options: RuntimeOptions, facts: Facts | None 
         path = bf16_products(options.cpu_bf16, facts or Facts.here())
         if path is not None:
             return NumpyQwen3(llm, path)
-    return MLXLLM(llm, options.inflight_bytes, options.inflight_layers)  # quantized, float16, or bf16 without a product path
+    return MLXLLM(llm, options)  # quantized, float16, or bf16 without a product path

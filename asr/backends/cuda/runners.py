@@ -31,7 +31,7 @@ class CUDAAudio(MLXAudio):
     the batch."""
 
     def __init__(self, net: FunASRNanoNet, options: RuntimeOptions):
-        super().__init__(net, options.inflight_bytes, options.inflight_layers)
+        super().__init__(net, options)
         self.kernels = options.cuda_encoder_kernels
         fp32 = use_nn_layout(net, skip=("llm",))  # the audio path's fp32 products in the layout CUDA graphs update
         self.description = ("MLX operations" + (", attention and FSMN kernels" if self.kernels else "")
@@ -51,7 +51,7 @@ class CUDALLM:
                  launches: Launches = KERNELS):
         """device: the CUDA device's facts (default: read from the current device); launches: the kernels the
         multi-kernel steps launch (tests pass their MLX-operation twins to check the wiring anywhere)."""
-        self.reference = MLXLLM(llm, options.inflight_bytes, options.inflight_layers)
+        self.reference = MLXLLM(llm, options)
         self.embeds_dtype = self.reference.embeds_dtype
         self.llm = llm
         self.device = Device.current() if device is None else device

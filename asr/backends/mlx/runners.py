@@ -14,7 +14,12 @@ from ...decode.kv import prefill_cache
 from ...model.encoder import SANMCore
 from ...model.llm import lm_head, prefill_last, prefill_layer_bytes
 from ...model.network import FunASRNanoNet
+from ...options import RuntimeOptions
 from .inflight import InFlight
+
+
+def _bound(layer_bytes: int, options: RuntimeOptions) -> InFlight:
+    return InFlight(layer_bytes, options.inflight_bytes, options.inflight_layers)
 
 
 class MLXAudio:
@@ -22,15 +27,14 @@ class MLXAudio:
 
     description = "MLX operations"
 
-    def __init__(self, net: FunASRNanoNet, inflight_bytes: int, inflight_layers: int = 0):
+    def __init__(self, net: FunASRNanoNet, options: RuntimeOptions):
         self.net = net
-        self.inflight_bytes = inflight_bytes
-        self.inflight_layers = inflight_layers
+        self.options = options  # the in-flight bound (inflight_mb, inflight_layers)
 
     def encode(self, feats: mx.array, lengths: mx.array | None) -> mx.array:
         encoder = self.net.encoder
         x = feats.astype(encoder.tp_norm.weight.dtype)  # the encoder's own dtype
-        bound = InFlight(encoder.layer_bytes(*x.shape[:2], x.dtype), self.inflight_bytes, self.inflight_layers)
+        bound = _bound(encoder.layer_bytes(*x.shape[:2], x.dtype), self.options)
         return encoder(x, lengths, core=self.core(x, lengths), each_layer=bound).astype(mx.float32)
 
     def core(self, x: mx.array, lengths: mx.array | None) -> SANMCore | None:
@@ -50,18 +54,16 @@ class MLXLLM:
 
     description = "MLX operations (mlx-lm's Qwen3 step)"
 
-    def __init__(self, llm: qwen3.Model, inflight_bytes: int, inflight_layers: int = 0):
+    def __init__(self, llm: qwen3.Model, options: RuntimeOptions):
         self.llm = llm
-        self.inflight_bytes = inflight_bytes
-        self.inflight_layers = inflight_layers
+        self.options = options  # the in-flight bound (inflight_mb, inflight_layers)
         self.embeds_dtype = llm.model.norm.weight.dtype
 
     def prefill(self, prompts: mx.array, lengths: list[int]) -> tuple[mx.array, list]:
         """The first tokens [B] and the filled mlx-lm caches (also the prefill of asr.backends.cuda's steps)."""
         B, P = prompts.shape[:2]
         cache = prefill_cache(len(self.llm.layers), [P - n for n in lengths])
-        bound = InFlight(prefill_layer_bytes(self.llm.args, B, P, prompts.dtype), self.inflight_bytes,
-                         self.inflight_layers)
+        bound = _bound(prefill_layer_bytes(self.llm.args, B, P, prompts.dtype), self.options)
         logits = lm_head(self.llm, prefill_last(self.llm, cache, prompts, each_layer=bound))
         return mx.argmax(logits[:, -1, :], axis=-1).astype(mx.int32), cache
 
