@@ -14,7 +14,7 @@ from . import languages as langs
 from .errors import ASRError, InvalidOptionError
 from .loading.checkpoint import DEFAULT_REPO
 from .loading.load import load_model
-from .options import BACKENDS, RuntimeOptions
+from .options import BACKENDS, RuntimeOptions, parse_speakers
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX
 from .writers import FORMATS, render
 
@@ -156,11 +156,10 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _speakers(value: str) -> int | str:
-    if value == "auto":
-        return value
-    if value.isdigit() and 1 <= int(value) <= 15:
-        return int(value)
-    raise argparse.ArgumentTypeError(f"'auto' or a number of speakers from 1 to 15, not {value!r}")
+    try:
+        return parse_speakers(value)
+    except InvalidOptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _hotwords(values: list[str]) -> list[str]:

@@ -85,3 +85,25 @@ class RuntimeOptions:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+MAX_SPEAKERS = 15  # speakers= takes 1..15: the official ClusterBackend's max_num_spks
+
+
+def parse_speakers(value) -> int | str | None:
+    """speakers= as every front end takes it (library, CLI, MCP, HTTP): None, "auto", or a number of speakers from 1
+    to MAX_SPEAKERS, given as an int or as digits (a form field, a command-line word). InvalidOptionError
+    otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "auto":
+            return "auto"
+        if word.isdigit():
+            value = int(word)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SPEAKERS:
+        return value
+    raise InvalidOptionError(f"speakers must be 'auto' or a number of speakers from 1 to {MAX_SPEAKERS}; got "
+                             f"{value!r}")
+

@@ -32,6 +32,7 @@ from .model.config import ModelConfig
 from .model.ctc import CTCTokenizer, ctc_result
 from .model.network import FunASRNanoNet
 from .model.prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
+from .options import parse_speakers
 from .speaker.cluster import cluster as cluster_speakers
 from .speaker.diarize import EMBED_BATCH, diarize_spans, sample_index, span_samples, speaker_of
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, Language, Segment, Timings, TranscriptionResult
@@ -503,12 +504,9 @@ class FunASRNano:
 
     def _check_speakers(self, speakers: int | str | None) -> int | None:
         """The number of speakers asked for (None: find it), after checking `speakers` and the speaker model."""
+        speakers = parse_speakers(speakers)
         if speakers is None:
             return None
-        if speakers != "auto" and not (isinstance(speakers, int) and not isinstance(speakers, bool)
-                                       and 1 <= speakers <= 15):
-            raise InvalidOptionError(f"speakers must be None, 'auto' or a number of speakers from 1 to 15; got "
-                                     f"{speakers!r}")
         if self.speaker_model is None:
             raise InvalidOptionError("speakers= needs a speaker model: load_model(..., speaker_model="
                                      "'iic/speech_campplus_sv_zh-cn_16k-common' or its local folder)")

@@ -34,9 +34,10 @@ from mcp.types.version import SUPPORTED_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
 from asr.audio.io import AudioFile
-from asr.errors import ASRError
+from asr.errors import ASRError, InvalidOptionError
 from asr.languages import resolve as resolve_language
 from asr.model.prompt import clean_hotwords
+from asr.options import parse_speakers
 from asr.writers import joined_text, render
 
 from . import __version__
@@ -334,8 +335,10 @@ def _check_options(state: AppState, language: str, hotwords: list[str] | None, s
     """The options the loaded model can check before any audio is read (before the load, the job checks them)."""
     info = state.engine.info
     if speakers is not None:
-        if speakers != "auto" and not (isinstance(speakers, int) and 1 <= speakers <= 15):
-            raise ToolError(f"speakers must be 'auto' or a number from 1 to 15; got {speakers!r}")
+        try:
+            parse_speakers(speakers)
+        except InvalidOptionError as exc:
+            raise ToolError(str(exc)) from None
         if info is not None and info.speaker_model is None:
             raise ToolError("This server has no speaker model, so it cannot tell who spoke when. The user can add one "
                             "with --speaker-model (FUNASR_NANO_MCP_SPEAKER_MODEL): the CAM++ model "

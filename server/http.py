@@ -51,6 +51,7 @@ from asr.audio.io import AudioFile
 from asr.errors import ASRError, AudioDecodeError, AudioNotFoundError, AudioTooLargeError, InvalidOptionError
 from asr.languages import resolve as resolve_language
 from asr.model.prompt import clean_hotwords
+from asr.options import parse_speakers
 from asr.types import TranscriptionResult
 from asr.writers import joined_text, to_srt, to_vtt
 
@@ -409,12 +410,10 @@ class _Transcriptions:
         stream = (field("stream") or "false").lower()
         if stream not in ("true", "false", "1", "0"):
             raise ApiError(422, f"stream must be true or false, not {stream!r}", param="stream", code="invalid_option")
-        speakers: int | str | None = (field("speakers") or "").lower() or None
-        if speakers is not None and speakers != "auto":
-            if not (speakers.isdigit() and 1 <= int(speakers) <= 15):
-                raise ApiError(422, f"speakers must be 'auto' or a number from 1 to 15, not {speakers!r}",
-                               param="speakers", code="invalid_option")
-            speakers = int(speakers)
+        try:
+            speakers = parse_speakers(field("speakers") or None)
+        except InvalidOptionError as exc:
+            raise ApiError(422, str(exc), param="speakers", code="invalid_option") from None
         if speakers is not None and self.state.engine.info is not None and self.state.engine.info.speaker_model is None:
             raise ApiError(422, "this server has no speaker model (start it with --speaker-model), so speakers= is "
                            "unavailable", param="speakers", code="no_speaker_model")

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidOptionError
+from ..options import MAX_SPEAKERS
 
 __all__ = ["ClusterBackend", "ClusterOptions", "cluster", "merge_by_cos"]
 
@@ -73,7 +74,7 @@ class ClusterOptions:
 
     merge_thr: float | None = 0.78
     min_num_spks: int = 1
-    max_num_spks: int = 15
+    max_num_spks: int = MAX_SPEAKERS
     pval: float = 0.022
     n_neighbors: int = 20
     n_components: int = 60
