@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten
 
+from ..backends.select import device
 from ..errors import CheckpointError, InvalidOptionError, ModelLoadError
 from ..speaker.campplus import CAMPPlus, CAMPPlusConfig, features
 from .checkpoint import atomic_dir, cache_root, download, inside
@@ -332,7 +333,7 @@ def load_campplus(path_or_repo: str | os.PathLike, *, download_root: str | os.Pa
         from ..backends.cpu.campplus import CPUCAMPPlus
 
         runner = CPUCAMPPlus(net, workers=_cpu_workers())
-    gpu = backend == "mlx" and mx.default_device() != mx.cpu
+    gpu = backend == "mlx" and device() != "cpu"
     batch = GPU_BATCH if gpu else CPU_BATCH * getattr(runner, "workers", 1)
     return SpeakerModel(net=net, config=net.config, name=spec, model_dir=conv, converted=converted, backend=backend,
                         runner=runner, batch=batch)
@@ -351,5 +352,5 @@ def _choose_backend(backend: str) -> str:
     if backend not in ("auto", "mlx", "cpu"):
         raise InvalidOptionError(f"the speaker model's backend must be 'auto', 'mlx' or 'cpu'; got {backend!r}")
     if backend == "auto":
-        return "cpu" if mx.default_device() == mx.cpu else "mlx"
+        return "cpu" if device() == "cpu" else "mlx"
     return backend

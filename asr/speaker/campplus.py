@@ -442,7 +442,7 @@ class CAMPPlus(nn.Module):
     def forward_stages(self, feats: mx.array) -> dict[str, mx.array]:
         """Every stage's output for features [T, F] or [B, T, F] (batch axis kept)."""
         x = feats[None] if feats.ndim == 2 else feats
-        self._check_features(x)
+        check_features(x.shape, self.config.feat_dim)
         out = {}
         for name in STAGES:
             x = out[name] = self.run_stage(name, x)
@@ -451,7 +451,7 @@ class CAMPPlus(nn.Module):
     def embed(self, feats: mx.array) -> mx.array:
         """Speaker embedding [E] of features [T, F], or [B, E] of [B, T, F]."""
         x = feats[None] if feats.ndim == 2 else feats
-        self._check_features(x)
+        check_features(x.shape, self.config.feat_dim)
         for name in STAGES:
             x = self.run_stage(name, x)
         return x[0] if feats.ndim == 2 else x
@@ -469,10 +469,3 @@ class CAMPPlus(nn.Module):
             for j, i in enumerate(idx):
                 rows[i] = emb[j]
         return mx.stack(rows)
-
-    def _check_features(self, x: mx.array) -> None:
-        check_features(x.shape, self.config.feat_dim)
-
-    def embed_samples(self, samples_16k: np.ndarray) -> mx.array:
-        """Embedding [E] of one 16 kHz mono utterance: `features` then `embed`."""
-        return self.embed(features(samples_16k, self.config.feat_dim))

@@ -82,30 +82,33 @@ def _numpy_openblas():
     threadpoolctl or without such a library). Selecting by `internal_api="openblas"` alone would also take the
     system OpenBLAS that blas_load loaded, and limiting that one to a thread halved the CPU runners' products: a
     Qwen3-0.6B fp32 decode token's products took 124 ms on one thread against 78 ms on two (AMD Zen 4 VM)."""
+    return _controller(lambda lib, loaded: lib.internal_api == "openblas" and lib.filepath != loaded)
+
+
+@functools.cache
+def _loaded_controller():
+    """threadpoolctl's handle on the BLAS that blas_load loaded (None without one)."""
+    return _controller(lambda lib, loaded: loaded is not None and lib.filepath == loaded)
+
+
+def _controller(keep):
+    """threadpoolctl's handle on the libraries `keep(lib, loaded)` keeps (real paths; `loaded`: blas_load's, or None),
+    or None without threadpoolctl or without such a library."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
         return None
     loaded = os.path.realpath(blas_load.loaded) if blas_load.loaded else None
     ctl = ThreadpoolController()
-    paths = [lib.filepath for lib in ctl.select(internal_api="openblas").lib_controllers
-             if os.path.realpath(lib.filepath) != loaded]
+    paths = [lib.filepath for lib in ctl.lib_controllers
+             if keep(_Lib(os.path.realpath(lib.filepath), lib.internal_api), loaded)]
     return ctl.select(filepath=paths) if paths else None
 
 
-@functools.cache
-def _loaded_controller():
-    """threadpoolctl's handle on the BLAS that blas_load loaded (None without one)."""
-    if not blas_load.loaded:
-        return None
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    loaded = os.path.realpath(blas_load.loaded)
-    ctl = ThreadpoolController()
-    paths = [lib.filepath for lib in ctl.lib_controllers if os.path.realpath(lib.filepath) == loaded]
-    return ctl.select(filepath=paths) if paths else None
+@dataclass(frozen=True)
+class _Lib:
+    filepath: str
+    internal_api: str
 
 
 def can_serialize() -> bool:
