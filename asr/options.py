@@ -53,11 +53,10 @@ class RuntimeOptions:
             raise InvalidOptionError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.cpu_bf16 not in CPU_BF16:
             raise InvalidOptionError(f"cpu_bf16 {self.cpu_bf16!r} is not one of {', '.join(CPU_BF16)}")
-        if isinstance(self.inflight_mb, bool) or not isinstance(self.inflight_mb, int) or self.inflight_mb < 0:
-            raise InvalidOptionError(f"inflight_mb must be a whole number of MB >= 0; got {self.inflight_mb!r}")
-        if (isinstance(self.inflight_layers, bool) or not isinstance(self.inflight_layers, int)
-                or self.inflight_layers < 0):
-            raise InvalidOptionError(f"inflight_layers must be a whole number >= 0; got {self.inflight_layers!r}")
+        for name, unit in (("inflight_mb", " of MB"), ("inflight_layers", "")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidOptionError(f"{name} must be a whole number{unit} >= 0; got {value!r}")
         for name in ("cuda_one_launch", "cuda_encoder_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidOptionError(f"{name} must be True or False; got {getattr(self, name)!r}")

@@ -440,10 +440,9 @@ class FunASRNano:
 
         # 3. decode, batch by batch, in time order
         pieces: list[_Piece] = []
-        turn_of = dict(zip(plan, owners, strict=True))
         for batch in self._pieces(plan, streamed, None if streamed else samples, batch_size, cancel):
-            for p in batch:
-                p.speaker = turn_of.get((p.start, p.end))
+            for i, p in enumerate(batch):  # pieces come in plan order: each takes its planned segment's speaker
+                p.speaker = owners[len(pieces) + i]
             self._decode_batch(batch, ids, max_new_tokens, repetition_guard, cancel, t,
                                timestamps=timestamps and self.timestamps_available)
             for p in batch:
