@@ -35,17 +35,12 @@ def main() -> None:
     results = []
     for layers in a.inflight_layers:
         opts = {"backend": a.backend} | ({} if layers is None else {"inflight_layers": layers})
-        model = asr.load_model(a.model, dtype=a.dtype, runtime=asr.RuntimeOptions(**opts))
-        results.append({"inflight_layers": model_options(layers), **measure(model, a)})
+        runtime = asr.RuntimeOptions(**opts)
+        model = asr.load_model(a.model, dtype=a.dtype, runtime=runtime)
+        results.append({"inflight_layers": runtime.inflight_layers, **measure(model, a)})
         del model
         mx.clear_cache()
     print(json.dumps(results if len(results) > 1 else results[0], indent=1))
-
-
-def model_options(layers: int | None) -> int:
-    import asr
-
-    return asr.RuntimeOptions().inflight_layers if layers is None else layers
 
 
 def measure(model, a) -> dict:

@@ -199,7 +199,7 @@ def write_checkpoint(out_dir, size: str = "tiny", seed: int = 0, *, config_yaml_
     (out / "configuration.json").write_text(json.dumps(configuration_json(size), indent=4) + "\n", encoding="utf-8")
     info = {"generated_by": "tools/speaker_checkpoint.py", "size": size, "seed": seed, "dims": asdict(SIZES[size]),
             "params": num_params(size), "init": "conv kaiming-normal; bias N(0,0.1); BN weight U(0.6,1.4), "
-            "bias N(0,0.1), running_mean N(0,0.2), running_var U(0.5,2)"}
+            "bias N(0,0.1), running_mean N(0,0.2), running_var U(0.5,2); PReLU U(0.1,0.4)"}
     (out / "checkpoint_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return out
 
