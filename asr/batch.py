@@ -29,9 +29,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audio.io import Audio, AudioFile, load_audio, probe
+from .audio.io import (
+    Audio,
+    AudioFile,
+    decode_or_stream,
+)
 from .errors import ASRError, InvalidOptionError
-from .pipeline import STREAM_ABOVE_S  # longer files (or of unknown length) are transcribed alone, streamed
 from .types import BATCH_SIZE_DEFAULT, TranscriptionResult
 from .writers import FORMATS, render, write_atomic
 
@@ -231,11 +234,11 @@ def _load(item: BatchItem) -> _Loaded:
         file = AudioFile.open(item.path)
         st = os.fstat(file.fd)
         stamp = (st.st_size, st.st_mtime_ns)
-        info = probe(file)
-        if info.duration_s is None or info.duration_s > STREAM_ABOVE_S:
+        audio = decode_or_stream(file)
+        if audio is file:
             return _Loaded(item, file, stamp)
-        with file:
-            return _Loaded(item, load_audio(file), stamp)
+        file.close()
+        return _Loaded(item, audio, stamp)
     except BaseException as exc:  # noqa: BLE001 - recorded as this file's failure
         return _Loaded(item, error=exc)
 

@@ -23,7 +23,15 @@ import numpy as np
 
 from . import languages as langs
 from .audio.features import audio_token_count, features, features_padded
-from .audio.io import SAMPLE_RATE, Audio, AudioFile, check_duration, iter_audio_blocks, load_audio, probe
+from .audio.io import (
+    SAMPLE_RATE,
+    STREAM_ABOVE_S,  # noqa: F401  (longer files: VAD pass, (speakers pass,) decode pass in blocks)
+    Audio,
+    AudioFile,
+    decode_or_stream,
+    iter_audio_blocks,
+    load_audio,
+)
 from .audio.vad import SileroVAD, plan_segments, speech_spans
 from .decode.loop import greedy
 from .decode.runner import Runtime
@@ -45,7 +53,6 @@ ProgressFn = Callable[[float, float, str], None]
 
 # --- the model -----------------------------------------------------------------------------------------
 SHORT_AUDIO_S = 30.0  # up to this, audio is decoded in one pass like the reference (VAD only checks for speech)
-STREAM_ABOVE_S = 600.0  # files longer than this are read in blocks: VAD pass, (speakers pass,) decode pass
 BLOCK_S = 60.0
 
 
@@ -390,11 +397,12 @@ class FunASRNano:
         warnings: list[str] = []
         # 1. audio: in memory, or (long files) streamed twice in blocks so memory does not grow with duration
         streamed = None
-        if isinstance(audio, AudioFile) and vad is not False:
-            info = probe(audio)  # no trustworthy length, or a long one: stream it
-            if info.duration_s is None or info.duration_s > STREAM_ABOVE_S:
-                streamed = audio
-                check_duration(info, audio.name, max_duration_s)
+        if isinstance(audio, AudioFile) and vad is not False:  # no trustworthy length, or a long one: stream it
+            got = decode_or_stream(audio, max_duration_s)
+            if isinstance(got, AudioFile):
+                streamed = got
+            else:
+                audio = got
         if streamed is None:
             audio_obj = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate,
                                                                           max_duration_s=max_duration_s)

@@ -24,7 +24,7 @@ from .config import Settings
 from .worker import Model
 
 SILENCE_PEAK = 10 ** (-60 / 20)  # -60 dBFS: below this the clip holds nothing to transcribe
-STREAM_ABOVE_S = 600.0  # = asr.pipeline.STREAM_ABOVE_S (not imported: that would load MLX at server import)
+STREAM_ABOVE_S = audio_io.STREAM_ABOVE_S  # longer files are handed to the model to stream
 
 
 class AudioAPI:

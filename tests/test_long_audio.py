@@ -312,3 +312,26 @@ def test_server_streams_above_the_models_threshold():
     from server import intake
 
     assert intake.STREAM_ABOVE_S == STREAM_ABOVE_S
+
+
+def test_decode_or_stream_splits_by_length(tmp_path):
+    """asr.audio.io.decode_or_stream (the pipeline's and the batch's split): a short file is decoded in memory, one
+    longer than STREAM_ABOVE_S comes back as the opened file (nothing decoded), a length over max_duration_s is
+    refused from the header."""
+    import soundfile as sf
+
+    from asr.audio.io import Audio, AudioFile, decode_or_stream
+    from asr.errors import AudioTooLargeError
+
+    short, long_ = tmp_path / "short.wav", tmp_path / "long.wav"
+    sf.write(short, np.zeros(16000 * 2, np.int16), 16000, subtype="PCM_16")
+    sf.write(long_, np.zeros(int(8000 * (STREAM_ABOVE_S + 5)), np.int16), 8000, subtype="PCM_16")
+    with AudioFile.open(short) as f:
+        got = decode_or_stream(f)
+        assert isinstance(got, Audio) and got.duration_s == pytest.approx(2.0)
+    with AudioFile.open(long_) as f:
+        assert decode_or_stream(f) is f
+        with pytest.raises(AudioTooLargeError):
+            decode_or_stream(f, max_duration_s=STREAM_ABOVE_S)
+    with AudioFile.open(short) as f, pytest.raises(AudioTooLargeError):
+        decode_or_stream(f, max_duration_s=1.0)

@@ -561,6 +561,27 @@ def probe(source: Source) -> AudioInfo:
         dec.close()
 
 
+STREAM_ABOVE_S = 600.0  # files longer than this, or of unknown length, are read in blocks, never decoded whole
+
+
+def decode_or_stream(file: AudioFile, max_duration_s: float | None = None) -> Audio | AudioFile:
+    """A file's audio decoded in memory, or the file itself where it is to be read in blocks: its header gives no
+    length or one over STREAM_ABOVE_S, or it holds more audio than the header said (decoding stops at
+    STREAM_ABOVE_S, so memory stays bounded either way). `max_duration_s` is checked from the header (and while
+    reading, by whoever streams it)."""
+    info = probe(file)
+    if info.duration_s is None or info.duration_s > STREAM_ABOVE_S:
+        check_duration(info, file.name, max_duration_s)
+        return file
+    cap = STREAM_ABOVE_S if max_duration_s is None else min(max_duration_s, STREAM_ABOVE_S)
+    try:
+        return load_audio(file, max_duration_s=cap)
+    except AudioTooLargeError:
+        if max_duration_s is not None and max_duration_s <= STREAM_ABOVE_S:
+            raise
+        return file  # the header understated the length
+
+
 def load_audio(source: Source | np.ndarray, sample_rate: int | None = None, *,
                max_bytes: int | None = None, max_duration_s: float | None = None) -> Audio:
     """Decode `source` to 16 kHz mono float32.
