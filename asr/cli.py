@@ -39,6 +39,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=os.environ.get("FUNASR_NANO_BACKEND", "auto"),
                    help="what computes: mlx (MLX's operations; Apple Silicon), cpu (NumPy + BLAS runners), cuda "
                    "(CUDA kernels), or auto")
+    p.add_argument("--speakers", type=_speakers, help="who spoke when: 'auto' or the number of speakers (needs "
+                   "--speaker-model); segments and outputs then carry S1, S2, ... (batch: files are then transcribed "
+                   "one at a time)")
+    p.add_argument("--speaker-model", help="CAM++ speaker model: a folder of iic/speech_campplus_sv_zh-cn_16k-common "
+                   "or a Hugging Face id")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress and timings to stderr")
 
 
@@ -52,10 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(t)
     t.add_argument("-f", "--format", choices=FORMATS, default="txt", help="output format")
     t.add_argument("-o", "--output-dir", help="write FILE.<format> there instead of printing to stdout")
-    t.add_argument("--speakers", type=_speakers, help="who spoke when: 'auto' or the number of speakers (needs "
-                   "--speaker-model); segments and outputs then carry S1, S2, ...")
-    t.add_argument("--speaker-model", help="CAM++ speaker model: a folder of iic/speech_campplus_sv_zh-cn_16k-common "
-                   "or a Hugging Face id")
 
     b = sub.add_parser("batch", help="transcribe folders or a manifest into an output folder, resumably",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -66,10 +67,6 @@ def _parser() -> argparse.ArgumentParser:
                    "(columns path, language, hotwords) list of inputs; relative paths are from its folder")
     b.add_argument("-f", "--format", nargs="+", choices=FORMATS, default=["txt"], help="output formats")
     b.add_argument("--workers", type=int, default=2, help="threads decoding audio ahead of the model")
-    b.add_argument("--speakers", type=_speakers, help="who spoke when: 'auto' or the number of speakers (needs "
-                   "--speaker-model); files are then transcribed one at a time")
-    b.add_argument("--speaker-model", help="CAM++ speaker model: a folder of iic/speech_campplus_sv_zh-cn_16k-common "
-                   "or a Hugging Face id")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray Data: a local Ray cluster, or the one at ADDRESS (e.g. auto, ray://host:10001); "
@@ -89,15 +86,23 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     """The model, after checking the language (against its variant, or both where not given) before loading."""
     _load_checks(args)
-    runtime = replace(RuntimeOptions.from_env(), backend=args.backend)
-    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
-                       encoder_dtype=args.encoder_dtype, runtime=runtime,
-                       speaker_model=getattr(args, "speaker_model", None))
+    model = load_model(**_model_kwargs(args))
     langs.resolve(args.language, model.variant)
     return model
 
 
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """load_model's arguments from the command line (also what Ray replicas load with)."""
+    return dict(path_or_repo=args.model, dtype=args.dtype, quantize=args.quantize, variant=args.variant,
+                encoder_dtype=args.encoder_dtype, speaker_model=args.speaker_model,
+                runtime=replace(RuntimeOptions.from_env(), backend=args.backend))
+
+
 def _load_checks(args: argparse.Namespace) -> None:
+    """What can be checked before loading: --speakers has a speaker model; the language exists."""
+    if args.speakers is not None and not args.speaker_model:
+        raise InvalidOptionError("--speakers needs --speaker-model (the CAM++ model "
+                                 "iic/speech_campplus_sv_zh-cn_16k-common: a local folder or a Hugging Face id)")
     variants = [args.variant] if args.variant else ["nano", "mlt"]
     errors = []
     for variant in variants:
@@ -123,9 +128,6 @@ def _batch(args: argparse.Namespace) -> int:
                                hotwords=tuple(_hotwords(args.hotwords)), itn=not args.no_itn,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, workers=args.workers,
                                progress=not args.no_progress and sys.stderr.isatty(), speakers=args.speakers)
-        if args.speakers is not None and not args.speaker_model:
-            raise InvalidOptionError("--speakers needs --speaker-model (the CAM++ model "
-                                     "iic/speech_campplus_sv_zh-cn_16k-common: a local folder or a Hugging Face id)")
         if args.ray is not None:
             _load_checks(args)
         else:
@@ -137,11 +139,7 @@ def _batch(args: argparse.Namespace) -> int:
         if args.ray is not None:
             from .batch_ray import run_batch_ray
 
-            model_kwargs = dict(path_or_repo=args.model, dtype=args.dtype, quantize=args.quantize,
-                                variant=args.variant, encoder_dtype=args.encoder_dtype,
-                                speaker_model=args.speaker_model,
-                                runtime=replace(RuntimeOptions.from_env(), backend=args.backend))
-            summary = run_batch_ray(items, args.output_dir, options, model_kwargs=model_kwargs,
+            summary = run_batch_ray(items, args.output_dir, options, model_kwargs=_model_kwargs(args),
                                     address=args.ray or None, replicas=args.replicas,
                                     gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
         else:
@@ -185,10 +183,6 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if args.command == "batch":
         return _batch(args)
-    if args.speakers is not None and not args.speaker_model:
-        print("error: --speakers needs --speaker-model (the CAM++ model iic/speech_campplus_sv_zh-cn_16k-common: a "
-              "local folder or a Hugging Face id)", file=sys.stderr)
-        return 2
     several = len(args.files) > 1 and not args.output_dir
     if several and args.format in ("srt", "vtt"):
         print(f"error: {args.format} output of several files needs -o DIR (one file each)", file=sys.stderr)
