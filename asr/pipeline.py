@@ -41,6 +41,7 @@ from .model.ctc import CTCTokenizer, ctc_result
 from .model.network import FunASRNanoNet
 from .model.prompt import PromptIds, PromptTokenizer, clean_hotwords, clean_text, instruction
 from .options import parse_speakers
+from .speaker.cluster import DIARIZATION
 from .speaker.cluster import cluster as cluster_speakers
 from .speaker.diarize import EMBED_BATCH, diarize_spans, sample_index, span_samples, speaker_of
 from .types import BATCH_SIZE_DEFAULT, BATCH_SIZE_MAX, Language, Segment, Timings, TranscriptionResult
@@ -479,7 +480,8 @@ class FunASRNano:
                 progress(0.0, duration, f"finding speakers: {end:.0f} of {duration:.0f} s")
 
         return diarize_spans(spans, self.speaker_model.embed_windows,
-                             functools.partial(cluster_speakers, random_state=0), num_speakers, on_span=on_span,
+                             functools.partial(cluster_speakers, options=DIARIZATION, random_state=0), num_speakers,
+                             on_span=on_span,
                              batch=getattr(self.speaker_model, "batch", EMBED_BATCH))
 
     def _plan(self, probs: np.ndarray, duration: float, num_samples: int, force: bool,

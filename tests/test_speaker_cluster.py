@@ -292,6 +292,61 @@ def test_labels_equal_official(name, reference):
     assert str(got.dtype) == expected["dtype"]
 
 
+def _first_appearance(labels: np.ndarray) -> list[int]:
+    order: dict[int, int] = {}
+    return [order.setdefault(int(v), len(order)) for v in labels]
+
+
+SHORTCUT = C.ClusterOptions(all_eigenpairs=False)
+
+
+@pytest.mark.parametrize("name", [n for n, c in cases().items() if not c["umap"] and 20 <= len(c["X"]) < 2048])
+def test_first_eigenpairs_give_the_official_speakers(name, reference):
+    """What the diarization uses (only the eigenpairs the spectral branch reads): the official partition, the same
+    numbering once renumbered by first appearance (as the turns are)."""
+    c = cases()[name]
+    opts = C.ClusterOptions(merge_thr=c["merge_thr"], all_eigenpairs=False)
+    got = C.cluster(c["X"], num_speakers=c["oracle_num"], options=opts, random_state=c["seed"])
+    expected = reference.labels()[name]["labels"]
+    assert _first_appearance(got) == _first_appearance(np.asarray(expected))
+
+
+def _laplacian_of(X: np.ndarray) -> np.ndarray:
+    A = C.p_pruning(C.cosine_similarity(np.asarray(X, dtype=np.float32)), 0.022)
+    return C.laplacian(0.5 * (A + A.T))
+
+
+def test_first_eigenpairs_fall_back_where_the_choice_is_ambiguous():
+    # a count of 2 cuts the 3-fold zero eigenvalue of three separate groups: every eigenpair, as the official code
+    c = cases()["oracle_cut"]
+    k, vecs, full = C.spectral_embedding(_laplacian_of(c["X"]), 2, SHORTCUT)
+    assert (k, vecs.shape[1], full) == (2, 2, True)
+    # the true count, and the eigengap's own choice: the shortcut
+    for n_spk in (3, None):
+        k, vecs, full = C.spectral_embedding(_laplacian_of(c["X"]), n_spk, SHORTCUT)
+        assert (k, vecs.shape[1], full) == (3, 3, False)
+    # all_eigenpairs (the default) always decomposes everything
+    assert C.spectral_embedding(_laplacian_of(c["X"]), 3, C.ClusterOptions())[2] is True
+
+
+def test_first_eigenpairs_same_partition_on_random_conversations():
+    """60 synthetic matrices (1-6 speakers of random or equal sizes, noise 0.2-1.6, with and without a count): the
+    shortcut gives the partition of the full decomposition, numbered alike after renumbering by first appearance;
+    the shortcut is taken in most of them (else this would test nothing)."""
+    rs = np.random.RandomState(5)
+    shortcuts = 0
+    for i in range(60):
+        n_spk = int(rs.randint(1, 7))
+        sizes = rs.randint(5, 200, size=n_spk) if i % 3 else np.full(n_spk, int(rs.randint(10, 100)))
+        X, _ = _synthetic(1000 + i, tuple(int(s) for s in sizes), float(rs.uniform(0.2, 1.6)))
+        k = None if i % 2 else min(int(rs.randint(1, 8)), len(X))
+        full = C.cluster(X, num_speakers=k, random_state=i)
+        fast = C.cluster(X, num_speakers=k, options=SHORTCUT, random_state=i)
+        assert _first_appearance(fast) == _first_appearance(full), (i, X.shape, k)
+        shortcuts += not C.spectral_embedding(_laplacian_of(X), k, SHORTCUT)[2]
+    assert shortcuts >= 40, shortcuts
+
+
 # --- fixture generation ------------------------------------------------------------------------------------
 
 

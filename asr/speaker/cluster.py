@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import InvalidOptionError
 from ..options import MAX_SPEAKERS
 
-__all__ = ["ClusterBackend", "ClusterOptions", "cluster", "merge_by_cos"]
+__all__ = ["DIARIZATION", "ClusterBackend", "ClusterOptions", "cluster", "merge_by_cos", "spectral_embedding"]
 
 MIN_SEGMENTS = 20  # fewer rows: a single speaker (official `X.shape[0] < 20`)
 SPECTRAL_MAX_SEGMENTS = 2048  # from here on: k-means (speaker count given) or UMAP + HDBSCAN
@@ -70,6 +70,11 @@ class ClusterOptions:
     n_neighbors / n_components / min_samples / min_cluster_size / metric: UMAP and HDBSCAN.
     kmeans_threads: the OpenMP thread count whose partial sums the k-means port reproduces (scikit-learn uses
         every core; this only moves centroids by rounding errors, practically never a label).
+    all_eigenpairs: decompose the whole Laplacian as the official code does (`eigh(L)`: ~0.1 s for 800 rows).
+        False computes only the eigenpairs the branch reads (the first max_num_spks + 1, or k): ~7x faster and the
+        same partition into speakers (see `spectral_embedding`), though k-means may number the speakers in another
+        order where rounding-level ties meet; the diarization renumbers by first appearance, so it uses False
+        (`DIARIZATION`).
     """
 
     merge_thr: float | None = 0.78
@@ -82,6 +87,7 @@ class ClusterOptions:
     min_cluster_size: int = 10
     metric: str = "cosine"
     kmeans_threads: int = 1
+    all_eigenpairs: bool = True
 
     def __post_init__(self) -> None:
         if self.merge_thr is not None and not 0 < self.merge_thr <= 1:
@@ -94,6 +100,11 @@ class ClusterOptions:
             raise InvalidOptionError(f"pval must be in (0, 1), got {self.pval!r}")
         if self.kmeans_threads < 1:
             raise InvalidOptionError(f"kmeans_threads must be >= 1, got {self.kmeans_threads!r}")
+
+
+# what the diarization uses: only the eigenpairs the spectral branch reads (it renumbers speakers by first
+# appearance, so a k-means numbering in another order changes nothing there)
+DIARIZATION = ClusterOptions(all_eigenpairs=False)
 
 
 def cluster(
@@ -161,13 +172,51 @@ def spectral_cluster(
     A = p_pruning(A, opts.pval)
     A = 0.5 * (A + A.T)
     L = laplacian(A)
-    lambdas, vecs = _scipy_linalg().eigh(L)
-    if k is None:
-        vals = lambdas[opts.min_num_spks - 1 : opts.max_num_spks + 1]
-        gaps = [float(vals[i + 1]) - float(vals[i]) for i in range(len(vals) - 1)]
-        k = int(np.argmax(gaps)) + opts.min_num_spks
-    emb = vecs[:, :k]
+    k, emb, _ = spectral_embedding(L, k, opts)
     return kmeans(emb, k, random_state=rng, n_init=1, n_threads=opts.kmeans_threads)
+
+
+# eigenvalues closer than this (relative to the largest one computed) count as equal: float32 `syevr` run on all
+# of L or on its first eigenpairs agrees to ~1e-6 of that (measured: 2e-6 on 800 rows)
+_EIG_TOL = 1e-4
+
+
+def spectral_embedding(L: np.ndarray, k: int | None, opts: ClusterOptions) -> tuple[int, np.ndarray, bool]:
+    """(k, the first k eigenvectors of the Laplacian, whether all eigenpairs were computed).
+
+    The official code computes every eigenpair (`scipy.linalg.eigh(L)`), then reads the first max_num_spks + 1
+    eigenvalues (the eigengap's choice of k) and the first k eigenvectors. Only those are computed here unless
+    `opts.all_eigenpairs`; LAPACK then returns another basis of the same k-dimensional eigenspace (signs, rotations
+    within repeated eigenvalues), and k-means (k-means++ seeding, Lloyd) on the rows depends only on the distances
+    between rows, which no orthogonal change of basis alters: the same labels up to rounding (where rows of one
+    speaker are nearly identical, k-means++ may seed from another of them: the same partition, the speakers
+    numbered in another order; measured on 150 random synthetic cases: 10 such, no other difference). That holds
+    when the first k
+    eigenvectors span a well-defined space and the eigengap's choice is clear, so the whole Laplacian is decomposed
+    after all when eigenvalue k - 1 and eigenvalue k coincide (a count that cuts a repeated eigenvalue: the official
+    result then depends on LAPACK's arbitrary basis) or when the two largest gaps tie."""
+    n = L.shape[0]
+    eigh = _scipy_linalg().eigh
+    last = min(n - 1, opts.max_num_spks if k is None else max(k, opts.max_num_spks))
+    if not opts.all_eigenpairs and last < n - 1:
+        lambdas, vecs = eigh(L, subset_by_index=[0, last])
+        tol = _EIG_TOL * max(1.0, float(np.max(np.abs(lambdas))))
+        k_sub = k if k is not None else _eigengap_k(lambdas, opts)
+        clear = k_sub >= len(lambdas) or float(lambdas[k_sub]) - float(lambdas[k_sub - 1]) > tol
+        if k is None:
+            gaps = np.sort(np.diff(lambdas[opts.min_num_spks - 1: opts.max_num_spks + 1].astype(np.float64)))
+            clear = clear and (len(gaps) < 2 or gaps[-1] - gaps[-2] > tol)
+        if clear:
+            return k_sub, vecs[:, :k_sub], False
+    lambdas, vecs = eigh(L)
+    k = k if k is not None else _eigengap_k(lambdas, opts)
+    return k, vecs[:, :k], True
+
+
+def _eigengap_k(lambdas: np.ndarray, opts: ClusterOptions) -> int:
+    vals = lambdas[opts.min_num_spks - 1 : opts.max_num_spks + 1]
+    gaps = [float(vals[i + 1]) - float(vals[i]) for i in range(len(vals) - 1)]
+    return int(np.argmax(gaps)) + opts.min_num_spks
 
 
 def _scipy_linalg():
