@@ -10,7 +10,7 @@ speakers="auto" (--rounds times each, alternating) and reports the wall times, t
         [--speaker-backends cpu mlx]
 
 --speaker-backends times "with" once per CAM++ runner (asr.loading.speaker: cpu = NumPy + BLAS, mlx = the
-reference network on MLX's device); default: the one load_model chooses.
+reference network on MLX's device, mlx-compiled = the same under mx.compile); default: the one load_model chooses.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--speaker-backends", nargs="+", choices=("cpu", "mlx"))
+    ap.add_argument("--speaker-backends", nargs="+", choices=("cpu", "mlx", "mlx-compiled"))
     ap.add_argument("--speaker-batches", nargs="+", type=int,
                     help="windows a CAM++ batch: time 'with' once per value (default: what load_campplus chose)")
     ap.add_argument("--json", type=Path)
@@ -67,9 +67,13 @@ def main() -> None:
     samples = conversation(a.minutes)
     from asr.loading.speaker import load_campplus
 
-    runners = {model.speaker_model.backend: model.speaker_model}
+    def label(m) -> str:
+        return m.backend + ("-compiled" if m.compiled else "")
+
+    runners = {label(model.speaker_model): model.speaker_model}
     for b in a.speaker_backends or []:
-        runners.setdefault(b, load_campplus(speaker, backend=b))
+        if b not in runners:
+            runners[b] = load_campplus(speaker, backend=b.split("-")[0], compiled=b.endswith("-compiled"))
     if a.speaker_backends:
         runners = {b: runners[b] for b in a.speaker_backends}
     for runner in runners.values():  # warm each speaker path

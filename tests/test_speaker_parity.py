@@ -73,12 +73,13 @@ def golden(speaker_goldens) -> list[tuple[dict, dict]]:
     return [(e, dict(np.load(speaker_goldens / f"{e['name']}.npz"))) for e in manifest["entries"]]
 
 
-@pytest.fixture(scope="module", params=["mlx", "cpu"])
+@pytest.fixture(scope="module", params=["mlx", "mlx-compiled", "cpu"])
 def speaker(request, speaker_goldens, model_cache):
-    """Both runners: the reference MLX network (what Metal and CUDA run; on MLX's CPU device here) and the CPU
-    backend's NumPy one (asr.backends.cpu.campplus)."""
-    m = load_campplus(speaker_goldens / "model", backend=request.param)
-    assert m.backend == request.param
+    """Every runner: the reference MLX network (on MLX's CPU device here), the same under mx.compile (what Metal
+    and CUDA run: asr.backends.mlx.campplus) and the CPU backend's NumPy one (asr.backends.cpu.campplus)."""
+    backend, compiled = request.param.split("-")[0], request.param.endswith("-compiled")
+    m = load_campplus(speaker_goldens / "model", backend=backend, compiled=compiled)
+    assert (m.backend, m.compiled) == (backend, compiled)
     return m
 
 
@@ -148,6 +149,8 @@ def test_features(golden):
 
 @pytest.mark.parity
 def test_every_stage_isolated_and_cumulative(golden, speaker):
+    if speaker.compiled:
+        pytest.skip("stage by stage the compiled runner runs the plain network (test_embeddings checks its batches)")
     worst: dict[str, list[float]] = {s: [0.0, 0.0, 1.0] for s in STAGES}  # isolated err, cumulative err, min cos
     for e, d in golden:
         iso = _isolated(speaker.runner, d)
@@ -169,10 +172,11 @@ def test_embeddings(golden, speaker, testdata):
         ref = d["embedding"]
         scale = max(1.0, float(np.abs(ref).max()))
         from_feats = np.array(speaker.embed_features(mx.array(d["features"])))
+        as_batch = speaker.embed_features(mx.array(d["features"])[None])[0]  # the diarization's (compiled) path
         end_to_end = speaker.embed(str(testdata / e["clip"]))
-        assert from_feats.shape == end_to_end.shape == (speaker.config.embedding_size,)
+        assert from_feats.shape == as_batch.shape == end_to_end.shape == (speaker.config.embedding_size,)
         row = []
-        for ours in (from_feats, end_to_end):
+        for ours in (as_batch, end_to_end, from_feats):
             cos, err = _cos(ours, ref), float(np.abs(ours - ref).max())
             assert cos >= COS_EMBEDDING and err <= STAGE_TOL * scale, (e["name"], cos, err)
             row += [1 - cos, err]
@@ -182,6 +186,8 @@ def test_embeddings(golden, speaker, testdata):
 @pytest.mark.parity
 def test_parity_catches_a_broken_block(golden, speaker, speaker_goldens):
     """A BatchNorm eps of 1e-4 instead of 1e-5 in one layer of block 2 fails the stage bound on every clip."""
+    if speaker.compiled:
+        pytest.skip("the same runners as for 'mlx'")
     from asr.backends.cpu.campplus import CPUCAMPPlus
 
     broken = load_campplus(speaker_goldens / "model", backend="mlx")

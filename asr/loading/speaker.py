@@ -67,6 +67,7 @@ class SpeakerModel:
     backend: str = "mlx"
     runner: object = None  # embed(features [T, F] or [B, T, F]) -> [E] or [B, E]
     batch: int = 16  # windows embedded together in diarization (load_campplus: CPU_BATCH or GPU_BATCH)
+    compiled: bool = False  # the runner is the network under mx.compile (asr.backends.mlx.campplus)
 
     def __post_init__(self):
         if self.runner is None:
@@ -74,7 +75,7 @@ class SpeakerModel:
 
     @property
     def description(self) -> str:
-        return f"{self.name} ({self.backend})"
+        return f"{self.name} ({self.backend}{', compiled' if self.compiled else ''})"
 
     def features(self, samples_16k: np.ndarray) -> mx.array:
         return features(samples_16k, self.config.feat_dim)
@@ -302,7 +303,7 @@ def _read_converted(model_dir: Path) -> CAMPPlus:
 
 
 def load_campplus(path_or_repo: str | os.PathLike, *, download_root: str | os.PathLike | None = None,
-                  local_files_only: bool = False, backend: str = "auto") -> SpeakerModel:
+                  local_files_only: bool = False, backend: str = "auto", compiled: bool | None = None) -> SpeakerModel:
     """Load CAM++ from an official directory, its .bin, a Hugging Face repo id or a converted directory; an official
     checkpoint is converted once into the model cache and read from there afterwards.
 
@@ -311,6 +312,9 @@ def load_campplus(path_or_repo: str | os.PathLike, *, download_root: str | os.Pa
     backend: what computes the embeddings: "mlx" (the reference network on MLX's device: Metal, CUDA or the CPU),
     "cpu" (NumPy + BLAS: the same numbers, faster where MLX computes on the CPU) or "auto" (cpu where MLX computes
     on the CPU, else mlx). load_model passes its own backend's choice.
+    compiled: with backend "mlx", run the network's batches under mx.compile (asr.backends.mlx.campplus: the same
+    operations fused into fewer kernels); None: on a GPU, where a batch's ~2,000 small kernels cost more than their
+    arithmetic (docs/diarization.md).
     Raises ModelLoadError (nothing to load there) or CheckpointError (a file is corrupt, unsafe or mismatched)."""
     if path_or_repo is None:
         raise ModelLoadError(f"pass a CAM++ model directory or hub id (the official model is {OFFICIAL_ID})")
@@ -334,9 +338,16 @@ def load_campplus(path_or_repo: str | os.PathLike, *, download_root: str | os.Pa
 
         runner = CPUCAMPPlus(net, workers=_cpu_workers())
     gpu = backend == "mlx" and device() != "cpu"
+    if compiled is None:
+        compiled = gpu
+    compiled = bool(compiled) and backend == "mlx"
+    if compiled:
+        from ..backends.mlx.campplus import CompiledCAMPPlus
+
+        runner = CompiledCAMPPlus(net)
     batch = GPU_BATCH if gpu else CPU_BATCH * getattr(runner, "workers", 1)
     return SpeakerModel(net=net, config=net.config, name=spec, model_dir=conv, converted=converted, backend=backend,
-                        runner=runner, batch=batch)
+                        runner=runner, batch=batch, compiled=compiled)
 
 
 def _cpu_workers() -> int:
