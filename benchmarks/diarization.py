@@ -99,7 +99,19 @@ def main() -> None:
                 row[name]["ms_per_audio_s"] = round(1000 * r.timings.speakers_s / (len(samples) / 16000), 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = {"minutes": a.minutes, "runtime": model.runtime.info.model_dump(), "rounds": rows}
+    import statistics
+
+    summary = {"without_median_s": statistics.median(r["without"]["wall_s"] for r in rows)}
+    for name in rows[0]:
+        if name != "without":
+            summary[name] = {
+                "median_s": statistics.median(r[name]["wall_s"] for r in rows),
+                "added_by_medians": round(statistics.median(r[name]["wall_s"] for r in rows)
+                                          / summary["without_median_s"] - 1, 4),
+                "median_added_per_round": statistics.median(r[name]["added"] for r in rows),
+                "diarization_median_s": statistics.median(r[name]["speakers_s"] for r in rows)}
+    print(json.dumps({"summary": summary}), flush=True)
+    out = {"minutes": a.minutes, "runtime": model.runtime.info.model_dump(), "rounds": rows, "summary": summary}
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
 

@@ -131,7 +131,7 @@ def main() -> None:
         feats_all = [sm.features(c) for c in np.array_split(np.stack(many), -(-len(many) // a.batch))]
         mx.eval(feats_all)
 
-        def steps(n=64):
+        def steps(n=256):
             x = mx.ones((1, 4096), mx.bfloat16)
             for _ in range(n):
                 for w in wts:
@@ -176,6 +176,15 @@ def main() -> None:
         "cluster_total": _median_ms(lambda: C.cluster(X, random_state=0), a.repeats),
         "cluster_diarization": _median_ms(lambda: C.cluster(X, options=C.DIARIZATION, random_state=0), a.repeats),
     }
+    try:  # the host BLAS's thread count (numpy's and scipy's OpenBLAS) for the diarization's clustering
+        from threadpoolctl import threadpool_limits
+
+        for n in (1, 4):
+            with threadpool_limits(limits=n):
+                steps[f"cluster_diarization_blas{n}"] = _median_ms(
+                    lambda: C.cluster(X, options=C.DIARIZATION, random_state=0), a.repeats)
+    except ImportError:
+        pass
     if a.profile:
         import cProfile
         import pstats

@@ -319,8 +319,7 @@ class Engine:
 
         def run(language: str | None) -> list[TranscriptionResult]:
             return [self._model.transcribe(
-                job.audio, language=language, hotwords=job.hotwords or None, itn=job.itn,
-                **({"speakers": job.speakers} if job.speakers is not None else {}),
+                job.audio, language=language, hotwords=job.hotwords or None, itn=job.itn, speakers=job.speakers,
                 batch_size=self.batch_size, progress=progress, cancel=job.cancel, max_duration_s=self.max_duration_s,
                 on_segment=job.segments.append, max_new_tokens=self.max_new_tokens,
             )]

@@ -65,7 +65,8 @@ class FakeModel:
         self.warm_batch_size = batch_size
 
     def transcribe(self, audio, *, language=None, hotwords=None, itn=True, max_new_tokens=512, batch_size=16,
-                   progress=None, cancel=None, max_duration_s=None, on_segment=None) -> TranscriptionResult:
+                   progress=None, cancel=None, max_duration_s=None, on_segment=None,
+                   speakers=None) -> TranscriptionResult:
         self.threads.add(threading.current_thread().name)
         self.calls.append({"language": language, "hotwords": hotwords, "itn": itn})
         self.inputs.append((audio, max_duration_s))
