@@ -330,12 +330,12 @@ def test_first_eigenpairs_fall_back_where_the_choice_is_ambiguous():
 
 
 def test_first_eigenpairs_same_partition_on_random_conversations():
-    """60 synthetic matrices (1-6 speakers of random or equal sizes, noise 0.2-1.6, with and without a count): the
+    """30 synthetic matrices (1-6 speakers of random or equal sizes, noise 0.2-1.6, with and without a count): the
     shortcut gives the partition of the full decomposition, numbered alike after renumbering by first appearance;
     the shortcut is taken in most of them (else this would test nothing)."""
     rs = np.random.RandomState(5)
     shortcuts = 0
-    for i in range(60):
+    for i in range(30):
         n_spk = int(rs.randint(1, 7))
         sizes = rs.randint(5, 200, size=n_spk) if i % 3 else np.full(n_spk, int(rs.randint(10, 100)))
         X, _ = _synthetic(1000 + i, tuple(int(s) for s in sizes), float(rs.uniform(0.2, 1.6)))
@@ -344,7 +344,7 @@ def test_first_eigenpairs_same_partition_on_random_conversations():
         fast = C.cluster(X, num_speakers=k, options=SHORTCUT, random_state=i)
         assert _first_appearance(fast) == _first_appearance(full), (i, X.shape, k)
         shortcuts += not C.spectral_embedding(_laplacian_of(X), k, SHORTCUT)[2]
-    assert shortcuts >= 40, shortcuts
+    assert shortcuts >= 20, shortcuts
 
 
 # --- fixture generation ------------------------------------------------------------------------------------
