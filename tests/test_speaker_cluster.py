@@ -347,6 +347,19 @@ def test_first_eigenpairs_same_partition_on_random_conversations():
     assert shortcuts >= 20, shortcuts
 
 
+def test_blas_threads_during_clustering_and_restored_after():
+    from threadpoolctl import threadpool_info
+
+    before = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    c = cases()["syn3"]
+    one = C.cluster(c["X"], options=C.ClusterOptions(blas_threads=1), random_state=0)
+    untouched = C.cluster(c["X"], options=C.ClusterOptions(blas_threads=None), random_state=0)
+    assert one.tolist() == untouched.tolist() == port_labels("syn3").tolist()
+    assert [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"] == before
+    with pytest.raises(InvalidOptionError, match="blas_threads"):
+        C.ClusterOptions(blas_threads=0)
+
+
 # --- fixture generation ------------------------------------------------------------------------------------
 
 

@@ -184,6 +184,18 @@ def test_embeddings(golden, speaker, testdata):
 
 
 @pytest.mark.parity
+def test_diarization_path_gives_the_official_embeddings(golden, speaker):
+    """SpeakerModel.embed_windows, what the diarization calls (with the compiled runner: the frontend and the network
+    compiled together), on each clip's waveform as one window: the official embedding."""
+    for e, d in golden:
+        ref = d["embedding"]
+        scale = max(1.0, float(np.abs(ref).max()))
+        ours = speaker.embed_windows([d["waveform"].astype(np.float32)])[0]
+        cos, err = _cos(ours, ref), float(np.abs(ours - ref).max())
+        assert cos >= COS_EMBEDDING and err <= STAGE_TOL * scale, (e["name"], cos, err)
+
+
+@pytest.mark.parity
 def test_parity_catches_a_broken_block(golden, speaker, speaker_goldens):
     """A BatchNorm eps of 1e-4 instead of 1e-5 in one layer of block 2 fails the stage bound on every clip."""
     if speaker.compiled:

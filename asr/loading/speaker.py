@@ -95,8 +95,12 @@ class SpeakerModel:
         for idx in by_len.values():
             for k in range(0, len(idx), batch):
                 part = idx[k: k + batch]
-                feats = self.features(np.stack([np.asarray(windows[i], dtype=np.float32) for i in part]))
-                for i, e in zip(part, self.embed_features(feats), strict=True):
+                samples = np.stack([np.asarray(windows[i], dtype=np.float32) for i in part])
+                if self.compiled:  # the frontend compiled with the network
+                    emb = np.asarray(self.runner.embed_samples(mx.array(samples)), dtype=np.float32)
+                else:
+                    emb = self.embed_features(self.features(samples))
+                for i, e in zip(part, emb, strict=True):
                     rows[i] = e
         return np.stack(rows) if rows else np.zeros((0, self.config.embedding_size), np.float32)
 
