@@ -36,7 +36,7 @@ from .audio.io import (
 )
 from .errors import ASRError, InvalidOptionError
 from .types import BATCH_SIZE_DEFAULT, TranscriptionResult
-from .writers import FORMATS, render, write_atomic
+from .writers import FORMATS, remove_stale_temps, render, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +244,15 @@ def _load(item: BatchItem) -> _Loaded:
 
 
 def run_batch(model, items: list[BatchItem], out_dir: str | os.PathLike, options: BatchOptions = BatchOptions(),
-              on_result: Callable[[BatchItem, TranscriptionResult], None] | None = None) -> BatchSummary:
-    """Transcribe `items` into `out_dir` (see the module docstring); returns the counts and the throughput."""
+              on_result: Callable[[BatchItem, TranscriptionResult], None] | None = None, *,
+              tidy: bool = True) -> BatchSummary:
+    """Transcribe `items` into `out_dir` (see the module docstring); returns the counts and the throughput.
+    tidy: first delete the temporary files a killed earlier run left in `out_dir` (asr.writers.remove_stale_temps);
+    Ray replicas leave that to their driver."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if tidy:
+        remove_stale_temps(out)
     t0 = time.perf_counter()
     state = load_state(out)
     todo = [it for it in items if not up_to_date(it, state, out, options.formats)]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .batch import BatchItem, BatchOptions, BatchSummary, load_state, up_to_date
 from .errors import InvalidOptionError
+from .writers import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class _Replica:
         def on_result(item: BatchItem, result) -> None:
             outcome[str(item.path)] = {"status": "done", "audio_s": result.timings.audio_duration_s, "error": ""}
 
-        summary = run_batch(self.model, items, self.out_dir, self.options, on_result=on_result)
+        summary = run_batch(self.model, items, self.out_dir, self.options, on_result=on_result, tidy=False)
         for f in summary.failures:
             outcome[f["input"]] = {"status": "failed", "audio_s": 0.0, "error": f"{f['error']}: {f['message']}"}
         rows = [outcome.get(str(it.path), {"status": "skipped", "audio_s": 0.0, "error": ""}) for it in items]
@@ -69,6 +70,7 @@ def run_batch_ray(items: list[BatchItem], out_dir: str | os.PathLike, options: B
         raise InvalidOptionError(f"--replicas must be at least 1; got {replicas}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # once, here: a replica on another node could not tell a live writer's from a dead one's
     t0 = time.perf_counter()
     state = load_state(out)
     todo = [it for it in items if not up_to_date(it, state, out, options.formats)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -63,6 +64,32 @@ def render(result: TranscriptionResult, fmt: str) -> str:
         return {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt}[fmt](result)
     except KeyError:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}") from None
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{6}\.tmp$")  # write_atomic's temporary files: .NAME.PID.HEX.tmp
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that `write_atomic` calls killed midway (SIGKILL, power loss) left under `folder`:
+    those whose writing process is gone (or is this one, which has not written yet). Another live process's are
+    kept. Returns how many were removed."""
+    removed = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        m = _TEMP.match(p.name)
+        if m is None or not p.is_file():
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # alive (or reused): not ours to delete
+            except ProcessLookupError:
+                pass
+            except (PermissionError, OverflowError):
+                continue
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

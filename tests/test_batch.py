@@ -149,6 +149,23 @@ def test_cli_killed_midway_then_rerun_completes(tiny_checkpoint, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_stale_temporary_files_are_removed(tmp_path):
+    """What a killed run's write_atomic leaves (a dead writer's, or this process's own) goes; a live writer's and
+    files of other names stay."""
+    from asr.writers import remove_stale_temps
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # that process has exited
+    sub = tmp_path / "a" / "b"
+    sub.mkdir(parents=True)
+    stale = [tmp_path / f".x.wav.txt.{dead}.0a1b2c.tmp", sub / f".y.wav.srt.{os.getpid()}.ffffff.tmp"]
+    kept = [tmp_path / f".z.wav.txt.{os.getppid()}.123abc.tmp", tmp_path / ".notes.tmp", tmp_path / "x.wav.txt"]
+    for p in stale + kept:
+        p.write_text("partial")
+    assert remove_stale_temps(tmp_path) == 2
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
 def test_cli_exit_status_and_errors(tiny_checkpoint, archive, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     base = [sys.executable, "-m", "asr.cli", "batch", "--model", str(tiny_checkpoint), "--max-new-tokens", "4"]
