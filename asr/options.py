@@ -86,6 +86,14 @@ class RuntimeOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity on Linux, else every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 MAX_SPEAKERS = 15  # speakers= takes 1..15: the official ClusterBackend's max_num_spks
 
 

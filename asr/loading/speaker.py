@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 
 from ..backends.select import device
 from ..errors import CheckpointError, InvalidOptionError, ModelLoadError
+from ..options import usable_cores
 from ..speaker.campplus import CAMPPlus, CAMPPlusConfig, features
 from .checkpoint import atomic_dir, cache_root, download, inside
 from .convert import strict_check
@@ -356,11 +357,7 @@ def load_campplus(path_or_repo: str | os.PathLike, *, download_root: str | os.Pa
 
 def _cpu_workers() -> int:
     """Threads for the CPU runner: the cores this process may use, at most 4."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 4))
+    return max(1, min(usable_cores(), 4))
 
 
 def _choose_backend(backend: str) -> str:

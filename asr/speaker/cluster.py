@@ -47,15 +47,14 @@ with a `random_state` it runs single-threaded and repeats the official run made 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ..errors import InvalidOptionError
-from ..options import MAX_SPEAKERS
+from ..options import MAX_SPEAKERS, usable_cores
 
 __all__ = ["DIARIZATION", "ClusterBackend", "ClusterOptions", "cluster", "merge_by_cos", "spectral_embedding"]
 
@@ -161,20 +160,23 @@ class ClusterBackend:
                 raise InvalidOptionError(f"num_speakers={k} exceeds the number of embeddings ({n})")
         if n < MIN_SEGMENTS:
             return np.zeros(n, dtype=np.int64)
+        if n < SPECTRAL_MAX_SEGMENTS:
+            _scipy_linalg()  # loaded before the BLAS libraries are looked up, so its own is limited too
+        pools = ThreadpoolController()  # one look-up of the loaded BLAS libraries for the whole call
         if opts.blas_threads is None:
-            return self._cluster(X, k, random_state)
-        with threadpool_limits(limits=min(opts.blas_threads, _cores()), user_api="blas"):
-            return self._cluster(X, k, random_state)
+            return self._cluster(X, k, random_state, pools)
+        with pools.limit(limits=min(opts.blas_threads, usable_cores()), user_api="blas"):
+            return self._cluster(X, k, random_state, pools)
 
-    def _cluster(self, X: np.ndarray, k: int | None,
-                 random_state: int | np.random.RandomState | None) -> np.ndarray:
+    def _cluster(self, X: np.ndarray, k: int | None, random_state: int | np.random.RandomState | None,
+                 pools: ThreadpoolController) -> np.ndarray:
         opts = self.options
         n = X.shape[0]
         rng = _check_random_state(random_state)
         if n < SPECTRAL_MAX_SEGMENTS:
-            labels = spectral_cluster(X, k, opts, rng)
+            labels = spectral_cluster(X, k, opts, rng, pools)
         elif k is not None:
-            labels = kmeans_cluster(X, k, opts, rng)
+            labels = kmeans_cluster(X, k, opts, rng, pools)
         else:
             labels = umap_hdbscan_cluster(X, opts, random_state)
         if k is None and opts.merge_thr is not None:
@@ -182,25 +184,19 @@ class ClusterBackend:
         return labels
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 # --- spectral branch (SpectralCluster) ---------------------------------------------------------------------
 
 
 def spectral_cluster(
-    X: np.ndarray, k: int | None, opts: ClusterOptions, rng: np.random.RandomState
+    X: np.ndarray, k: int | None, opts: ClusterOptions, rng: np.random.RandomState,
+    pools: ThreadpoolController | None = None,
 ) -> np.ndarray:
     A = cosine_similarity(X)
     A = p_pruning(A, opts.pval)
     A = 0.5 * (A + A.T)
     L = laplacian(A)
     k, emb, _ = spectral_embedding(L, k, opts)
-    return kmeans(emb, k, random_state=rng, n_init=1, n_threads=opts.kmeans_threads)
+    return kmeans(emb, k, random_state=rng, n_init=1, n_threads=opts.kmeans_threads, pools=pools)
 
 
 # eigenvalues closer than this (relative to the largest one computed) count as equal: float32 `syevr` run on all
@@ -218,9 +214,8 @@ def spectral_embedding(L: np.ndarray, k: int | None, opts: ClusterOptions) -> tu
     between rows, which no orthogonal change of basis alters: the same labels up to rounding (where rows of one
     speaker are nearly identical, k-means++ may seed from another of them: the same partition, the speakers
     numbered in another order; measured on 150 random synthetic cases: 10 such, no other difference). That holds
-    when the first k
-    eigenvectors span a well-defined space and the eigengap's choice is clear, so the whole Laplacian is decomposed
-    after all when eigenvalue k - 1 and eigenvalue k coincide (a count that cuts a repeated eigenvalue: the official
+    when the first k eigenvectors span a well-defined space and the eigengap's choice is clear, so the whole
+    Laplacian is decomposed after all when eigenvalue k - 1 and eigenvalue k coincide (a count that cuts a repeated eigenvalue: the official
     result then depends on LAPACK's arbitrary basis) or when the two largest gaps tie."""
     n = L.shape[0]
     eigh = _scipy_linalg().eigh
@@ -285,13 +280,14 @@ def laplacian(M: np.ndarray) -> np.ndarray:
 # --- many segments with a speaker count (KMeansCluster) ----------------------------------------------------
 
 
-def kmeans_cluster(X: np.ndarray, k: int, opts: ClusterOptions, rng: np.random.RandomState) -> np.ndarray:
+def kmeans_cluster(X: np.ndarray, k: int, opts: ClusterOptions, rng: np.random.RandomState,
+                   pools: ThreadpoolController | None = None) -> np.ndarray:
     """KMeansCluster: k-means (random_state=0, n_init=10) on the L2-normalised rows. ``rng`` is unused: the
     official fixes the seed."""
     del rng
     norms = np.sqrt(np.einsum("ij,ij->i", X, X))
     norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
-    return kmeans(X / norms[:, None], k, random_state=0, n_init=10, n_threads=opts.kmeans_threads)
+    return kmeans(X / norms[:, None], k, random_state=0, n_init=10, n_threads=opts.kmeans_threads, pools=pools)
 
 
 # --- many segments without a speaker count (UmapHdbscan) ---------------------------------------------------
@@ -369,9 +365,11 @@ def kmeans(
     max_iter: int = 300,
     tol: float = 1e-4,
     n_threads: int = 1,
+    pools: ThreadpoolController | None = None,
 ) -> np.ndarray:
     """Labels of `sklearn.cluster.k_means(X, n_clusters, init="k-means++", n_init=n_init, random_state=...)`
-    (Lloyd). Float32 stays float32 as in scikit-learn; anything else runs in float64."""
+    (Lloyd). Float32 stays float32 as in scikit-learn; anything else runs in float64. `pools`: the threadpoolctl
+    handle to put the BLAS on one thread with during Lloyd (default: a new one)."""
     X = np.array(
         X, dtype=X.dtype if X.dtype in (np.float32, np.float64) else np.float64, order="C", copy=True
     )
@@ -384,9 +382,10 @@ def kmeans(
     X -= X.mean(axis=0)
     x_squared_norms = np.einsum("ij,ij->i", X, X)
     best_inertia = best_labels = None
+    pools = pools or ThreadpoolController()
     for _ in range(n_init):
         centers = _kmeans_plusplus(X, n_clusters, x_squared_norms, sample_weight, rng)
-        with threadpool_limits(limits=1, user_api="blas"):  # as scikit-learn's Lloyd (below)
+        with pools.limit(limits=1, user_api="blas"):  # as scikit-learn's Lloyd (below)
             labels, inertia = _lloyd(X, sample_weight, centers, max_iter, tol, n_threads)
         if best_inertia is None or (inertia < best_inertia and not _same_clustering(labels, best_labels)):
             best_labels, best_inertia = labels, inertia
