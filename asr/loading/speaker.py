@@ -66,7 +66,7 @@ class SpeakerModel:
     model_dir: Path  # the converted directory the weights were read from
     converted: bool  # True when this load converted the official checkpoint (False: read from the cache)
     backend: str = "mlx"
-    runner: object = None  # embed(features [T, F] or [B, T, F]) -> [E] or [B, E]
+    runner: object = None  # embed(features [T, F] or [B, T, F]) -> [E] or [B, E]; embed_samples(windows [B, N])
     batch: int = 16  # windows embedded together in diarization (load_campplus: CPU_BATCH or GPU_BATCH)
     compiled: bool = False  # the runner is the network under mx.compile (asr.backends.mlx.campplus)
 
@@ -96,11 +96,8 @@ class SpeakerModel:
         for idx in by_len.values():
             for k in range(0, len(idx), batch):
                 part = idx[k: k + batch]
-                samples = np.stack([np.asarray(windows[i], dtype=np.float32) for i in part])
-                if self.compiled:  # the frontend compiled with the network
-                    emb = np.asarray(self.runner.embed_samples(mx.array(samples)), dtype=np.float32)
-                else:
-                    emb = self.embed_features(self.features(samples))
+                samples = mx.array(np.stack([np.asarray(windows[i], dtype=np.float32) for i in part]))
+                emb = np.asarray(self.runner.embed_samples(samples), dtype=np.float32)  # compiled: with the frontend
                 for i, e in zip(part, emb, strict=True):
                     rows[i] = e
         return np.stack(rows) if rows else np.zeros((0, self.config.embedding_size), np.float32)

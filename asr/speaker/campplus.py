@@ -458,6 +458,10 @@ class CAMPPlus(nn.Module):
 
     __call__ = embed
 
+    def embed_samples(self, samples: mx.array) -> mx.array:
+        """[B, E] embeddings of B windows of 16 kHz samples [B, N] (one length): `features`, then `embed`."""
+        return self.embed(features(samples, self.config.feat_dim))
+
     def embed_many(self, feats: list[mx.array]) -> mx.array:
         """[len(feats), E] for utterances of any lengths: equal lengths are batched together."""
         by_len: dict[int, list[int]] = {}

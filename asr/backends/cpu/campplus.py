@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ...speaker.campplus import DENSE_BLOCKS, SEG_LEN, STAGES, CAMPPlus, check_features
+from ...speaker.campplus import DENSE_BLOCKS, SEG_LEN, STAGES, CAMPPlus, check_features, features
 from . import blas as cpu_blas
 
 F32 = np.float32
@@ -408,6 +408,10 @@ class CPUCAMPPlus:
         else:
             out = self._embed(x)
         return out[0] if one else out
+
+    def embed_samples(self, samples) -> np.ndarray:
+        """[B, E] embeddings of B windows of 16 kHz samples [B, N]: the reference frontend, then `embed`."""
+        return self.embed(features(samples, self.config.feat_dim))
 
     def _embed(self, x: np.ndarray) -> np.ndarray:
         x = self._head_out(self._layer2(self._layer1(x)))
