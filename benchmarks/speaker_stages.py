@@ -1,7 +1,7 @@
 """Where diarization's time goes: CAM++ stage by stage for one batch of windows, and the clustering's steps.
 
     python -m benchmarks.speaker_stages [--speaker-model DIR] [--batch 256] [--windows 800] [--repeats 5] \
-        [--other-batches 128 512] [--overlap] [--profile]
+        [--other-batches 128 512] [--profile]
 
 CAM++ (the MLX network on MLX's default device: Metal, CUDA or the CPU): the features of `--batch` 1.5 s windows of
 real speech (the test clips), each stage of asr.speaker.campplus.STAGES with an eval after it, the whole network
@@ -52,8 +52,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--other-batches", nargs="*", type=int, default=[],
                     help="also time the whole network (plain and compiled) for these batch sizes")
-    ap.add_argument("--overlap", action="store_true",
-                    help="time CAM++ on a second stream alongside decode-like steps on the default one")
     ap.add_argument("--profile", action="store_true", help="print where the clustering's time goes (cProfile)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -124,39 +122,6 @@ def main() -> None:
     diff = float(np.max(np.abs(runs["plain"]["emb"] - runs["compiled"]["emb"])))
     out["embed_windows"] = {k: {kk: vv for kk, vv in v.items() if kk != "emb"} for k, v in runs.items()}
     out["embed_windows"]["compiled_max_abs_diff"] = diff
-
-    if a.overlap:  # does CAM++ on a second stream run alongside decode-like steps on the default one?
-        wts = [mx.random.normal((4096, 4096)).astype(mx.bfloat16) for _ in range(36)]  # ~1.2 GB, like the LLM
-        mx.eval(wts)
-        feats_all = [sm.features(c) for c in np.array_split(np.stack(many), -(-len(many) // a.batch))]
-        mx.eval(feats_all)
-
-        def steps(n=256):
-            x = mx.ones((1, 4096), mx.bfloat16)
-            for _ in range(n):
-                for w in wts:
-                    x = mx.tanh(x @ w)
-                mx.eval(x)
-
-        def cam(stream):
-            with mx.stream(stream):
-                embs = [net.embed(f) for f in feats_all]
-            mx.async_eval(embs)
-            return embs
-
-        side = mx.new_stream(mx.default_device())
-        ov = {"steps_alone_ms": _median_ms(steps, a.repeats),
-              "campplus_alone_ms": _median_ms(lambda: mx.eval(cam(mx.default_stream(mx.default_device()))),
-                                              a.repeats)}
-
-        def both():
-            e = cam(side)
-            steps()
-            mx.eval(e)
-
-        ov["both_ms"] = _median_ms(both, a.repeats)
-        out["overlap"] = ov
-        del wts
 
     # clustering of --windows embeddings (the batch's embeddings repeated with a little noise)
     emb = np.asarray(ref, dtype=np.float32)
