@@ -29,11 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audio.io import (
-    Audio,
-    AudioFile,
-    decode_or_stream,
-)
+from .audio.io import Audio, AudioFile, decode_or_stream
 from .errors import ASRError, InvalidOptionError
 from .types import BATCH_SIZE_DEFAULT, TranscriptionResult
 from .writers import FORMATS, remove_stale_temps, render, write_atomic

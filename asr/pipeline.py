@@ -25,7 +25,7 @@ from . import languages as langs
 from .audio.features import audio_token_count, features, features_padded
 from .audio.io import (
     SAMPLE_RATE,
-    STREAM_ABOVE_S,  # noqa: F401  (longer files: VAD pass, (speakers pass,) decode pass in blocks)
+    STREAM_ABOVE_S,
     Audio,
     AudioFile,
     decode_or_stream,

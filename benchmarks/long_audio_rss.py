@@ -11,7 +11,7 @@ fresh subprocess and reports the process's peak resident memory (VmHWM from
     python -m benchmarks.long_audio_rss [--minutes 1 60] [--looped-minutes 60] [--max-new-tokens 8] [--work DIR]
                                    [--json OUT]
 
-Files up to asr.pipeline.STREAM_ABOVE_S (600 s) with a trustworthy duration are decoded in memory; longer ones take the two-pass block
+Files up to asr.audio.io.STREAM_ABOVE_S (600 s) with a trustworthy duration are decoded in memory; longer ones take the two-pass block
 streaming path, whose peak must not grow with duration.
 """
 

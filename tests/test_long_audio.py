@@ -18,9 +18,8 @@ import soundfile as sf
 
 import asr
 import asr.audio
-from asr.audio.io import AudioFile
+from asr.audio.io import STREAM_ABOVE_S, AudioFile
 from asr.audio.vad import plan_segments
-from asr.pipeline import STREAM_ABOVE_S
 from tests.conftest import AUDIO
 
 SR = 16000

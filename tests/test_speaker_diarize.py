@@ -188,7 +188,7 @@ def test_speakers_on_a_long_streamed_file(tiny_checkpoint, tmp_path):
     import soundfile as sf
 
     import asr
-    from asr.pipeline import STREAM_ABOVE_S
+    from asr.audio.io import STREAM_ABOVE_S
 
     one, truth1 = conversation(CONVERSATIONS["two, with pauses"])
     reps = int(STREAM_ABOVE_S // (len(one) / 16000)) + 1
